@@ -1,0 +1,366 @@
+"""Decoupled cross-attention (IP-Adapter, Ye et al. 2023, Eq. 5), generalised to named streams.
+
+Every cross-attention layer keeps its frozen text attention and gains one branch per extra stream s:
+
+    Z = Attn(Q, K, V) + sum_s  lambda_s * Attn(Q, K'_s, V'_s, mask_s)
+
+with the same query Q, new ``to_k_{s}``/``to_v_{s}`` weights (initialised as copies of the layer's
+``to_k``/``to_v``), and the sum taken before the shared ``to_out``.
+
+Streams travel to the processors by name through ``cross_attention_kwargs={"streams": {...}}``; they are
+never concatenated onto the text tokens and sliced back by position. Self-attention layers get a
+processor that accepts the streams and ignores them, so diffusers logs nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch import nn
+
+PROCESSOR_SUFFIX = ".processor"
+
+# A scale is a float, a list with one float per cross-attention layer, or a per-block dict in the form of
+# diffusers' `set_ip_adapter_scale`: {"down": {"block_2": [0.0, 1.0]}, "mid": 0.5, "up": {"block_0": 1.0}}.
+Scale = float | Sequence[float] | Mapping
+
+
+@dataclass
+class Stream:
+    """One extra token stream for the decoupled branches.
+
+    tokens: (B, N, cross_attention_dim).
+    mask:   (B, N) bool key-padding mask, True where a token is real; None means all real.
+            A sample whose mask is all False contributes exactly zero.
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.tokens.ndim != 3:
+            raise ValueError(f"stream tokens must be (B, N, C), got shape {tuple(self.tokens.shape)}")
+        if self.mask is not None:
+            if self.mask.dtype != torch.bool:
+                raise ValueError(f"stream mask must be a bool tensor, got {self.mask.dtype}")
+            if tuple(self.mask.shape) != tuple(self.tokens.shape[:2]):
+                raise ValueError(
+                    f"stream mask shape {tuple(self.mask.shape)} does not match tokens (B, N) = "
+                    f"{tuple(self.tokens.shape[:2])}"
+                )
+
+
+def _heads(x: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
+    return x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)  # (B, H, S, dh)
+
+
+class DecoupledAttnProcessor(nn.Module):
+    """SDPA attention processor with one decoupled branch per named stream.
+
+    With no streams (self-attention layers) it is a plain ``AttnProcessor2_0`` that accepts and ignores
+    ``streams``. The text path is computed exactly as ``AttnProcessor2_0`` does, and a branch whose scale
+    is 0 is skipped, so scale 0 reproduces the plain UNet bit for bit.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int | None = None,
+        cross_attention_dim: int | None = None,
+        streams: Sequence[str] = (),
+        layer_name: str = "",
+    ):
+        super().__init__()
+        if streams and (hidden_size is None or cross_attention_dim is None):
+            raise ValueError("a processor with streams needs hidden_size and cross_attention_dim")
+        self.hidden_size = hidden_size
+        self.cross_attention_dim = cross_attention_dim
+        self.stream_names: tuple[str, ...] = tuple(streams)
+        self.layer_name = layer_name
+        self.scale: dict[str, float] = {}
+        for s in self.stream_names:
+            if not s.isidentifier():
+                raise ValueError(f"stream name {s!r} must be a Python identifier")
+            # Names match the official checkpoint: to_k_ip / to_v_ip (bias-free).
+            setattr(self, f"to_k_{s}", nn.Linear(cross_attention_dim, hidden_size, bias=False))
+            setattr(self, f"to_v_{s}", nn.Linear(cross_attention_dim, hidden_size, bias=False))
+            self.scale[s] = 1.0
+
+    def branch(self, stream: str) -> tuple[nn.Linear, nn.Linear]:
+        return getattr(self, f"to_k_{stream}"), getattr(self, f"to_v_{stream}")
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        streams: Mapping[str, Stream] | None = None,
+    ) -> torch.Tensor:
+        # --- the text path: exactly AttnProcessor2_0 ---
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)  # (B, S, inner)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        query = _heads(query, batch_size, attn.heads)  # (B, H, S, dh)
+        key = _heads(key, batch_size, attn.heads)
+        value = _heads(value, batch_size, attn.heads)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+        hidden_states = hidden_states.transpose(1, 2).reshape(
+            batch_size, -1, query.shape[1] * query.shape[-1]
+        )
+        hidden_states = hidden_states.to(query.dtype)  # (B, S, inner)
+
+        # --- the decoupled branches (Eq. 5): same query, new K'/V', summed before to_out ---
+        if streams and self.stream_names:
+            unknown = sorted(set(streams) - set(self.stream_names))
+            if unknown:
+                raise ValueError(
+                    f"{self.layer_name or 'attention layer'}: unknown stream(s) {unknown}; "
+                    f"this adapter has {list(self.stream_names)}"
+                )
+            for name in self.stream_names:
+                stream = streams.get(name)
+                if stream is None or self.scale[name] == 0:
+                    continue
+                hidden_states = hidden_states + self.scale[name] * self._branch_attention(
+                    name, stream, query, batch_size, attn.heads
+                )
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def _branch_attention(
+        self, name: str, stream: Stream, query: torch.Tensor, batch_size: int, heads: int
+    ) -> torch.Tensor:
+        to_k, to_v = self.branch(name)
+        tokens, mask = stream.tokens, stream.mask
+        if tokens.shape[-1] != to_k.in_features:
+            raise ValueError(
+                f"{self.layer_name}: stream {name!r} tokens have width {tokens.shape[-1]}, but this UNet's "
+                f"cross_attention_dim is {to_k.in_features}"
+            )
+        if tokens.shape[0] != batch_size:
+            if tokens.shape[0] != 1:
+                raise ValueError(
+                    f"{self.layer_name}: stream {name!r} has batch {tokens.shape[0]}, the UNet input has "
+                    f"{batch_size}"
+                )
+            tokens = tokens.expand(batch_size, -1, -1)
+            mask = None if mask is None else mask.expand(batch_size, -1)
+        tokens = tokens.to(query.dtype)
+        key = _heads(to_k(tokens), batch_size, heads)  # (B, H, N, dh)
+        value = _heads(to_v(tokens), batch_size, heads)
+        if mask is None:
+            out = F.scaled_dot_product_attention(query, key, value)
+        else:
+            # A sample with no real token would softmax over nothing (NaN); let it attend to its
+            # padding and zero its output instead, so an empty stream contributes exactly 0.
+            empty = ~mask.any(dim=-1)  # (B,)
+            attend = (mask | empty[:, None])[:, None, None, :]  # (B, 1, 1, N)
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attend)
+            out = out.masked_fill(empty[:, None, None, None], 0.0)
+        return out.transpose(1, 2).reshape(batch_size, -1, out.shape[1] * out.shape[-1]).to(query.dtype)
+
+
+def attention_module(unet: nn.Module, processor_name: str) -> Attention:
+    return unet.get_submodule(processor_name.removesuffix(PROCESSOR_SUFFIX))
+
+
+def cross_attention_layers(unet: nn.Module) -> list[tuple[int, str, Attention]]:
+    """(index in ``unet.attn_processors`` order, processor name, module) for every cross-attention layer.
+
+    The index is the one the official checkpoint uses ("1.to_k_ip.weight" ... "31.to_k_ip.weight" for
+    SD1.5, where the mid block comes last).
+    """
+    layers = []
+    for idx, name in enumerate(unet.attn_processors):
+        module = attention_module(unet, name)
+        if module.is_cross_attention:
+            layers.append((idx, name, module))
+    if not layers:
+        raise ValueError(f"{type(unet).__name__} has no cross-attention layers to adapt")
+    return layers
+
+
+class DecoupledAttention(nn.Module):
+    """The decoupled branches of every cross-attention layer of a UNet, keyed by the official index.
+
+    It owns the new K'/V' weights; ``attach`` installs them as the UNet's processors and ``detach``
+    restores the plain SDPA processors. Built from one UNet, it attaches to any UNet of the same
+    architecture (any SD1.5 fine-tune).
+    """
+
+    def __init__(self, unet: nn.Module, streams: Sequence[str], init_from_base: bool = True):
+        super().__init__()
+        if not streams:
+            raise ValueError("DecoupledAttention needs at least one stream name")
+        if len(set(streams)) != len(streams):
+            raise ValueError(f"duplicate stream names in {list(streams)}")
+        self.stream_names = tuple(streams)
+        self.layer_names: dict[str, str] = {}
+        self.layers = nn.ModuleDict()
+        for idx, name, module in cross_attention_layers(unet):
+            proc = DecoupledAttnProcessor(
+                hidden_size=module.to_k.out_features,
+                cross_attention_dim=module.to_k.in_features,
+                streams=self.stream_names,
+                layer_name=name.removesuffix(PROCESSOR_SUFFIX),
+            )
+            if init_from_base:
+                with torch.no_grad():
+                    for s in self.stream_names:
+                        k, v = proc.branch(s)
+                        k.weight.copy_(module.to_k.weight)
+                        v.weight.copy_(module.to_v.weight)
+            self.layers[str(idx)] = proc
+        self._all_processor_names = list(unet.attn_processors)
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return next(iter(self.layers.values())).cross_attention_dim
+
+    def processors(self) -> list[DecoupledAttnProcessor]:
+        return list(self.layers.values())  # in processor order
+
+    def check_compatible(self, unet: nn.Module) -> None:
+        names = list(unet.attn_processors)
+        if names != self._all_processor_names:
+            raise ValueError(
+                "this adapter was built for a UNet with different attention layers "
+                f"({len(self._all_processor_names)} processors; this UNet has {len(names)})"
+            )
+        bad = []
+        for idx, name, module in cross_attention_layers(unet):
+            proc = self.layers[str(idx)]
+            want = (module.to_k.out_features, module.to_k.in_features)
+            have = (proc.hidden_size, proc.cross_attention_dim)
+            if want != have:
+                bad.append(f"{name}: adapter (hidden, cross) {have} vs UNet {want}")
+        if bad:
+            raise ValueError("adapter does not fit this UNet:\n  " + "\n  ".join(bad))
+
+    def attach(self, unet: nn.Module) -> None:
+        self.check_compatible(unet)
+        passthrough = DecoupledAttnProcessor()  # stateless: accepts and ignores streams
+        ours = dict(self.layers.items())
+        procs = {name: ours.get(str(idx), passthrough) for idx, name in enumerate(self._all_processor_names)}
+        unet.set_attn_processor(procs)
+
+    @staticmethod
+    def detach(unet: nn.Module) -> None:
+        unet.set_attn_processor(AttnProcessor2_0())
+
+    def set_scale(self, scale: Scale, stream: str = "ip") -> None:
+        if stream not in self.stream_names:
+            raise ValueError(f"unknown stream {stream!r}; this adapter has {list(self.stream_names)}")
+        for proc, value in zip(self.processors(), expand_scale(scale, list(self.layers_by_name()))):
+            proc.scale[stream] = float(value)
+
+    def get_scale(self, stream: str = "ip") -> list[float]:
+        return [p.scale[stream] for p in self.processors()]
+
+    def layers_by_name(self) -> dict[str, DecoupledAttnProcessor]:
+        return {p.layer_name: p for p in self.processors()}
+
+
+def expand_scale(scale: Scale, layer_names: Sequence[str]) -> list[float]:
+    """One float per cross-attention layer (in processor order) from a float, list or per-block dict.
+
+    The dict form follows diffusers' ``set_ip_adapter_scale``: keys "down", "mid", "up"; a value is a
+    float for the whole part, or {"block_i": float | [one float per transformer in the block]}.
+    Parts and blocks that are not named get scale 0, as in diffusers.
+    """
+    n = len(layer_names)
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        return [float(scale)] * n
+    if isinstance(scale, Mapping):
+        return _expand_block_dict(scale, layer_names)
+    if isinstance(scale, Sequence) and not isinstance(scale, str):
+        values = list(scale)
+        if len(values) != n:
+            raise ValueError(
+                f"a scale list needs one value per cross-attention layer ({n}), got {len(values)}"
+            )
+        return [float(v) for v in values]
+    raise TypeError(
+        f"scale must be a float, a list of floats or a per-block dict, got {type(scale).__name__}"
+    )
+
+
+def _expand_block_dict(scale: Mapping, layer_names: Sequence[str]) -> list[float]:
+    unknown = set(scale) - {"down", "mid", "up"}
+    if unknown:
+        raise ValueError(f"scale dict keys must be 'down', 'mid', 'up'; got {sorted(unknown)}")
+    # Group layers: "down_blocks.2.attentions.1...." -> ("down", 2, 1); "mid_block.attentions.0" -> ("mid",)
+    per_block: dict[tuple[str, int], list[int]] = {}
+    parsed = []
+    for name in layer_names:
+        parts = name.split(".")
+        if parts[0] == "mid_block":
+            parsed.append(("mid", 0, 0))
+            continue
+        part = parts[0].removesuffix("_blocks")
+        block, transformer = int(parts[1]), int(parts[3])
+        parsed.append((part, block, transformer))
+        per_block.setdefault((part, block), [])
+        if transformer not in per_block[(part, block)]:
+            per_block[(part, block)].append(transformer)
+
+    values = []
+    for part, block, transformer in parsed:
+        spec = scale.get(part, 0.0)
+        if part == "mid":
+            if isinstance(spec, Sequence) and not isinstance(spec, str):
+                if len(spec) != 1:
+                    raise ValueError(f"expected 1 scale for mid, got {len(spec)}")
+                spec = spec[0]
+            values.append(float(spec))
+            continue
+        if isinstance(spec, Mapping):
+            bad = [k for k in spec if k not in {f"block_{b}" for p, b in per_block if p == part}]
+            if bad:
+                raise ValueError(f"scale dict names {part} blocks {bad}, which have no cross-attention")
+            spec = spec.get(f"block_{block}", 0.0)
+        if isinstance(spec, Sequence) and not isinstance(spec, str):
+            count = len(per_block[(part, block)])
+            if len(spec) == 1:
+                spec = list(spec) * count
+            if len(spec) != count:
+                raise ValueError(f"expected {count} scales for {part}.block_{block}, got {len(spec)}")
+            spec = spec[per_block[(part, block)].index(transformer)]
+        values.append(float(spec))
+    return values

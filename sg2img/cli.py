@@ -1,0 +1,74 @@
+"""The ``sg2img`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ip_adapter import CheckpointError
+
+EXIT_USAGE = 2
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .info import format_rows, info_rows
+
+    rows = info_rows(args.model)
+    if args.json:
+        print(json.dumps([{"name": r.name, "params": r.params, "indent": r.indent} for r in rows], indent=2))
+    else:
+        print(f"model: {args.model}  (built on the meta device; nothing allocated or downloaded)")
+        print(format_rows(rows))
+    return 0
+
+
+def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    from .models import save_tiny_model
+
+    out = save_tiny_model(args.out, seed=args.seed)
+    print(f"wrote a tiny diffusers-format SD model to {out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sg2img", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="parameter table per component (built on the meta device)")
+    p.add_argument("--model", default="sd15", help="'sd15', 'tiny', or a local diffusers model folder")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("make-tiny", help="write the tiny preset as a diffusers-format model folder")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_make_tiny)
+
+    p = sub.add_parser("demo", help="end-to-end run on the tiny preset (no downloads)")
+    p.add_argument("--out", type=Path, default=Path("build/demo"))
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"sg2img {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

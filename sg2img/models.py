@@ -1,0 +1,291 @@
+"""Base-model presets: the SD1.5 architecture and a tiny twin that everything tests and demos run on.
+
+``build_components(preset)`` builds every SD1.5 part from configs with random weights and a fixed seed:
+UNet, VAE, CLIP text encoder, CLIP image encoder (transformers and open_clip backends), DDPM/DDIM
+schedulers, and the real CLIP tokenizer. ``build_on_meta`` builds the same parts on the meta device,
+so the SD1.5 architecture can be inspected without allocating or downloading anything.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from ip_adapter import IPAdapterConfig
+from ip_adapter.image_encoder import (
+    TINY_VIT,
+    VIT_H_14,
+    OpenClipImageEncoder,
+    TransformersImageEncoder,
+    VisionTowerSpec,
+    clip_image_processor,
+)
+
+from .tokenizer import clip_tokenizer, write_clip_tokenizer_files
+
+# Stable Diffusion 1.5 (runwayml/stable-diffusion-v1-5) component configs.
+SD15_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+SD15_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "sample_size": 512,
+}
+SD15_TEXT = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "vocab_size": 49408,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+# The schedule SD1.5 was trained with; DDIM is the paper's sampler (50 steps, guidance 7.5).
+SD15_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+}
+SD15_DDIM = {**SD15_SCHEDULE, "set_alpha_to_one": False, "steps_offset": 1}
+
+# Tiny: every cross-attention position of SD1.5 is kept (down, mid, up), so the official key layout
+# (odd indices, mid block last) is exercised; widths are all different so mix-ups raise.
+TINY_UNET = {
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "cross_attention_dim": 48,
+    "attention_head_dim": 8,
+    "norm_num_groups": 8,
+}
+TINY_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "block_out_channels": [16, 32],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": 32,
+}
+TINY_TEXT = {
+    "hidden_size": 48,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "vocab_size": 49408,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 48,
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Configs of one base-model size, plus the matching IP-Adapter configs."""
+
+    name: str
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]
+    image_encoder: VisionTowerSpec
+    scheduler: dict[str, Any] = field(default_factory=lambda: dict(SD15_DDIM))
+    resampler: dict[str, Any] = field(default_factory=dict)  # IP-Adapter Plus overrides
+
+    def adapter_config(self, image_tokens: str = "cls") -> IPAdapterConfig:
+        return IPAdapterConfig(
+            image_tokens=image_tokens,
+            cross_attention_dim=self.unet["cross_attention_dim"],
+            clip_embeddings_dim=self.image_encoder.projection_dim,
+            clip_hidden_dim=self.image_encoder.hidden_size,
+            resampler=dict(self.resampler),
+        )
+
+
+# The tiny Resampler keeps dim_head 64: diffusers infers its head count as to_q rows // 64.
+PRESETS: dict[str, Preset] = {
+    "sd15": Preset("sd15", SD15_UNET, SD15_VAE, SD15_TEXT, VIT_H_14),
+    "tiny": Preset("tiny", TINY_UNET, TINY_VAE, TINY_TEXT, TINY_VIT, resampler={"heads": 2}),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+@dataclass
+class Components:
+    """The parts of a Stable Diffusion base model (diffusers' names)."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL | None
+    text_encoder: CLIPTextModel
+    tokenizer: Any
+    scheduler: DDIMScheduler
+    image_encoder: TransformersImageEncoder | OpenClipImageEncoder | None = None
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """Arguments for ``diffusers.StableDiffusionPipeline(...)``."""
+        encoder = self.image_encoder
+        hf = encoder.model if isinstance(encoder, TransformersImageEncoder) else None
+        return {
+            "unet": self.unet,
+            "vae": self.vae,
+            "text_encoder": self.text_encoder,
+            "tokenizer": self.tokenizer,
+            "scheduler": self.scheduler,
+            "safety_checker": None,
+            "feature_extractor": encoder.processor if encoder is not None else None,
+            "image_encoder": hf,
+            "requires_safety_checker": False,
+        }
+
+
+def build_components(
+    preset: str | Preset = "tiny", seed: int = 0, image_backend: str = "transformers"
+) -> Components:
+    """Every base part at the preset's size, random weights, deterministic for a seed, in eval mode."""
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    if image_backend not in ("transformers", "open_clip"):
+        raise ValueError(f"image_backend must be 'transformers' or 'open_clip', got {image_backend!r}")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**p.unet)
+    vae = AutoencoderKL(**p.vae)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**p.text_encoder))
+    image_encoder = (
+        TransformersImageEncoder.from_spec(p.image_encoder)
+        if image_backend == "transformers"
+        else OpenClipImageEncoder.from_spec(p.image_encoder)
+    )
+    for m in (unet, vae, text_encoder, image_encoder):
+        m.eval().requires_grad_(False)
+    return Components(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        scheduler=DDIMScheduler(**p.scheduler),
+        image_encoder=image_encoder,
+    )
+
+
+def ddpm_scheduler(preset: str | Preset = "tiny") -> DDPMScheduler:
+    """The training-time noise schedule of a preset."""
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    keys = set(SD15_SCHEDULE)
+    return DDPMScheduler(**{k: v for k, v in p.scheduler.items() if k in keys})
+
+
+def save_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write the tiny preset as a diffusers-format folder that ``StableDiffusionPipeline`` loads."""
+    from diffusers import StableDiffusionPipeline
+
+    out = Path(out_dir)
+    pipe = StableDiffusionPipeline(**build_components("tiny", seed=seed).pipeline_kwargs())
+    pipe.save_pretrained(out, safe_serialization=True)
+    # transformers 5 saves only tokenizer.json; SD folders also carry the BPE pair older readers need.
+    write_clip_tokenizer_files(out / "tokenizer")
+    (out / "sg2img.json").write_text(json.dumps({"preset": "tiny", "seed": seed}, indent=2) + "\n")
+    return out
+
+
+def build_on_meta(preset: str | Preset) -> dict[str, torch.nn.Module]:
+    """The preset's modules on the meta device: shapes and parameter counts, no memory, no download."""
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**p.unet)
+        parts: dict[str, torch.nn.Module] = {
+            "unet": unet,
+            "vae": AutoencoderKL(**p.vae),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**p.text_encoder)),
+            "image_encoder": TransformersImageEncoder.from_spec(p.image_encoder).model,
+        }
+    return parts
+
+
+def read_preset_from_folder(model_dir: str | Path) -> Preset:
+    """A Preset from the configs of a local diffusers-format folder (no weights read)."""
+    from transformers import CLIPVisionConfig
+
+    root = Path(model_dir)
+    if not (root / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"{root}: not a diffusers model folder (no model_index.json). Write one with "
+            "`sg2img make-tiny --out DIR`, or pass a folder saved by `pipe.save_pretrained`."
+        )
+
+    def cfg(sub: str) -> dict[str, Any]:
+        f = root / sub / "config.json"
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: missing component config")
+        return {k: v for k, v in json.loads(f.read_text()).items() if not k.startswith("_")}
+
+    unet_cfg, vae_cfg, text_cfg = cfg("unet"), cfg("vae"), cfg("text_encoder")
+    if (root / "image_encoder" / "config.json").is_file():
+        vision = VisionTowerSpec.from_transformers(CLIPVisionConfig(**cfg("image_encoder")))
+    else:
+        vision = VIT_H_14
+    text_keys = set(CLIPTextConfig().to_dict())
+    sched = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    marker = root / "sg2img.json"  # written by save_tiny_model: which preset the folder came from
+    origin = json.loads(marker.read_text()).get("preset") if marker.is_file() else None
+    return Preset(
+        name=str(root),
+        unet=unet_cfg,
+        vae=vae_cfg,
+        text_encoder={k: v for k, v in text_cfg.items() if k in text_keys},
+        image_encoder=vision,
+        scheduler={k: v for k, v in sched.items() if not k.startswith("_")},
+        resampler=dict(PRESETS[origin].resampler) if origin in PRESETS else {},
+    )
+
+
+__all__ = [
+    "PRESETS",
+    "Components",
+    "Preset",
+    "build_components",
+    "build_on_meta",
+    "clip_image_processor",
+    "ddpm_scheduler",
+    "get_preset",
+    "read_preset_from_folder",
+    "save_tiny_model",
+]
