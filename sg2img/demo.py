@@ -31,8 +31,13 @@ def reference_image(size: int = 64) -> Image.Image:
 
 @torch.no_grad()
 def run_demo(out: Path, seed: int = 0) -> dict[str, float]:
+    import diffusers
+    import transformers
     from diffusers import StableDiffusionPipeline
 
+    for lib in (diffusers, transformers):  # loading/saving bars would bury the four lines below
+        lib.utils.logging.disable_progress_bar()
+        lib.utils.logging.set_verbosity_error()
     out.mkdir(parents=True, exist_ok=True)
     base_dir = save_tiny_model(out / "tiny-sd", seed=seed)
     print(f"[1/4] tiny base model   -> {base_dir}")
@@ -48,6 +53,7 @@ def run_demo(out: Path, seed: int = 0) -> dict[str, float]:
     pipe = StableDiffusionPipeline.from_pretrained(base_dir, safety_checker=None)
     pipe.load_ip_adapter(str(out), subfolder="", weight_name="ip-adapter.safetensors")
     pipe.set_ip_adapter_scale(1.0)
+    pipe.set_progress_bar_config(disable=True)
     ref = reference_image()
     ref.save(out / "reference.png")
     image = pipe(

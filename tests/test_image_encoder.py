@@ -73,3 +73,36 @@ def test_conversion_refuses_unsupported_towers():
     cfg.ls_init_value = 0.1
     with pytest.raises(ValueError, match="layer scale"):
         open_clip_to_transformers(_build_vision_tower(TINY_VIT.projection_dim, cfg))
+
+
+def test_local_folder_and_local_open_clip_checkpoint_load(tmp_path, twins):
+    import json
+
+    import open_clip
+
+    oc, hf = twins
+    hf.model.save_pretrained(tmp_path / "image_encoder")
+    again = TransformersImageEncoder.from_pretrained(tmp_path, subfolder="image_encoder")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).embeds, hf(x).embeds, atol=0, rtol=0)
+
+    # an open_clip model name registered from a local config, weights from a local checkpoint
+    (tmp_path / "cfg").mkdir()
+    cfg = {
+        "embed_dim": TINY_VIT.projection_dim,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 8, "patch_size": 8,
+                       "mlp_ratio": 2.0},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1},
+    }  # fmt: skip
+    (tmp_path / "cfg" / "tiny-vit-test.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "cfg")
+    model = open_clip.create_model("tiny-vit-test")
+    model.visual.load_state_dict(oc.visual.state_dict())
+    torch.save(model.state_dict(), tmp_path / "tiny.pt")
+    loaded = OpenClipImageEncoder.from_open_clip("tiny-vit-test", pretrained=str(tmp_path / "tiny.pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).embeds, oc(x).embeds, atol=0, rtol=0)
+        torch.testing.assert_close(
+            loaded(x).embeds, model.encode_image(x, normalize=False), atol=1e-6, rtol=1e-5
+        )
