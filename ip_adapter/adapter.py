@@ -162,13 +162,7 @@ class IPAdapter(nn.Module):
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Flat tensors in the official layout: ``image_proj.*`` and ``ip_adapter.{i}.to_{k,v}_ip.weight``,
         plus ``<stream>_adapter.{i}.*`` for extra streams."""
-        out = {f"{IMAGE_PROJ}.{k}": v for k, v in self.image_proj.state_dict().items()}
-        for idx, proc in self.attention.layers.items():
-            for s in self.attention.stream_names:
-                k, v = proc.branch(s)
-                out[f"{layer_prefix(s)}.{idx}.to_k_{s}.weight"] = k.weight
-                out[f"{layer_prefix(s)}.{idx}.to_v_{s}.weight"] = v.weight
-        return out
+        return {**prefixed(IMAGE_PROJ, self.image_proj), **attention_tensors(self.attention)}
 
     def official_state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         """The nested form of ``ip-adapter_sd15.bin`` (image branch only)."""
@@ -191,14 +185,9 @@ class IPAdapter(nn.Module):
         """Load flat tensors, checking keys and shapes first. ``streams`` limits which branches are read
         (default: all of this adapter's); tensors of other sections are ignored."""
         streams = self.attention.stream_names if streams is None else tuple(streams)
-        wanted = (IMAGE_PROJ, *(layer_prefix(s) for s in streams))
-        expected = {k: v.shape for k, v in self.adapter_state_dict().items() if k.split(".", 1)[0] in wanted}
-        found = {k: v for k, v in tensors.items() if k.split(".", 1)[0] in wanted}
-        check_state_dict(expected, found, source)
-        own = self.adapter_state_dict()
-        with torch.no_grad():
-            for k, v in found.items():
-                own[k].copy_(v.to(dtype=own[k].dtype))  # stored dtypes may be mixed fp16/fp32
+        load_sections(
+            self.adapter_state_dict(), tensors, (IMAGE_PROJ, *(layer_prefix(s) for s in streams)), source
+        )
 
     def save(self, path: str | Path, **metadata: object) -> Path:
         """Write the flat adapter file (atomically), config in the metadata."""
@@ -215,6 +204,34 @@ class IPAdapter(nn.Module):
             raise CheckpointError(f"{path}: no 'ip_adapter.*' tensors: not an IP-Adapter file")
         adapter.load_adapter_state_dict(f.tensors, source=str(path), streams=present)
         return adapter
+
+
+def load_sections(
+    own: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], sections: Sequence[str], source: str
+) -> None:
+    """Copy ``tensors`` of the named top-level sections into ``own`` (live parameters), after checking
+    that keys and shapes match exactly; other sections are ignored. Dtypes may be mixed (fp16/fp32)."""
+    expected = {k: v.shape for k, v in own.items() if k.split(".", 1)[0] in sections}
+    found = {k: v for k, v in tensors.items() if k.split(".", 1)[0] in sections}
+    check_state_dict(expected, found, source)
+    with torch.no_grad():
+        for k, v in found.items():
+            own[k].copy_(v.to(dtype=own[k].dtype))
+
+
+def prefixed(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
+
+
+def attention_tensors(attention: DecoupledAttention) -> dict[str, torch.Tensor]:
+    """``<stream>_adapter.{i}.to_{k,v}_<stream>.weight`` for every stream and cross-attention layer."""
+    out = {}
+    for idx, proc in attention.layers.items():
+        for s in attention.stream_names:
+            k, v = proc.branch(s)
+            out[f"{layer_prefix(s)}.{idx}.to_k_{s}.weight"] = k.weight
+            out[f"{layer_prefix(s)}.{idx}.to_v_{s}.weight"] = v.weight
+    return out
 
 
 def config_from_file(f: AdapterFile) -> IPAdapterConfig:

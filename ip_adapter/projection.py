@@ -67,7 +67,10 @@ class PerceiverAttention(nn.Module):
         self.to_kv = nn.Linear(dim, inner * 2, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, latents: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``mask``: optional (B, L) bool key-padding mask over ``x`` (True = real token)."""
         x = self.norm1(x)  # (B, L, dim)
         latents = self.norm2(latents)  # (B, Q, dim)
         b, q_len, _ = latents.shape
@@ -77,11 +80,17 @@ class PerceiverAttention(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(b, t.shape[1], self.heads, -1).transpose(1, 2)  # (B, H, S, dh)
 
-        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))  # (B, H, Q, dh)
+        attn_mask = None
+        if mask is not None:  # latents always attend to themselves, so no row is ever empty
+            keep = torch.ones(b, q_len, dtype=torch.bool, device=mask.device)
+            attn_mask = torch.cat([mask, keep], dim=1)[:, None, None, :]  # (B, 1, 1, L+Q)
+        out = F.scaled_dot_product_attention(
+            heads(q), heads(k), heads(v), attn_mask=attn_mask
+        )  # (B, H, Q, dh)
         return self.to_out(out.transpose(1, 2).reshape(b, q_len, -1))
 
 
-def _feed_forward(dim: int, mult: int) -> nn.Sequential:
+def feed_forward(dim: int, mult: int) -> nn.Sequential:
     # Index layout 0 (LayerNorm), 1 (up), 2 (GELU), 3 (down) matches the official checkpoint keys.
     inner = dim * mult
     return nn.Sequential(
@@ -105,7 +114,7 @@ class Resampler(nn.Module):
         self.proj_out = nn.Linear(c.dim, c.output_dim)
         self.norm_out = nn.LayerNorm(c.output_dim)
         self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(c.dim, c.dim_head, c.heads), _feed_forward(c.dim, c.ff_mult)])
+            nn.ModuleList([PerceiverAttention(c.dim, c.dim_head, c.heads), feed_forward(c.dim, c.ff_mult)])
             for _ in range(c.depth)
         )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +17,7 @@ EXIT_USAGE = 2
 def _cmd_info(args: argparse.Namespace) -> int:
     from .info import format_rows, info_rows
 
-    rows = info_rows(args.model)
+    rows = info_rows(args.model, gnn=args.gnn)
     if args.json:
         print(json.dumps([{"name": r.name, "params": r.params, "indent": r.indent} for r in rows], indent=2))
     else:
@@ -40,12 +41,42 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check_graph(args: argparse.Namespace) -> int:
+    from .graph import Limits, SceneGraphError, load_scene_graphs
+
+    limits = Limits(max_objects=args.max_objects, max_relationships=args.max_relationships)
+    status = 0
+    for path in args.files:
+        try:
+            graphs = load_scene_graphs(path, limits)
+        except SceneGraphError as e:
+            print(f"error: {e}", file=sys.stderr)
+            status = EXIT_USAGE
+            continue
+        for i, g in enumerate(graphs):
+            where = f"{path}[{i}]" if len(graphs) > 1 else str(path)
+            print(f"{where}: ok: {g.summary()}")
+        if args.draw:
+            from .drawing import save_scene_graph_drawing
+
+            for i, g in enumerate(graphs):
+                out = args.draw / f"{Path(path).stem}_{i}.png"
+                save_scene_graph_drawing(g, out, title=f"{Path(path).name} [{i}]")
+                print(f"  drawing -> {out}")
+    return status
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sg2img", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="parameter table per component (built on the meta device)")
     p.add_argument("--model", default="sd15", help="'sd15', 'tiny', or a local diffusers model folder")
+    p.add_argument(
+        "--gnn",
+        default="sg2im",
+        help="GNN preset of the graph branch row (sg2im, gine, transformer, gatv2, tiny)",
+    )
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=_cmd_info)
 
@@ -53,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_tiny)
+
+    p = sub.add_parser(
+        "check-graph", help="validate scene-graph JSON files (exit 2 on the first fault per file)"
+    )
+    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("--max-objects", type=int, default=256)
+    p.add_argument("--max-relationships", type=int, default=2048)
+    p.add_argument(
+        "--draw", type=Path, default=None, metavar="DIR", help="also write a PNG drawing of each graph"
+    )
+    p.set_defaults(func=_cmd_check_graph)
 
     p = sub.add_parser("demo", help="end-to-end run on the tiny preset (no downloads)")
     p.add_argument("--out", type=Path, default=Path("build/demo"))
@@ -62,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # torch-geometric's import-time use of torch.jit.script warns on recent torch; it is not ours to fix.
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

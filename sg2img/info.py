@@ -38,13 +38,39 @@ def adapter_rows(preset: Preset, unet: nn.Module, image_tokens: str) -> list[Row
     ]
 
 
-def info_rows(model: str) -> list[Row]:
+def graph_rows(preset: Preset, unet: nn.Module, gnn: str) -> list[Row]:
+    from .adapter import SceneGraphAdapter, SGAdapterConfig
+    from .gnn import gnn_preset
+
+    config = SGAdapterConfig(
+        label_dim=preset.text_encoder["hidden_size"], image_branch=False, image=preset.adapter_config("cls"),
+        gnn=gnn_preset(gnn),
+    )  # fmt: skip
+    with torch.device("meta"):
+        sg = SceneGraphAdapter(unet, config)
+    enc = sg.sg_encoder
+    parts = {
+        "label/box input": [enc.node_in, enc.edge_in, getattr(enc, "box_embed", None)],
+        f"GNN ({config.gnn.layer} x{config.gnn.num_layers}, width {config.gnn.hidden_dim})": [enc.layers],
+        "token heads (object/triple/global)": [enc.object_out, enc.triple_out, enc.global_out],
+    }
+    rows = [Row(f"graph branch (gnn preset {gnn!r})", count(sg)), Row("sg_encoder", count(enc), 1)]
+    rows += [Row(name, sum(count(m) for m in mods) + (enc.no_box.numel() if "box" in name else 0), 2)
+             for name, mods in parts.items()]  # fmt: skip
+    rows.append(
+        Row(f"sg_adapter to_k_sg/to_v_sg ({len(sg.attention.layers)} layers)", count(sg.attention), 1)
+    )
+    return rows
+
+
+def info_rows(model: str, gnn: str = "sg2im") -> list[Row]:
     preset = get_preset(model) if not Path(model).exists() else read_preset_from_folder(model)
     parts = build_on_meta(preset)
     rows = [Row(name, count(m)) for name, m in parts.items()]
     rows.append(Row("base total", sum(r.params for r in rows)))
     for image_tokens in ("cls", "patch"):
         rows.extend(adapter_rows(preset, parts["unet"], image_tokens))
+    rows.extend(graph_rows(preset, parts["unet"], gnn))
     return rows
 
 

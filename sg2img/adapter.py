@@ -1,0 +1,193 @@
+"""The scene-graph adapter: IP-Adapter's image branch plus a decoupled graph branch.
+
+    Z = Attn(Q, K, V) + lambda_i * Attn(Q, K'_i, V'_i) + lambda_g * Attn(Q, K'_g, V'_g, mask_g)
+
+The graph tokens come from ``SceneGraphEncoder`` and reach every cross-attention layer as the named
+stream "sg", with their own ``to_k_sg``/``to_v_sg`` (initialised from ``to_k``/``to_v``) and scale.
+The ``concat`` injection is the ablation: graph (and image) tokens are appended to the text tokens and
+go through the frozen K/V, with the padding in ``encoder_attention_mask``.
+
+Saved as one flat file: ``image_proj.*`` and ``ip_adapter.*`` in the official layout (stock diffusers
+loads that part), plus ``sg_adapter.{i}.to_{k,v}_sg.weight`` and ``sg_encoder.*``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch_geometric.data import Batch
+
+from ip_adapter import IMAGE_STREAM, IPAdapterConfig, Stream
+from ip_adapter.adapter import IMAGE_PROJ, attention_tensors, layer_prefix, load_sections, prefixed
+from ip_adapter.attention import DecoupledAttention, Scale
+from ip_adapter.checkpoint import CONFIG_KEY, CheckpointError, read_adapter_file, write_adapter_file
+from ip_adapter.image_encoder import ImageFeatures
+
+from .gnn import GNNConfig, SceneGraphEncoder, TokenConfig
+
+SG_STREAM = "sg"
+SG_ENCODER = "sg_encoder"
+
+
+@dataclass
+class SGAdapterConfig:
+    """``injection``: "decoupled" (own K/V per stream) or "concat" (append to the text tokens)."""
+
+    label_dim: int = 768  # width of the label embeddings (the text encoder's hidden size)
+    injection: Literal["decoupled", "concat"] = "decoupled"
+    image_branch: bool = True
+    graph_branch: bool = True
+    image: IPAdapterConfig = field(default_factory=IPAdapterConfig)
+    gnn: GNNConfig = field(default_factory=GNNConfig)
+    tokens: TokenConfig = field(default_factory=TokenConfig)
+
+    def __post_init__(self) -> None:
+        if self.injection not in ("decoupled", "concat"):
+            raise ValueError(f"injection must be 'decoupled' or 'concat', got {self.injection!r}")
+        if not (self.image_branch or self.graph_branch):
+            raise ValueError("at least one of image_branch and graph_branch must be on")
+        for name, cls in (("image", IPAdapterConfig), ("gnn", GNNConfig), ("tokens", TokenConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, cls(**value))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        return tuple(s for s, on in ((IMAGE_STREAM, self.image_branch), (SG_STREAM, self.graph_branch)) if on)
+
+
+class SceneGraphAdapter(nn.Module):
+    def __init__(self, unet: nn.Module, config: SGAdapterConfig, init_from_base: bool = True):
+        super().__init__()
+        self.config = config
+        cross = unet.config.cross_attention_dim
+        if config.image_branch and config.image.cross_attention_dim != cross:
+            raise ValueError(
+                f"image.cross_attention_dim {config.image.cross_attention_dim} does not match the UNet's {cross}"
+            )
+        self.image_proj = config.image.build_projection() if config.image_branch else None
+        self.sg_encoder = (
+            SceneGraphEncoder(config.label_dim, cross, config.gnn, config.tokens)
+            if config.graph_branch
+            else None
+        )
+        self.attention = (
+            DecoupledAttention(unet, config.streams, init_from_base)
+            if config.injection == "decoupled"
+            else None
+        )
+
+    # --- tokens ------------------------------------------------------------------------------------
+    def image_tokens(self, features: ImageFeatures) -> torch.Tensor:
+        if self.image_proj is None:
+            raise ValueError("this adapter has no image branch (image_branch: false)")
+        x = features.embeds if self.config.image.image_tokens == "cls" else features.patch_tokens
+        return self.image_proj(x)  # (B, N, C)
+
+    def graph_tokens(self, graphs: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.sg_encoder is None:
+            raise ValueError("this adapter has no graph branch (graph_branch: false)")
+        return self.sg_encoder(graphs)  # (B, L, C), (B, L)
+
+    def unet_kwargs(
+        self,
+        text_embeds: torch.Tensor,
+        image_features: ImageFeatures | None = None,
+        graphs: Batch | None = None,
+    ) -> dict[str, Any]:
+        """The conditioning arguments of ``unet(latents, t, **kwargs)`` for either injection."""
+        img = None if image_features is None else self.image_tokens(image_features)
+        sg = None if graphs is None else self.graph_tokens(graphs)
+        if self.config.injection == "decoupled":
+            streams = {}
+            if img is not None:
+                streams[IMAGE_STREAM] = Stream(img)
+            if sg is not None:
+                streams[SG_STREAM] = Stream(*sg)
+            return {"encoder_hidden_states": text_embeds, "cross_attention_kwargs": {"streams": streams}}
+        parts, masks = (
+            [text_embeds],
+            [torch.ones(text_embeds.shape[:2], dtype=torch.bool, device=text_embeds.device)],
+        )
+        if img is not None:
+            parts.append(img.to(text_embeds.dtype))
+            masks.append(torch.ones(img.shape[:2], dtype=torch.bool, device=img.device))
+        if sg is not None:
+            parts.append(sg[0].to(text_embeds.dtype))
+            masks.append(sg[1])
+        if len(parts) == 1:
+            return {"encoder_hidden_states": text_embeds}
+        return {"encoder_hidden_states": torch.cat(parts, 1), "encoder_attention_mask": torch.cat(masks, 1)}
+
+    # --- UNet --------------------------------------------------------------------------------------
+    def attach(self, unet: nn.Module) -> None:
+        if self.attention is not None:
+            self.attention.attach(unet)
+
+    def detach(self, unet: nn.Module) -> None:
+        DecoupledAttention.detach(unet)
+
+    def set_scale(self, image_scale: Scale | None = None, sg_scale: Scale | None = None) -> None:
+        if self.attention is None:
+            raise ValueError("branch scales exist only with injection: decoupled")
+        if image_scale is not None:
+            self.attention.set_scale(image_scale, IMAGE_STREAM)
+        if sg_scale is not None:
+            self.attention.set_scale(sg_scale, SG_STREAM)
+
+    # --- the file ----------------------------------------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if self.image_proj is not None:
+            out |= prefixed(IMAGE_PROJ, self.image_proj)
+        if self.attention is not None:
+            out |= attention_tensors(self.attention)
+        if self.sg_encoder is not None:
+            out |= prefixed(SG_ENCODER, self.sg_encoder)
+        return out
+
+    def metadata(self) -> dict[str, str]:
+        cfg = self.config.to_dict()
+        return {CONFIG_KEY: json.dumps({"ip_adapter": cfg.pop("image"), "sg": cfg}, sort_keys=True)}
+
+    def save(self, path: str | Path) -> Path:
+        return write_adapter_file(path, self.adapter_state_dict(), self.metadata())
+
+    def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], source: str = "<state dict>") -> None:
+        sections = {k.split(".", 1)[0] for k in self.adapter_state_dict()}
+        load_sections(self.adapter_state_dict(), tensors, tuple(sections), source)
+
+    @classmethod
+    def from_file(
+        cls, path: str | Path, unet: nn.Module, label_dim: int | None = None, **overrides: Any
+    ) -> SceneGraphAdapter:
+        """Our adapter file, or an official IP-Adapter file (image branch only: a graph branch is added
+        fresh on top, with ``label_dim`` given)."""
+        f = read_adapter_file(path)
+        meta = f.config or {}
+        if "sg" in meta:
+            sg = dict(meta["sg"])
+            config = SGAdapterConfig(**{**sg, "image": meta["ip_adapter"], **overrides})
+            adapter = cls(unet, config)
+            adapter.load_adapter_state_dict(f.tensors, source=str(path))
+            return adapter
+        from ip_adapter.adapter import config_from_file
+
+        if label_dim is None:
+            raise CheckpointError(
+                f"{path}: an IP-Adapter file without a graph branch; pass label_dim to add one"
+            )
+        config = SGAdapterConfig(label_dim=label_dim, image=config_from_file(f), **overrides)
+        adapter = cls(unet, config)
+        load_sections(
+            adapter.adapter_state_dict(), f.tensors, (IMAGE_PROJ, layer_prefix(IMAGE_STREAM)), str(path)
+        )
+        return adapter

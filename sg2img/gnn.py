@@ -1,0 +1,291 @@
+"""Scene graph -> tokens: a torch-geometric GNN over label embeddings, then padded token sequences.
+
+A batch of scene graphs is a torch-geometric ``Batch`` (sg2im's packed ``objs``/``triples``/``obj_to_img``
+is exactly this):
+
+    x          (O, D_label)  object label embeddings          edge_index (2, T)  [subject; object]
+    edge_attr  (T, D_label)  predicate embeddings             batch      (O,)    graph of each object
+    box        (O, 4)        normalised boxes (0 if unknown)  has_box    (O,)    bool
+
+The encoder outputs, per graph, one global token, one token per object and one per triple, each projected
+to ``cross_attention_dim`` with LayerNorm and padded with a key-padding mask -- or, optionally, K tokens
+from a masked Perceiver resampler. An empty graph yields an all-False mask, so it contributes nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Literal
+
+import torch
+from torch import nn
+from torch_geometric.data import Batch, Data
+from torch_geometric.nn import GATv2Conv, GINEConv, MessagePassing, TransformerConv
+from torch_geometric.utils import to_dense_batch
+
+from ip_adapter.projection import PerceiverAttention, feed_forward
+
+from .graph import SceneGraph
+
+IN_IMAGE = "__in_image__"
+LayerKind = Literal["triplet", "gine", "transformer", "gatv2"]
+
+
+# --- graphs -> torch-geometric ---------------------------------------------------------------------
+def graphs_to_batch(graphs: Sequence[SceneGraph], embed: Callable[[Sequence[str]], torch.Tensor]) -> Batch:
+    """Pack graphs into one ``Batch``; every unique label string in the batch is embedded once."""
+    labels = [o.label for g in graphs for o in g.objects] + [
+        r.predicate for g in graphs for r in g.relationships
+    ]
+    unique = list(dict.fromkeys(labels))
+    table = embed(unique) if unique else None
+    row = {s: i for i, s in enumerate(unique)}
+    dim = table.shape[1] if table is not None else _embed_dim(embed)
+    data = []
+    for g in graphs:
+        obj_ids = torch.tensor([row[o.label] for o in g.objects], dtype=torch.long)
+        pred_ids = torch.tensor([row[r.predicate] for r in g.relationships], dtype=torch.long)
+        x = table[obj_ids] if len(obj_ids) else torch.zeros(0, dim)
+        edge_attr = table[pred_ids] if len(pred_ids) else torch.zeros(0, dim)
+        edge_index = (
+            torch.tensor([[r.subject, r.object] for r in g.relationships], dtype=torch.long)
+            .reshape(-1, 2)
+            .t()
+        )
+        box = torch.tensor(
+            [o.box if o.box else (0.0, 0.0, 0.0, 0.0) for o in g.objects], dtype=torch.float32
+        ).reshape(-1, 4)
+        has_box = torch.tensor([o.box is not None for o in g.objects], dtype=torch.bool)
+        data.append(
+            Data(
+                x=x,
+                edge_index=edge_index,
+                edge_attr=edge_attr,
+                box=box,
+                has_box=has_box,
+                num_nodes=len(g.objects),
+            )
+        )
+    return Batch.from_data_list(data)
+
+
+def _embed_dim(embed) -> int:
+    return int(getattr(embed, "dim", 0)) or embed(["object"]).shape[1]
+
+
+# --- layers ----------------------------------------------------------------------------------------
+def _mlp(dims: Sequence[int]) -> nn.Sequential:
+    """Linear + ReLU after every layer, the final one included (sg2im's build_mlp default)."""
+    layers: list[nn.Module] = []
+    for a, b in itertools.pairwise(dims):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+class GraphTripleConv(MessagePassing):
+    """sg2im's graph convolution (Johnson et al. 2018, Sec. 3) as a ``MessagePassing`` layer.
+
+    Each triple (s, p, o) goes through net1: [x_s, e_p, x_o] -> [s', p', o']; the edge vector becomes p',
+    each object averages its candidates s'/o' over every triple it takes part in (0 if none), and net2
+    maps the average to the new object vector.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, out_dim: int | None = None):
+        super().__init__(aggr="mean")
+        out_dim = out_dim or dim
+        self.hidden_dim, self.out_dim = hidden_dim, out_dim
+        self.net1 = _mlp([3 * dim, hidden_dim, 2 * hidden_dim + out_dim])
+        self.net2 = _mlp([hidden_dim, hidden_dim, out_dim])
+
+    def forward(
+        self, x: torch.Tensor, edge_index: torch.Tensor, edge_attr: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        s, o = edge_index  # (T,), (T,)
+        h, d = self.hidden_dim, self.out_dim
+        t = self.net1(torch.cat([x[s], edge_attr, x[o]], dim=-1))  # (T, 2H + D)
+        new_s, new_p, new_o = t[:, :h], t[:, h : h + d], t[:, h + d :]
+        # mean over every candidate of an object, as subject and as object; objects in no triple get 0
+        pooled = self.aggregate(torch.cat([new_s, new_o]), torch.cat([s, o]), dim_size=x.shape[0])  # (O, H)
+        return self.net2(pooled), new_p
+
+
+@dataclass(frozen=True)
+class GNNConfig:
+    layer: LayerKind = "triplet"
+    num_layers: int = 5
+    hidden_dim: int = 128  # node and edge width (sg2im: 128)
+    mlp_dim: int = 512  # triplet MLP width (sg2im: 512); the GINE MLP width
+    heads: int = 4  # transformer / gatv2
+    use_boxes: bool = True
+    image_node: bool = False  # sg2im's __image__ node with __in_image__ edges from every object
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.layer not in ("triplet", "gine", "transformer", "gatv2"):
+            raise ValueError(
+                f"gnn.layer must be one of triplet, gine, transformer, gatv2; got {self.layer!r}"
+            )
+        if self.layer in ("transformer", "gatv2") and self.hidden_dim % self.heads:
+            raise ValueError(f"gnn.hidden_dim {self.hidden_dim} must be divisible by gnn.heads {self.heads}")
+        if self.num_layers < 1:
+            raise ValueError(f"gnn.num_layers must be >= 1, got {self.num_layers}")
+
+
+GNN_PRESETS: dict[str, GNNConfig] = {
+    "sg2im": GNNConfig("triplet", num_layers=5, hidden_dim=128, mlp_dim=512),
+    "gine": GNNConfig("gine", num_layers=4, hidden_dim=256, mlp_dim=512),
+    "transformer": GNNConfig("transformer", num_layers=4, hidden_dim=256, heads=4),
+    "gatv2": GNNConfig("gatv2", num_layers=4, hidden_dim=256, heads=4),
+    "tiny": GNNConfig("triplet", num_layers=2, hidden_dim=16, mlp_dim=32),
+}
+
+
+def gnn_preset(name: str, **overrides) -> GNNConfig:
+    if name not in GNN_PRESETS:
+        raise ValueError(f"unknown GNN preset {name!r}; choose one of {sorted(GNN_PRESETS)}")
+    return replace(GNN_PRESETS[name], **overrides)
+
+
+class _ResidualConv(nn.Module):
+    """A torch-geometric conv with static edge features, wrapped as x + conv(LN(x))."""
+
+    def __init__(self, config: GNNConfig):
+        super().__init__()
+        d = config.hidden_dim
+        self.norm = nn.LayerNorm(d)
+        if config.layer == "gine":
+            self.conv = GINEConv(
+                nn.Sequential(nn.Linear(d, config.mlp_dim), nn.ReLU(), nn.Linear(config.mlp_dim, d)),
+                edge_dim=d,
+            )
+        elif config.layer == "transformer":
+            self.conv = TransformerConv(d, d // config.heads, heads=config.heads, edge_dim=d)
+        else:
+            self.conv = GATv2Conv(d, d // config.heads, heads=config.heads, edge_dim=d, add_self_loops=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, edge_index, edge_attr):
+        return x + self.dropout(self.conv(self.norm(x), edge_index, edge_attr)), edge_attr
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    """Which tokens a graph becomes. ``resample_to``: K fixed tokens from a masked Perceiver instead."""
+
+    object_tokens: bool = True
+    triple_tokens: bool = True
+    global_token: bool = True
+    resample_to: int | None = None
+    resampler_depth: int = 2
+    resampler_heads: int = 4
+
+
+class SceneGraphEncoder(nn.Module):
+    """Batch of graphs -> (tokens (B, L, cross_attention_dim), key-padding mask (B, L))."""
+
+    def __init__(
+        self,
+        label_dim: int,
+        cross_attention_dim: int,
+        gnn: GNNConfig | None = None,
+        tokens: TokenConfig | None = None,
+    ):
+        super().__init__()
+        self.gnn_config = gnn = gnn or GNNConfig()
+        self.token_config = tok = tokens or TokenConfig()
+        if not (tok.object_tokens or tok.triple_tokens or tok.global_token):
+            raise ValueError("tokens: at least one of object_tokens, triple_tokens, global_token must be on")
+        self.label_dim, self.cross_attention_dim = label_dim, cross_attention_dim
+        d = gnn.hidden_dim
+        self.node_in = nn.Linear(label_dim, d)
+        self.edge_in = nn.Linear(label_dim, d)
+        if gnn.use_boxes:
+            self.box_embed = nn.Sequential(nn.Linear(4, d), nn.ReLU(), nn.Linear(d, d))
+            self.no_box = nn.Parameter(torch.zeros(d))
+        if gnn.image_node:
+            self.image_node = nn.Parameter(torch.randn(d) * 0.02)
+            self.in_image = nn.Parameter(torch.randn(d) * 0.02)
+        if gnn.layer == "triplet":
+            self.layers = nn.ModuleList(GraphTripleConv(d, gnn.mlp_dim) for _ in range(gnn.num_layers))
+        else:
+            self.layers = nn.ModuleList(_ResidualConv(gnn) for _ in range(gnn.num_layers))
+        self.object_out = nn.Sequential(nn.Linear(d, cross_attention_dim), nn.LayerNorm(cross_attention_dim))
+        self.triple_out = nn.Sequential(
+            nn.Linear(3 * d, cross_attention_dim), nn.LayerNorm(cross_attention_dim)
+        )
+        self.global_out = nn.Sequential(nn.Linear(d, cross_attention_dim), nn.LayerNorm(cross_attention_dim))
+        if tok.resample_to:
+            c = cross_attention_dim
+            self.latents = nn.Parameter(torch.randn(1, tok.resample_to, c) / c**0.5)
+            self.resampler = nn.ModuleList(
+                nn.ModuleList(
+                    [PerceiverAttention(c, c // tok.resampler_heads, tok.resampler_heads), feed_forward(c, 4)]
+                )
+                for _ in range(tok.resampler_depth)
+            )
+            self.resampler_norm = nn.LayerNorm(c)
+
+    def config_dict(self) -> dict:
+        return {"label_dim": self.label_dim, "cross_attention_dim": self.cross_attention_dim,
+                "gnn": asdict(self.gnn_config), "tokens": asdict(self.token_config)}  # fmt: skip
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        num_graphs = batch.num_graphs
+        dtype = self.node_in.weight.dtype
+        x = self.node_in(batch.x.to(dtype))  # (O, d)
+        e = self.edge_in(batch.edge_attr.to(dtype))  # (T, d)
+        edge_index, node_batch = batch.edge_index, batch.batch
+        num_obj = x.shape[0]
+        if self.gnn_config.use_boxes:
+            has = batch.has_box[:, None]
+            x = x + torch.where(has, self.box_embed(batch.box.to(dtype)), self.no_box)
+        if self.gnn_config.image_node:
+            # one image node per graph, after the objects; an __in_image__ edge from every object to it
+            img = torch.arange(num_graphs, device=x.device) + num_obj
+            x = torch.cat([x, self.image_node.expand(num_graphs, -1)])
+            edge_index = torch.cat(
+                [edge_index, torch.stack([torch.arange(num_obj, device=x.device), img[node_batch]])], 1
+            )
+            e = torch.cat([e, self.in_image.expand(num_obj, -1)])
+        for layer in self.layers:
+            x, e = layer(x, edge_index, e)
+
+        num_triples = batch.edge_index.shape[1]
+        obj, e = x[:num_obj], e[:num_triples]
+        seqs, masks = [], []
+        has_objects = torch.bincount(node_batch, minlength=num_graphs) > 0  # (B,)
+        if self.token_config.global_token:
+            if self.gnn_config.image_node:
+                pooled = x[num_obj:]
+            else:
+                pooled = torch.zeros(num_graphs, x.shape[1], dtype=x.dtype, device=x.device).index_add_(
+                    0, node_batch, obj
+                )
+                pooled = pooled / torch.bincount(node_batch, minlength=num_graphs).clamp(min=1)[:, None]
+            seqs.append(self.global_out(pooled)[:, None])  # (B, 1, C)
+            masks.append(has_objects[:, None])
+        if self.token_config.object_tokens:
+            t, m = to_dense_batch(self.object_out(obj), node_batch, batch_size=num_graphs)  # (B, Omax, C)
+            seqs.append(t)
+            masks.append(m)
+        if self.token_config.triple_tokens:
+            s, o = batch.edge_index
+            triples = self.triple_out(torch.cat([obj[s], e, obj[o]], dim=-1))  # (T, C)
+            t, m = to_dense_batch(triples, node_batch[s], batch_size=num_graphs)  # (B, Tmax, C)
+            seqs.append(t)
+            masks.append(m)
+        tokens, mask = torch.cat(seqs, dim=1), torch.cat(masks, dim=1)
+        if self.token_config.resample_to:
+            return self._resample(tokens, mask), has_objects[:, None].expand(
+                -1, self.token_config.resample_to
+            ).contiguous()
+        return tokens, mask
+
+    def _resample(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        latents = self.latents.expand(tokens.shape[0], -1, -1)  # (B, K, C)
+        for attn, ff in self.resampler:
+            latents = attn(tokens, latents, mask) + latents
+            latents = ff(latents) + latents
+        return self.resampler_norm(latents)
