@@ -77,11 +77,34 @@ def test_matches_diffusers_ip_adapter_processor(tiny, tiny_preset, features, une
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_self_attention_processors_accept_streams_silently(tiny, adapter, features, unet_inputs, caplog):
+def _diffusers_warnings(unet, inputs, kwargs) -> list[str]:
+    """Warnings diffusers logs during one call (its logger does not propagate to the root)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    records: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("diffusers")
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_warning()
+    logger.addHandler(handler)
+    try:
+        run(unet, inputs, **kwargs)
+    finally:
+        logger.removeHandler(handler)
+        diffusers_logging.set_verbosity(level)
+    return [r for r in records if "cross_attention_kwargs" in r]
+
+
+def test_self_attention_processors_accept_streams_silently(tiny, adapter, features, unet_inputs):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
     adapter.attach(tiny.unet)
-    with caplog.at_level(logging.WARNING):
-        run(tiny.unet, unet_inputs, **streams(adapter, features))
-    assert not [r for r in caplog.records if "cross_attention_kwargs" in r.getMessage()]
+    assert _diffusers_warnings(tiny.unet, unet_inputs, streams(adapter, features)) == []
+    # control: a stock processor on the self-attention layers does warn, so the check above can fail
+    procs = {n: (p if p.stream_names else AttnProcessor2_0()) for n, p in tiny.unet.attn_processors.items()}
+    tiny.unet.set_attn_processor(procs)
+    assert _diffusers_warnings(tiny.unet, unet_inputs, streams(adapter, features))
 
 
 def test_token_width_mismatch_is_a_clear_error(tiny, adapter, unet_inputs):

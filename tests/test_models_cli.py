@@ -73,6 +73,16 @@ def test_info_sd15_prints_the_reference_parameter_counts(capsys):
     out = capsys.readouterr().out
     assert "22,319,616" in out and "49,087,488" in out
     assert "3,150,336" in out and "19,169,280" in out
+    assert "graph branch (gnn preset 'sg2im')" in out and "sg_adapter to_k_sg/to_v_sg (16 layers)" in out
+
+
+def test_info_graph_rows_add_up(capsys):
+    assert main(["info", "--model", "tiny", "--gnn", "gatv2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    start = next(i for i, r in enumerate(rows) if r["name"].startswith("graph branch"))
+    branch, encoder, *parts, kv = rows[start:]
+    assert branch["params"] == encoder["params"] + kv["params"]
+    assert encoder["params"] == sum(r["params"] for r in parts)
 
 
 def test_info_reads_a_model_folder(tiny_dir, capsys):
