@@ -23,7 +23,14 @@ from torch import nn
 from torch_geometric.data import Batch
 
 from ip_adapter import IMAGE_STREAM, IPAdapterConfig, Stream
-from ip_adapter.adapter import IMAGE_PROJ, attention_tensors, layer_prefix, load_sections, prefixed
+from ip_adapter.adapter import (
+    IMAGE_PROJ,
+    attention_tensors,
+    config_from_file,
+    layer_prefix,
+    load_sections,
+    prefixed,
+)
 from ip_adapter.attention import DecoupledAttention, Scale
 from ip_adapter.checkpoint import CONFIG_KEY, CheckpointError, read_adapter_file, write_adapter_file
 from ip_adapter.image_encoder import ImageFeatures
@@ -179,8 +186,6 @@ class SceneGraphAdapter(nn.Module):
             adapter = cls(unet, config)
             adapter.load_adapter_state_dict(f.tensors, source=str(path))
             return adapter
-        from ip_adapter.adapter import config_from_file
-
         if label_dim is None:
             raise CheckpointError(
                 f"{path}: an IP-Adapter file without a graph branch; pass label_dim to add one"

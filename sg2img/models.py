@@ -24,7 +24,6 @@ from ip_adapter.image_encoder import (
     OpenClipImageEncoder,
     TransformersImageEncoder,
     VisionTowerSpec,
-    clip_image_processor,
 )
 
 from .tokenizer import clip_tokenizer, write_clip_tokenizer_files
@@ -283,7 +282,6 @@ __all__ = [
     "Preset",
     "build_components",
     "build_on_meta",
-    "clip_image_processor",
     "ddpm_scheduler",
     "get_preset",
     "read_preset_from_folder",
