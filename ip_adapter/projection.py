@@ -90,7 +90,7 @@ class PerceiverAttention(nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(b, q_len, -1))
 
 
-def feed_forward(dim: int, mult: int) -> nn.Sequential:
+def _feed_forward(dim: int, mult: int) -> nn.Sequential:
     # Index layout 0 (LayerNorm), 1 (up), 2 (GELU), 3 (down) matches the official checkpoint keys.
     inner = dim * mult
     return nn.Sequential(
@@ -114,20 +114,21 @@ class Resampler(nn.Module):
         self.proj_out = nn.Linear(c.dim, c.output_dim)
         self.norm_out = nn.LayerNorm(c.output_dim)
         self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(c.dim, c.dim_head, c.heads), feed_forward(c.dim, c.ff_mult)])
+            nn.ModuleList([PerceiverAttention(c.dim, c.dim_head, c.heads), _feed_forward(c.dim, c.ff_mult)])
             for _ in range(c.depth)
         )
 
-    def forward(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, patch_tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask``: optional (B, L) bool key-padding mask over the input tokens (True = real token)."""
         if patch_tokens.ndim != 3 or patch_tokens.shape[-1] != self.embedding_dim:
             raise ValueError(
-                f"Resampler expects patch tokens of shape (B, L, {self.embedding_dim}), "
+                f"Resampler expects tokens of shape (B, L, {self.embedding_dim}), "
                 f"got {tuple(patch_tokens.shape)}"
             )
         x = self.proj_in(patch_tokens.to(self.proj_in.weight.dtype))  # (B, L, dim)
         latents = self.latents.expand(x.shape[0], -1, -1)  # (B, Q, dim)
         for attn, ff in self.layers:
-            latents = attn(x, latents) + latents
+            latents = attn(x, latents, mask) + latents
             latents = ff(latents) + latents
         return self.norm_out(self.proj_out(latents))  # (B, Q, output_dim)
 

@@ -25,7 +25,7 @@ from torch_geometric.data import Batch, Data
 from torch_geometric.nn import GATv2Conv, GINEConv, MessagePassing, TransformerConv
 from torch_geometric.utils import to_dense_batch
 
-from ip_adapter.projection import PerceiverAttention, feed_forward
+from ip_adapter.projection import Resampler, ResamplerConfig
 
 from .graph import SceneGraph
 
@@ -216,16 +216,12 @@ class SceneGraphEncoder(nn.Module):
             nn.Linear(3 * d, cross_attention_dim), nn.LayerNorm(cross_attention_dim)
         )
         self.global_out = nn.Sequential(nn.Linear(d, cross_attention_dim), nn.LayerNorm(cross_attention_dim))
-        if tok.resample_to:
+        if tok.resample_to:  # IP-Adapter Plus's Perceiver resampler, masked over the padded graph tokens
             c = cross_attention_dim
-            self.latents = nn.Parameter(torch.randn(1, tok.resample_to, c) / c**0.5)
-            self.resampler = nn.ModuleList(
-                nn.ModuleList(
-                    [PerceiverAttention(c, c // tok.resampler_heads, tok.resampler_heads), feed_forward(c, 4)]
-                )
-                for _ in range(tok.resampler_depth)
-            )
-            self.resampler_norm = nn.LayerNorm(c)
+            self.resampler = Resampler(
+                ResamplerConfig(dim=c, depth=tok.resampler_depth, dim_head=c // tok.resampler_heads,
+                                heads=tok.resampler_heads, num_queries=tok.resample_to, embedding_dim=c, output_dim=c)
+            )  # fmt: skip
 
     def config_dict(self) -> dict:
         return {"label_dim": self.label_dim, "cross_attention_dim": self.cross_attention_dim,
@@ -278,14 +274,7 @@ class SceneGraphEncoder(nn.Module):
             masks.append(m)
         tokens, mask = torch.cat(seqs, dim=1), torch.cat(masks, dim=1)
         if self.token_config.resample_to:
-            return self._resample(tokens, mask), has_objects[:, None].expand(
+            return self.resampler(tokens, mask), has_objects[:, None].expand(
                 -1, self.token_config.resample_to
             ).contiguous()
         return tokens, mask
-
-    def _resample(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        latents = self.latents.expand(tokens.shape[0], -1, -1)  # (B, K, C)
-        for attn, ff in self.resampler:
-            latents = attn(tokens, latents, mask) + latents
-            latents = ff(latents) + latents
-        return self.resampler_norm(latents)

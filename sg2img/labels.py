@@ -46,20 +46,20 @@ class LabelEmbedder:
         return self.text_encoder(input_ids=ids).pooler_output.float().cpu()  # (n, hidden)
 
     def __call__(self, strings: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        """(len(strings), dim); unique uncached strings are embedded in batches."""
-        missing = list(dict.fromkeys(s for s in strings if s not in self.cache))
-        for i in range(0, len(missing), batch_size):
-            chunk = missing[i : i + batch_size]
-            for s, e in zip(chunk, self._encode(chunk)):
-                if len(self.cache) >= self.max_cache:
-                    self.cache.pop(next(iter(self.cache)))  # oldest first
-                self.cache[s] = e
+        """(len(strings), dim); unique uncached strings are embedded in batches, each once."""
         if not strings:
             return torch.zeros(0, self.dim)
-        found = {s: self.cache[s] for s in strings if s in self.cache}
-        if len(found) < len(set(strings)):  # only when one batch exceeds max_cache
-            found.update(zip(missing, self._encode(missing)))
-        return torch.stack([found[s] for s in strings])
+        missing = list(dict.fromkeys(s for s in strings if s not in self.cache))
+        new: dict[str, torch.Tensor] = {}
+        for i in range(0, len(missing), batch_size):
+            chunk = missing[i : i + batch_size]
+            new.update(zip(chunk, self._encode(chunk)))
+        out = torch.stack([new[s] if s in new else self.cache[s] for s in strings])
+        for s, e in new.items():
+            if len(self.cache) >= self.max_cache:
+                self.cache.pop(next(iter(self.cache)))  # oldest first
+            self.cache[s] = e
+        return out
 
 
 class LearnedVocabulary(nn.Module):
