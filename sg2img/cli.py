@@ -12,6 +12,7 @@ from pathlib import Path
 from ip_adapter import CheckpointError
 
 EXIT_USAGE = 2
+TRAINING_SUBCOMMANDS = ("fit", "validate", "test")  # LightningCLI (see training_cli.py)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -106,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     # torch-geometric's import-time use of torch.jit.script warns on recent torch; it is not ours to fix.
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TRAINING_SUBCOMMANDS:
+        from .training_cli import cli_main
+
+        cli_main(argv)
+        return 0
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

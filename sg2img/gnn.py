@@ -34,21 +34,21 @@ LayerKind = Literal["triplet", "gine", "transformer", "gatv2"]
 
 
 # --- graphs -> torch-geometric ---------------------------------------------------------------------
-def graphs_to_batch(graphs: Sequence[SceneGraph], embed: Callable[[Sequence[str]], torch.Tensor]) -> Batch:
-    """Pack graphs into one ``Batch``; every unique label string in the batch is embedded once."""
-    labels = [o.label for g in graphs for o in g.objects] + [
-        r.predicate for g in graphs for r in g.relationships
-    ]
-    unique = list(dict.fromkeys(labels))
-    table = embed(unique) if unique else None
-    row = {s: i for i, s in enumerate(unique)}
-    dim = table.shape[1] if table is not None else _embed_dim(embed)
+def graphs_to_label_batch(graphs: Sequence[SceneGraph]) -> tuple[Batch, list[str]]:
+    """Pack graphs into one ``Batch`` of label *indices*, plus the batch's unique label strings.
+
+    ``obj_label`` (O,) and ``pred_label`` (T,) index into the returned list. This is the form a data
+    loader produces (no model needed); ``embed_label_batch`` turns it into model input.
+    """
+    labels = list(
+        dict.fromkeys(
+            [o.label for g in graphs for o in g.objects]
+            + [r.predicate for g in graphs for r in g.relationships]
+        )
+    )
+    row = {s: i for i, s in enumerate(labels)}
     data = []
     for g in graphs:
-        obj_ids = torch.tensor([row[o.label] for o in g.objects], dtype=torch.long)
-        pred_ids = torch.tensor([row[r.predicate] for r in g.relationships], dtype=torch.long)
-        x = table[obj_ids] if len(obj_ids) else torch.zeros(0, dim)
-        edge_attr = table[pred_ids] if len(pred_ids) else torch.zeros(0, dim)
         edge_index = (
             torch.tensor([[r.subject, r.object] for r in g.relationships], dtype=torch.long)
             .reshape(-1, 2)
@@ -57,18 +57,60 @@ def graphs_to_batch(graphs: Sequence[SceneGraph], embed: Callable[[Sequence[str]
         box = torch.tensor(
             [o.box if o.box else (0.0, 0.0, 0.0, 0.0) for o in g.objects], dtype=torch.float32
         ).reshape(-1, 4)
-        has_box = torch.tensor([o.box is not None for o in g.objects], dtype=torch.bool)
         data.append(
             Data(
-                x=x,
+                obj_label=torch.tensor([row[o.label] for o in g.objects], dtype=torch.long),
+                pred_label=torch.tensor([row[r.predicate] for r in g.relationships], dtype=torch.long),
                 edge_index=edge_index,
-                edge_attr=edge_attr,
                 box=box,
-                has_box=has_box,
+                has_box=torch.tensor([o.box is not None for o in g.objects], dtype=torch.bool),
                 num_nodes=len(g.objects),
             )
         )
+    return Batch.from_data_list(data), labels
+
+
+def empty_graph_data() -> Data:
+    """The empty graph in the label-batch form (what a dropped graph becomes)."""
+    return Data(
+        obj_label=torch.zeros(0, dtype=torch.long),
+        pred_label=torch.zeros(0, dtype=torch.long),
+        edge_index=torch.zeros(2, 0, dtype=torch.long),
+        box=torch.zeros(0, 4),
+        has_box=torch.zeros(0, dtype=torch.bool),
+        num_nodes=0,
+    )
+
+
+def drop_graphs(batch: Batch, drop: torch.Tensor) -> Batch:
+    """The same batch with the graphs where ``drop`` is True replaced by the empty graph."""
+    if not bool(drop.any()):
+        return batch
+    device = batch.obj_label.device
+    data = [empty_graph_data().to(device) if d else g for g, d in zip(batch.to_data_list(), drop.tolist())]
     return Batch.from_data_list(data)
+
+
+def embed_label_batch(
+    batch: Batch, labels: Sequence[str], embed: Callable[[Sequence[str]], torch.Tensor]
+) -> Batch:
+    """Fill ``x``/``edge_attr`` of a label batch with the embeddings of its strings (each embedded once)."""
+    if labels:
+        table = embed(list(labels)).to(batch.obj_label.device)
+    else:
+        table = torch.zeros(0, _embed_dim(embed), device=batch.obj_label.device)
+    out = batch.clone()
+    out.x = table[batch.obj_label] if batch.obj_label.numel() else table.new_zeros(0, table.shape[1])
+    out.edge_attr = (
+        table[batch.pred_label] if batch.pred_label.numel() else table.new_zeros(0, table.shape[1])
+    )
+    return out
+
+
+def graphs_to_batch(graphs: Sequence[SceneGraph], embed: Callable[[Sequence[str]], torch.Tensor]) -> Batch:
+    """Pack graphs into one model-ready ``Batch``; every unique label string in the batch is embedded once."""
+    batch, labels = graphs_to_label_batch(graphs)
+    return embed_label_batch(batch, labels, embed)
 
 
 def _embed_dim(embed) -> int:

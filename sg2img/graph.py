@@ -126,6 +126,16 @@ class SceneGraph:
             f"{s['isolated_objects']} isolated, {s['boxes']} boxes): {names}"
         )
 
+    def describe(self, max_phrases: int = 8) -> str:
+        """A plain-text caption: each triple as "subject predicate object", then the unrelated objects."""
+        phrases = [
+            f"{self.objects[r.subject].label} {r.predicate} {self.objects[r.object].label}"
+            for r in self.relationships
+        ]
+        used = {i for r in self.relationships for i in (r.subject, r.object)}
+        phrases += [o.label for i, o in enumerate(self.objects) if i not in used]
+        return ", ".join(list(dict.fromkeys(phrases))[:max_phrases])
+
     # --- writing -------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         """sg2im's plain form when it can hold everything, else the extended form."""

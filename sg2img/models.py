@@ -276,6 +276,93 @@ def read_preset_from_folder(model_dir: str | Path) -> Preset:
     )
 
 
+IP_ADAPTER_IMAGE_ENCODER = (
+    "h94/IP-Adapter",
+    "models/image_encoder",
+)  # ViT-H/14 as the SD1.5 adapters ship it
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+
+
+def load_base(
+    source: str | Path = "tiny",
+    image_encoder: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    single_file_config: str | None = None,
+) -> Components:
+    """A frozen base model, every part in eval mode with ``requires_grad=False``.
+
+    ``source`` is a preset name (``tiny``: random weights, no download), a local diffusers folder, a
+    single-file SD1.5 checkpoint (``.safetensors``/``.ckpt``; ``single_file_config`` names the diffusers
+    folder or hub id whose configs describe it), or a hub id.
+
+    ``image_encoder`` is a local folder or hub id of a transformers ``CLIPVisionModelWithProjection``
+    (``hub_id:subfolder`` picks a subfolder), or ``open_clip:MODEL[:PRETRAINED]``. Left out, the model
+    folder's ``image_encoder/`` is used, else the preset's tower (tiny) or IP-Adapter's ViT-H/14.
+    """
+    source = str(source)
+    if source in PRESETS:
+        parts = build_components(source, seed=seed)
+        if image_encoder is not None:
+            parts.image_encoder = load_image_encoder(image_encoder)
+    else:
+        parts = _load_pipeline_parts(source, single_file_config)
+        if image_encoder is not None:
+            parts.image_encoder = load_image_encoder(image_encoder)
+        elif parts.image_encoder is None:
+            parts.image_encoder = load_image_encoder(":".join(IP_ADAPTER_IMAGE_ENCODER))
+    for m in (parts.unet, parts.vae, parts.text_encoder, parts.image_encoder):
+        if m is None:
+            continue
+        if next(m.parameters()).dtype != dtype:
+            m.to(dtype)
+        m.eval().requires_grad_(False)
+    return parts
+
+
+def load_image_encoder(spec: str) -> TransformersImageEncoder | OpenClipImageEncoder:
+    """``open_clip:MODEL[:PRETRAINED]``, a local folder, ``hub_id`` or ``hub_id:subfolder``."""
+    if spec.startswith("open_clip:"):
+        _, model, *rest = spec.split(":", 2)
+        return OpenClipImageEncoder.from_open_clip(model, pretrained=rest[0] if rest else None)
+    if Path(spec).is_dir():
+        return TransformersImageEncoder.from_pretrained(spec)
+    repo, _, sub = spec.partition(":")
+    return TransformersImageEncoder.from_pretrained(repo, subfolder=sub or None)
+
+
+def _load_pipeline_parts(source: str, single_file_config: str | None) -> Components:
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(source)
+    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    if path.suffix in SINGLE_FILE_SUFFIXES:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such single-file checkpoint")
+        if single_file_config:
+            kwargs["config"] = single_file_config
+        pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+    elif path.exists():
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"{path}: not a diffusers model folder (no model_index.json) and not a single-file checkpoint"
+            )
+        pipe = StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
+    else:  # a hub id
+        pipe = StableDiffusionPipeline.from_pretrained(source, **kwargs)
+    encoder = None
+    if getattr(pipe, "image_encoder", None) is not None:
+        encoder = TransformersImageEncoder(pipe.image_encoder)
+    return Components(
+        unet=pipe.unet,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        scheduler=pipe.scheduler,
+        image_encoder=encoder,
+    )
+
+
 __all__ = [
     "PRESETS",
     "Components",
@@ -284,6 +371,8 @@ __all__ = [
     "build_on_meta",
     "ddpm_scheduler",
     "get_preset",
+    "load_base",
+    "load_image_encoder",
     "read_preset_from_folder",
     "save_tiny_model",
 ]

@@ -1,0 +1,151 @@
+"""Training callbacks: sample grids, the adapter file, throughput, and the run's resolved config."""
+
+from __future__ import annotations
+
+import logging
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import yaml
+from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.cli import SaveConfigCallback
+from PIL import Image, ImageDraw
+
+from .drawing import draw_scene_graph
+from .graph import SceneGraph, load_scene_graphs
+
+log = logging.getLogger(__name__)
+EXAMPLE_GRAPHS = Path(__file__).resolve().parent.parent / "data" / "examples" / "sheep.json"
+
+
+def _batch_size(batch: Any) -> int:
+    return batch.batch_size
+
+
+class SamplesPerSecond(ThroughputMonitor):
+    """Lightning's ``ThroughputMonitor`` reading the batch size of a ``TrainBatch``: logs
+    ``train/samples_per_sec`` (and per device) averaged over the last ``window_size`` steps."""
+
+    def __init__(self, window_size: int = 20):
+        super().__init__(batch_size_fn=_batch_size, window_size=window_size)
+
+
+def text_panel(text: str, size: int) -> Image.Image:
+    panel = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(panel)
+    lines = textwrap.wrap(text or "(no prompt)", width=max(8, size // 7))[: size // 12]
+    draw.multiline_text((6, 6), "\n".join(lines), fill="black", spacing=2)
+    return panel
+
+
+def sample_grid(
+    images: list[Image.Image], graphs: list[SceneGraph], prompts: list[str], panel: int = 256
+) -> Image.Image:
+    """One row per sample: the generated image, a drawing of its graph, its prompt."""
+    grid = Image.new("RGB", (3 * panel, panel * len(images)), "white")
+    for row, (img, g, p) in enumerate(zip(images, graphs, prompts)):
+        grid.paste(img.convert("RGB").resize((panel, panel), Image.Resampling.NEAREST), (0, row * panel))
+        grid.paste(
+            draw_scene_graph(g, size=panel).convert("RGB").resize((panel, panel)), (panel, row * panel)
+        )
+        grid.paste(text_panel(p, panel), (2 * panel, row * panel))
+    return grid
+
+
+class SampleGrid(L.Callback):
+    """Every ``every_n_steps`` optimiser steps, generate from fixed validation graphs and prompts, save the
+    grid under ``DIR/samples/`` and log it (``samples``) to the logger that supports images (W&B)."""
+
+    def __init__(
+        self,
+        every_n_steps: int = 500,
+        graphs: str | None = None,
+        prompts: list[str] | None = None,
+        max_samples: int = 4,
+        steps: int = 30,
+        guidance: float = 7.5,
+        seed: int = 0,
+        panel: int = 256,
+    ):
+        self.every_n_steps, self.graphs_path = every_n_steps, graphs
+        self.prompts, self.max_samples = prompts, max_samples
+        self.steps, self.guidance, self.seed, self.panel = steps, guidance, seed, panel
+        self._last_step = -1
+
+    def fixed_inputs(self) -> tuple[list[SceneGraph], list[str]]:
+        graphs = load_scene_graphs(self.graphs_path or EXAMPLE_GRAPHS)[: self.max_samples]
+        prompts = list(self.prompts) if self.prompts else [g.describe() for g in graphs]
+        if len(prompts) < len(graphs):
+            prompts += [prompts[-1]] * (len(graphs) - len(prompts))
+        return graphs, prompts[: len(graphs)]
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_steps <= 0 or step == 0 or step % self.every_n_steps or step == self._last_step:
+            return
+        self._last_step = step
+        if trainer.is_global_zero:
+            self.log_samples(trainer, pl_module, step)
+
+    def log_samples(self, trainer: L.Trainer, pl_module, step: int) -> Path:
+        graphs, prompts = self.fixed_inputs()
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            images = pl_module.generate(
+                graphs=graphs, prompts=prompts, steps=self.steps, guidance=self.guidance, seed=self.seed
+            )
+        finally:
+            pl_module.train(was_training)
+        grid = sample_grid(images, graphs, prompts, self.panel)
+        out = Path(trainer.default_root_dir) / "samples" / f"step-{step:07d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(out)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="samples", images=[grid], step=step, caption=[" | ".join(prompts)])
+        return out
+
+
+class AdapterExport(L.Callback):
+    """Keeps ``DIR/adapter.safetensors`` current: written with every checkpoint and at the end of fit."""
+
+    def __init__(self, filename: str = "adapter.safetensors"):
+        self.filename = filename
+
+    def path(self, trainer: L.Trainer) -> Path:
+        return Path(trainer.default_root_dir) / self.filename
+
+    def _write(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            out = self.path(trainer)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            pl_module.export_adapter(out)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        self._write(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        self._write(trainer, pl_module)
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Writes the resolved config to ``DIR/config.yaml`` (``--trainer.default_root_dir DIR``) and logs it
+    as the run's hyperparameters (the W&B run config)."""
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        if self.already_saved:
+            return
+        if trainer.is_global_zero:
+            out = Path(trainer.default_root_dir) / self.config_filename
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, str(out), skip_none=False, overwrite=True, multifile=False)
+            self.save_config(trainer, pl_module, stage)
+        self.already_saved = trainer.strategy.broadcast(True)
+
+    def save_config(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        for logger in trainer.loggers:
+            logger.log_hyperparams(config)

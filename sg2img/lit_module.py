@@ -1,0 +1,525 @@
+"""The Lightning module: a frozen SD1.5 base, the trainable adapter, the diffusion loss and sampling.
+
+Every base part (UNet, VAE, text and image encoders) is frozen and stays in eval mode. What trains is
+decided by one predicate, ``is_trainable(name)``: the image branch (projection and ``to_{k,v}_ip``), the
+graph branch (GNN encoder and ``to_{k,v}_sg``), or both. The same predicate selects what a Lightning
+checkpoint holds, so checkpoints are megabytes and resuming restores exactly the trained weights.
+
+All randomness of a step (latent sampling, noise, timesteps, condition dropout) comes from a generator
+seeded with ``(seed, epoch, batch index, rank)``: a resumed run draws the same numbers as an
+uninterrupted one, and the cached and uncached paths give the same loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from PIL import Image
+from torch_geometric.data import Batch
+
+from ip_adapter import IMAGE_STREAM, ImageFeatures, IPAdapterConfig
+from ip_adapter.adapter import IMAGE_PROJ, config_from_file, load_sections
+from ip_adapter.checkpoint import read_adapter_file
+
+from .adapter import SG_ENCODER, SG_STREAM, SceneGraphAdapter, SGAdapterConfig
+from .data.records import SkipLog, TrainBatch
+from .gnn import GNNConfig, TokenConfig, drop_graphs, embed_label_batch, graphs_to_label_batch
+from .graph import SceneGraph
+from .labels import LabelEmbedder
+from .models import PRESETS, get_preset, load_base, read_preset_from_folder
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ConditionDropout:
+    """Per-sample condition dropout for classifier-free guidance: one uniform draw per sample falls in
+    exactly one of the ranges [text | image | graph | all | keep]. A dropped image is the zero CLIP
+    embedding (patch tokens: the encoder's features of a zero image), dropped text the empty caption, a
+    dropped graph the empty graph."""
+
+    text: float = 0.05
+    image: float = 0.05
+    graph: float = 0.05
+    all: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ("text", "image", "graph", "all"):
+            p = getattr(self, name)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"dropout.{name} must be in [0, 1], got {p}")
+        if self.text + self.image + self.graph + self.all > 1.0 + 1e-9:
+            raise ValueError(
+                f"dropout probabilities sum to {self.text + self.image + self.graph + self.all:.3f} > 1"
+            )
+
+    def sample(self, n: int, generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+        u = torch.rand(n, generator=generator, device=device)
+        t, i, g = self.text, self.text + self.image, self.text + self.image + self.graph
+        a = g + self.all
+        every = (u >= g) & (u < a)
+        return {
+            "text": (u < t) | every,
+            "image": ((u >= t) & (u < i)) | every,
+            "graph": ((u >= i) & (u < g)) | every,
+        }
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW, one parameter group per branch. ``image_lr``/``graph_lr`` override ``lr`` per branch."""
+
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    image_lr: float | None = None
+    graph_lr: float | None = None
+    warmup_steps: int = 0  # linear warm-up, then constant (the paper's schedule is constant)
+
+
+def branch_of(name: str) -> str | None:
+    """Which adapter branch a parameter of the module belongs to: "image", "graph", or None (base)."""
+    if not name.startswith("adapter."):
+        return None
+    rest = name[len("adapter.") :]
+    if rest.startswith(f"{IMAGE_PROJ}.") or rest.endswith(
+        (f"_{IMAGE_STREAM}.weight", f"_{IMAGE_STREAM}.bias")
+    ):
+        return "image"
+    if rest.startswith(f"{SG_ENCODER}.") or rest.endswith((f"_{SG_STREAM}.weight", f"_{SG_STREAM}.bias")):
+        return "graph"
+    return None
+
+
+def diffusion_target(
+    scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet learns to predict, from the base's ``prediction_type``."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise ValueError(f"unsupported prediction_type {kind!r} in the base's scheduler config")
+
+
+class SG2ImgModule(L.LightningModule):
+    """Trains the adapter on a frozen base.
+
+    Args:
+        base: ``tiny`` (random weights, no download), a local diffusers folder, a single-file SD1.5
+            checkpoint, or a hub id.
+        image_encoder: transformers CLIP vision model (folder, ``hub_id[:subfolder]``) or
+            ``open_clip:MODEL[:PRETRAINED]``; default: the base folder's, the preset's, else IP-Adapter's.
+        single_file_config: the diffusers folder or hub id describing a single-file ``base``.
+        image_tokens: ``cls`` (4 tokens from the image embedding) or ``patch`` (16 from the Resampler).
+        injection: ``decoupled`` (own K/V per stream) or ``concat`` (appended to the text tokens).
+        image_branch / graph_branch: which branches exist.
+        train_image_branch / train_graph_branch: which existing branches train (the rest stays frozen).
+        init_adapter: an adapter file to start from: an official IP-Adapter ``.bin``/``.safetensors``
+            (loaded as the image branch) or an sg2img adapter file (every branch it has).
+        gnn / tokens: the graph encoder.
+        dropout / optimizer: see ``ConditionDropout`` and ``OptimizerConfig``.
+        base_dtype: dtype of the frozen base; ``auto`` is bfloat16 on GPU and float32 on CPU.
+        seed: seeds every random draw of training (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        base: str = "tiny",
+        image_encoder: str | None = None,
+        single_file_config: str | None = None,
+        image_tokens: Literal["cls", "patch"] = "cls",
+        num_image_tokens: int = 4,
+        injection: Literal["decoupled", "concat"] = "decoupled",
+        image_branch: bool = True,
+        graph_branch: bool = True,
+        train_image_branch: bool = True,
+        train_graph_branch: bool = True,
+        init_adapter: str | None = None,
+        gnn: GNNConfig = GNNConfig(),  # noqa: B008 (frozen dataclass)
+        tokens: TokenConfig = TokenConfig(),  # noqa: B008
+        dropout: ConditionDropout = ConditionDropout(),
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        base_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not (image_branch or graph_branch):
+            raise ValueError("at least one of image_branch and graph_branch must be on")
+        if train_image_branch and not image_branch and train_graph_branch and not graph_branch:
+            raise ValueError("nothing to train")
+        self.base, self.image_encoder_source, self.single_file_config = (
+            base,
+            image_encoder,
+            single_file_config,
+        )
+        self.image_tokens_kind, self.num_image_tokens, self.injection = (
+            image_tokens,
+            num_image_tokens,
+            injection,
+        )
+        self.has_image, self.has_graph = image_branch, graph_branch
+        self.train_image, self.train_graph = (
+            train_image_branch and image_branch,
+            train_graph_branch and graph_branch,
+        )
+        if not (self.train_image or self.train_graph):
+            raise ValueError(
+                "nothing would train: set train_image_branch or train_graph_branch on a branch that exists"
+            )
+        self.init_adapter = init_adapter
+        self.gnn_config, self.token_config = gnn, tokens
+        self.dropout, self.optim = dropout, optimizer
+        self.base_dtype, self.seed = base_dtype, seed
+        self.unet = self.vae = self.text_encoder = self.image_encoder = self.adapter = None
+        self.skips = SkipLog()
+
+    # --- building --------------------------------------------------------------------------------
+    def _frozen_dtype(self) -> torch.dtype:
+        if self.base_dtype != "auto":
+            return DTYPES[self.base_dtype]
+        on_gpu = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return torch.bfloat16 if on_gpu else torch.float32
+
+    def _resampler_overrides(self) -> dict[str, Any]:
+        if self.base in PRESETS:
+            return dict(get_preset(self.base).resampler)
+        if Path(self.base).is_dir():
+            return dict(read_preset_from_folder(self.base).resampler)
+        return {}
+
+    def configure_model(self) -> None:
+        """Load the base and build the adapter (once; Lightning calls this before fit/validate/test)."""
+        if self.unet is not None:
+            return
+        parts = load_base(
+            self.base, self.image_encoder_source, self._frozen_dtype(), self.seed, self.single_file_config
+        )
+        self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
+        self.image_encoder, self.tokenizer = parts.image_encoder, parts.tokenizer
+        self.noise_scheduler = DDPMScheduler.from_config(parts.scheduler.config)
+        self.sample_scheduler_config = parts.scheduler.config
+        spec = self.image_encoder.spec
+        image = IPAdapterConfig(
+            image_tokens=self.image_tokens_kind,
+            cross_attention_dim=self.unet.config.cross_attention_dim,
+            clip_embeddings_dim=spec.projection_dim,
+            clip_hidden_dim=spec.hidden_size,
+            num_tokens=self.num_image_tokens,
+            resampler=self._resampler_overrides(),
+        )
+        source = read_adapter_file(self.init_adapter) if self.init_adapter else None
+        if source is not None and self.has_image and IMAGE_PROJ in source.prefixes():
+            image = config_from_file(source)  # the file decides the image branch's shape
+        config = SGAdapterConfig(
+            label_dim=self.text_encoder.config.hidden_size,
+            injection=self.injection,
+            image_branch=self.has_image,
+            graph_branch=self.has_graph,
+            image=image,
+            gnn=self.gnn_config,
+            tokens=self.token_config,
+        )
+        torch.manual_seed(self.seed)  # the adapter's random init is part of the run's seed
+        self.adapter = SceneGraphAdapter(self.unet, config)
+        if source is not None:
+            self._load_init_adapter(source)
+        self.adapter.attach(self.unet)
+        self.labels = LabelEmbedder(self.text_encoder, self.tokenizer)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for _, p in self.trainable_parameters():
+            p.requires_grad_(True)
+        self.train(self.training)
+
+    def _load_init_adapter(self, f) -> None:
+        own = self.adapter.adapter_state_dict()
+        present = {k.split(".", 1)[0] for k in f.tensors}
+        wanted = [s for s in {k.split(".", 1)[0] for k in own} if s in present]
+        if not wanted:
+            raise ValueError(
+                f"{f.path}: has none of this adapter's sections ({sorted({k.split('.', 1)[0] for k in own})})"
+            )
+        load_sections(own, f.tensors, tuple(wanted), str(f.path))
+        log.info("init_adapter %s: loaded %s", f.path, ", ".join(sorted(wanted)))
+
+    # --- what trains and what is saved ----------------------------------------------------------
+    def is_trainable(self, name: str) -> bool:
+        """The one predicate: a parameter trains, and is checkpointed, iff this is True."""
+        branch = branch_of(name)
+        return (branch == "image" and self.train_image) or (branch == "graph" and self.train_graph)
+
+    def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """(name, parameter) pairs the predicate accepts. The attention processors are reachable both
+        under ``unet.`` and ``adapter.``; duplicates are not removed by name, so the ``adapter.`` name
+        is always the one judged."""
+        return [(n, p) for n, p in self.named_parameters(remove_duplicate=False) if self.is_trainable(n)]
+
+    def trainable_names(self) -> list[str]:
+        return [n for n, _ in self.trainable_parameters()]
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        full = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        return type(full)((k, v) for k, v in full.items() if self.is_trainable(k[len(prefix) :]))
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        self.configure_model()
+        expected, given = set(self.trainable_names()), set(state_dict)
+        if strict and expected != given:
+            missing, unexpected = sorted(expected - given), sorted(given - expected)
+            raise RuntimeError(
+                "checkpoint does not hold this module's trainable weights: "
+                f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+            )
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    def train(self, mode: bool = True) -> SG2ImgModule:
+        """Only the adapter follows ``mode``: the frozen base stays in eval mode (no dropout, fixed norms)."""
+        super().train(mode)
+        for m in (self.unet, self.vae, self.text_encoder, self.image_encoder):
+            if m is not None:
+                m.eval()
+        if self.adapter is not None:
+            self.adapter.train(mode)
+            if self.adapter.image_proj is not None and not self.train_image:
+                self.adapter.image_proj.eval()
+            if self.adapter.sg_encoder is not None and not self.train_graph:
+                self.adapter.sg_encoder.eval()
+        return self
+
+    # --- conditioning ---------------------------------------------------------------------------
+    def data_requirements(self) -> dict[str, int]:
+        """What the data pipeline must produce for this base."""
+        self.configure_model()
+        return {
+            "resolution": int(self.vae.config.sample_size),
+            "clip_size": int(self.image_encoder.spec.image_size),
+        }
+
+    def step_generator(self, *key: int) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        h = self.seed
+        for k in key:
+            h = (h * 1_000_003 + int(k) + 1) % (2**63 - 1)
+        return g.manual_seed(h)
+
+    @torch.no_grad()
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids=input_ids.to(self.device))[0]
+
+    @torch.no_grad()
+    def empty_text(self) -> torch.Tensor:
+        if getattr(self, "_empty_text", None) is None or self._empty_text.device != self.device:
+            ids = self.tokenizer(
+                "", padding="max_length", max_length=self.tokenizer.model_max_length, return_tensors="pt"
+            ).input_ids
+            self._empty_text = self.encode_text(ids)
+        return self._empty_text  # (1, 77, C)
+
+    @torch.no_grad()
+    def negative_image(self) -> ImageFeatures:
+        if getattr(self, "_negative", None) is None or self._negative.embeds.device != self.device:
+            self._negative = self.image_encoder.negative_features(1)
+        return self._negative
+
+    @torch.no_grad()
+    def encode_batch(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        """The frozen encoders' outputs for a raw batch: what ``sg2img cache`` stores."""
+        out = {
+            "latent_dist": self.vae.encode(batch.pixels.to(self.vae.dtype)).latent_dist.parameters,
+            "text_embeds": self.encode_text(batch.input_ids),
+        }
+        feats = self.image_encoder(batch.clip_pixels)
+        out["image_embeds"], out["patch_tokens"] = feats.embeds, feats.patch_tokens
+        return out
+
+    def _latents(self, batch: TrainBatch, generator: torch.Generator) -> torch.Tensor:
+        with torch.no_grad():
+            params = batch.latent_dist
+            if params is None:
+                params = self.vae.encode(batch.pixels.to(self.vae.dtype)).latent_dist.parameters
+            dist = DiagonalGaussianDistribution(params.to(self.device, self.vae.dtype))
+            return dist.sample(generator=generator) * self.vae.config.scaling_factor
+
+    def _image_features(self, batch: TrainBatch, drop: torch.Tensor) -> ImageFeatures:
+        with torch.no_grad():
+            if batch.image_embeds is not None:
+                patch = batch.patch_tokens
+                if patch is None and self.image_tokens_kind == "patch":
+                    raise ValueError(
+                        "the cache holds no patch tokens; rebuild it with patch tokens for image_tokens: patch"
+                    )
+                feats = ImageFeatures(batch.image_embeds, patch if patch is not None else batch.image_embeds)
+            else:
+                feats = self.image_encoder(batch.clip_pixels)
+            if bool(drop.any()):
+                neg = self.negative_image()
+                keep = ~drop
+                embeds = torch.where(keep[:, None], feats.embeds, neg.embeds.to(feats.embeds.dtype))
+                patch = feats.patch_tokens
+                if self.image_tokens_kind == "patch":
+                    patch = torch.where(keep[:, None, None], patch, neg.patch_tokens.to(patch.dtype))
+                feats = ImageFeatures(embeds, patch)
+            return feats
+
+    def embed_graphs(self, graphs: Batch, labels: Sequence[str]) -> Batch:
+        return embed_label_batch(graphs.to(self.device), labels, self.labels)
+
+    def condition(self, batch: TrainBatch, drops: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The UNet's conditioning kwargs for a batch, after condition dropout."""
+        text = batch.text_embeds if batch.text_embeds is not None else self.encode_text(batch.input_ids)
+        text = text.to(self.device)
+        if bool(drops["text"].any()):
+            text = torch.where(drops["text"][:, None, None], self.empty_text().to(text.dtype), text)
+        feats = self._image_features(batch, drops["image"]) if self.has_image else None
+        graphs = None
+        if self.has_graph:
+            graphs = self.embed_graphs(
+                drop_graphs(batch.graphs.to(self.device), drops["graph"]), batch.labels
+            )
+        return self.adapter.unet_kwargs(text, feats, graphs)
+
+    # --- the loss -------------------------------------------------------------------------------
+    def diffusion_loss(self, batch: TrainBatch, generator: torch.Generator) -> torch.Tensor:
+        latents = self._latents(batch, generator)
+        n = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator, device=self.device, dtype=latents.dtype)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (n,), generator=generator, device=self.device)
+        drops = self.dropout.sample(n, generator, self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        target = diffusion_target(self.noise_scheduler, latents, noise, t)
+        pred = self.unet(noisy, t, **self.condition(batch, drops)).sample
+        return F.mse_loss(pred.float(), target.float())
+
+    def _step(self, batch: TrainBatch, batch_idx: int, stage: str) -> torch.Tensor | None:
+        if batch.skipped:
+            self.skips.add(batch.skipped)
+            self.log(f"{stage}/skipped_rows", float(self.skips.total), batch_size=max(batch.batch_size, 1))
+        if batch.batch_size == 0:
+            return None
+        if stage == "train":
+            g = self.step_generator(self.current_epoch, batch_idx, self.global_rank)
+        else:  # fixed noise for evaluation: comparable across the run
+            g = self.step_generator(10**6 + batch_idx, self.global_rank)
+        loss = self.diffusion_loss(batch, g)
+        self.log(
+            f"{stage}/loss", loss, prog_bar=True, batch_size=batch.batch_size, sync_dist=stage != "train"
+        )
+        return loss
+
+    def training_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor | None:
+        return self._step(batch, batch_idx, "train")
+
+    def validation_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor | None:
+        return self._step(batch, batch_idx, "val")
+
+    def test_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor | None:
+        return self._step(batch, batch_idx, "test")
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.stack(grads).norm(), batch_size=1)
+
+    def on_fit_end(self) -> None:
+        if self.skips.total:
+            log.warning("rank %d: %s", self.global_rank, self.skips.summary())
+        elif self.global_rank == 0:
+            log.info(self.skips.summary())
+
+    # --- optimiser ------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.optim
+        groups = []
+        for branch, lr in (("image", o.image_lr), ("graph", o.graph_lr)):
+            params = [p for n, p in self.trainable_parameters() if branch_of(n) == branch]
+            if params:
+                groups.append({"params": params, "lr": lr if lr is not None else o.lr, "name": branch})
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        if not o.warmup_steps:
+            return optimizer
+        warmup = max(1, o.warmup_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # --- sampling -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        graphs: Sequence[SceneGraph] | None = None,
+        prompts: Sequence[str] | None = None,
+        images: Sequence[Image.Image] | None = None,
+        steps: int = 50,
+        guidance: float = 7.5,
+        seed: int = 0,
+        size: int | None = None,
+    ) -> list[Image.Image]:
+        """Classifier-free-guided DDIM samples; the unconditional side is empty text, the negative image
+        and the empty graph. One image per entry of ``graphs``/``prompts``/``images``."""
+        from .sampling import sample_images
+
+        self.configure_model()
+        n = max(len(x) for x in (graphs or [], prompts or [], images or [])) or 1
+        prompts = list(prompts) if prompts is not None else [""] * n
+        ids = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids  # fmt: skip
+        text = self.encode_text(ids)
+        feats = neg = None
+        if self.has_image:
+            neg = self.negative_image()
+            neg = ImageFeatures(neg.embeds.expand(n, -1), neg.patch_tokens.expand(n, -1, -1))
+            feats = self.image_encoder.encode_images(list(images)) if images else neg
+        g_cond = g_uncond = None
+        if self.has_graph:
+            label_batch, labels = graphs_to_label_batch(list(graphs) if graphs else [SceneGraph()] * n)
+            g_cond = self.embed_graphs(label_batch, labels)
+            empty, no_labels = graphs_to_label_batch([SceneGraph()] * n)
+            g_uncond = self.embed_graphs(empty, no_labels)
+        cond = self.adapter.unet_kwargs(text, feats, g_cond)
+        uncond = self.adapter.unet_kwargs(self.empty_text().expand(n, -1, -1), neg, g_uncond)
+        scheduler = DDIMScheduler.from_config(self.sample_scheduler_config)
+        return sample_images(
+            self.unet,
+            self.vae,
+            scheduler,
+            cond,
+            uncond,
+            n,
+            steps,
+            guidance,
+            seed,
+            size or self.vae.config.sample_size,
+        )
+
+    # --- the adapter file -----------------------------------------------------------------------
+    def export_adapter(self, path: str | Path) -> Path:
+        """The whole adapter (frozen branches included) as one file in the adapter-file format."""
+        self.configure_model()
+        return self.adapter.save(path)
+
+    def with_dropout(self, **probabilities: float) -> SG2ImgModule:
+        self.dropout = replace(self.dropout, **probabilities)
+        return self
+
+
+__all__ = ["ConditionDropout", "OptimizerConfig", "SG2ImgModule", "branch_of", "diffusion_target"]

@@ -1,0 +1,99 @@
+"""``sg2img fit|validate|test``: LightningCLI over ``SG2ImgModule`` and ``SG2ImgDataModule``.
+
+Config files compose in order (``--config base.yaml --config experiment.yaml``), then command-line
+flags. The defaults fill in what a user would otherwise repeat:
+
+- the logger is W&B (``WandbLogger``) saving under ``--trainer.default_root_dir``; it runs offline when no
+  API key is configured, and honours ``WANDB_MODE``;
+- precision is ``bf16-mixed`` on GPU and ``32-true`` on CPU;
+- ``ModelCheckpoint`` callbacks without a ``dirpath`` write to ``DIR/checkpoints``;
+- ``DIR/config.yaml`` is the resolved config and ``DIR/adapter.safetensors`` the latest adapter.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningCLI
+
+from .callbacks import SaveRunConfig
+from .data.datamodule import SG2ImgDataModule
+from .lit_module import SG2ImgModule
+
+SUBCOMMANDS = ("fit", "validate", "test")
+
+
+def wandb_offline() -> bool:
+    """Offline unless W&B can authenticate; ``WANDB_MODE`` decides when set."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode in ("offline", "dryrun", "disabled")
+    if os.environ.get("WANDB_API_KEY"):
+        return False
+    try:
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+        return netrc.netrc().authenticators(host) is None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return True
+
+
+class SG2ImgCLI(LightningCLI):
+    def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any):
+        super().__init__(
+            SG2ImgModule,
+            SG2ImgDataModule,
+            save_config_callback=SaveRunConfig,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"default_env": False},
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def before_instantiate_classes(self) -> None:
+        """Resolve the defaults in the config itself, so ``DIR/config.yaml`` records what really ran."""
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        t = cfg.trainer
+        root = Path(t.default_root_dir or "runs/default")
+        t.default_root_dir = str(root)
+        if t.logger is None or t.logger is True:
+            t.logger = Namespace(
+                class_path="lightning.pytorch.loggers.WandbLogger",
+                init_args=Namespace(
+                    project=os.environ.get("WANDB_PROJECT", "sg2img"),
+                    name=root.name,
+                    save_dir=str(root),
+                    offline=wandb_offline(),
+                ),
+            )
+        if t.precision is None:
+            t.precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+        callbacks = t.callbacks if isinstance(t.callbacks, list) else [t.callbacks] if t.callbacks else []
+        for c in callbacks:
+            if c.class_path.endswith("ModelCheckpoint") and c.init_args.get("dirpath") is None:
+                c.init_args.dirpath = str(root / "checkpoints")
+        if not any(c.class_path.endswith("AdapterExport") for c in callbacks):
+            callbacks.append(Namespace(class_path="sg2img.callbacks.AdapterExport", init_args=Namespace()))
+        t.callbacks = callbacks
+
+
+# Lightning notices that are expected here: the frozen base is in eval mode on purpose, a run may have no
+# validation data, and throughput is reported in samples, not FLOPs.
+EXPECTED_WARNINGS = (
+    r"Found \d+ module\(s\) in eval mode",
+    r"Total length of .* across ranks is zero",
+    r"When using the `ThroughputMonitor`, you need to define a `flops_per_batch`",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+
+
+def cli_main(args: list[str] | None = None) -> SG2ImgCLI:
+    for pattern in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    return SG2ImgCLI(args=args)
