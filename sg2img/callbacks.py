@@ -26,7 +26,8 @@ def _batch_size(batch: Any) -> int:
 
 class SamplesPerSecond(ThroughputMonitor):
     """Lightning's ``ThroughputMonitor`` reading the batch size of a ``TrainBatch``: logs
-    ``train/samples_per_sec`` (and per device) averaged over the last ``window_size`` steps."""
+    ``train/device/samples_per_sec`` (and ``train/samples_per_sec`` over all processes when there are
+    several), averaged over the last ``window_size`` steps."""
 
     def __init__(self, window_size: int = 20):
         super().__init__(batch_size_fn=_batch_size, window_size=window_size)

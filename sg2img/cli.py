@@ -67,6 +67,36 @@ def _cmd_check_graph(args: argparse.Namespace) -> int:
     return status
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data.cache import write_cache
+    from .training_cli import SG2ImgCLI
+
+    argv = [a for c in args.config for a in ("--config", str(c))] + list(args.set or [])
+    cli = SG2ImgCLI(args=argv, run=False)
+    module, data = cli.model, cli.datamodule
+    source = data.sources[args.split]
+    if source is None:
+        raise ValueError(f"the config has no data.{args.split} source to cache")
+    if torch.cuda.is_available():
+        module.to("cuda")
+    index = write_cache(
+        module,
+        source,
+        args.out,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        shard_size=args.shard_size,
+        dtype=args.dtype,
+    )
+    print(
+        f"cached {index['rows']} rows in {len(index['shards'])} shards to {args.out} "
+        f"({index['skipped']} rows skipped); train from it with data.train: sg2img.data.CachedRows"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sg2img", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--draw", type=Path, default=None, metavar="DIR", help="also write a PNG drawing of each graph"
     )
     p.set_defaults(func=_cmd_check_graph)
+
+    p = sub.add_parser(
+        "cache", help="run the frozen encoders once over a config's data and store the results in shards"
+    )
+    p.add_argument("--config", action="append", required=True, type=Path, help="as for fit; repeatable")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--split", choices=("train", "val", "test"), default="train")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--shard-size", type=int, default=1024)
+    p.add_argument(
+        "--set", nargs="*", metavar="FLAG", help="extra config flags, e.g. --set --model.base=tiny"
+    )
+    p.set_defaults(func=_cmd_cache)
 
     p = sub.add_parser("demo", help="end-to-end run on the tiny preset (no downloads)")
     p.add_argument("--out", type=Path, default=Path("build/demo"))

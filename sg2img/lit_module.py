@@ -13,6 +13,8 @@ uninterrupted one, and the cached and uncached paths give the same loss.
 from __future__ import annotations
 
 import logging
+import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -282,11 +284,23 @@ class SG2ImgModule(L.LightningModule):
         self.configure_model()
         expected, given = set(self.trainable_names()), set(state_dict)
         if strict and expected != given:
-            missing, unexpected = sorted(expected - given), sorted(given - expected)
+
+            def describe(keys: set[str]) -> str:
+                groups = Counter(
+                    re.sub(r"\.\d+\.", ".*.", k.rsplit(".", 1)[0])
+                    if ".attention." in k
+                    else ".".join(k.split(".")[:2])
+                    for k in keys
+                )
+                return (
+                    f"{len(keys)} ({', '.join(f'{g}: {n}' for g, n in sorted(groups.items()))})"
+                    if keys
+                    else "none"
+                )
+
             raise RuntimeError(
-                "checkpoint does not hold this module's trainable weights: "
-                f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+                "the checkpoint does not hold this module's trainable weights (was it saved with another "
+                f"branch setting?): missing {describe(expected - given)}; unexpected {describe(given - expected)}"
             )
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 

@@ -44,7 +44,10 @@ def wandb_offline() -> bool:
 
 
 class SG2ImgCLI(LightningCLI):
-    def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any):
+    def __init__(
+        self, args: list[str] | None = None, run: bool = True, instantiate: bool = True, **kwargs: Any
+    ):
+        self._instantiate = instantiate  # False: parse and resolve only (checks configs without building)
         super().__init__(
             SG2ImgModule,
             SG2ImgDataModule,
@@ -55,6 +58,10 @@ class SG2ImgCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    def instantiate_classes(self) -> None:
+        if self._instantiate:
+            super().instantiate_classes()
 
     def before_instantiate_classes(self) -> None:
         """Resolve the defaults in the config itself, so ``DIR/config.yaml`` records what really ran."""
@@ -96,4 +103,10 @@ EXPECTED_WARNINGS = (
 def cli_main(args: list[str] | None = None) -> SG2ImgCLI:
     for pattern in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
-    return SG2ImgCLI(args=args)
+    try:
+        return SG2ImgCLI(args=args)
+    finally:
+        import wandb
+
+        if wandb.run is not None:  # flush and close the run now, not at interpreter exit
+            wandb.finish()

@@ -83,9 +83,8 @@ def write_visual_genome(root: Path) -> Path:
             {"object_id": 10 * image_id + k, "x": 5 + 30 * k, "y": 10, "w": size, "h": size, "names": [name]}
             for k, name in enumerate(["Dog", "frisbee", "tree"])
         ]
-        objs.append(
-            {"object_id": 10 * image_id + 9, "x": 0, "y": 0, "w": 50, "h": 50, "names": ["rare thing"]}
-        )
+        if image_id == 1:  # a single instance: below any vocabulary threshold above 1
+            objs.append({"object_id": 19, "x": 0, "y": 0, "w": 50, "h": 50, "names": ["rare thing"]})
         objects.append({"image_id": image_id, "objects": objs})
         rels.append({"image_id": image_id, "relationships": [
             {"relationship_id": 1, "predicate": "Catches", "subject": {"object_id": 10 * image_id}, "object": {"object_id": 10 * image_id + 1}},
@@ -94,7 +93,12 @@ def write_visual_genome(root: Path) -> Path:
         attrs.append(
             {
                 "image_id": image_id,
-                "attributes": [{"object_id": 10 * image_id, "attributes": ["Brown", "small"]}],
+                "attributes": [
+                    {
+                        "object_id": 10 * image_id,
+                        "attributes": ["Brown", "small"] if image_id == 1 else ["brown"],
+                    }
+                ],
             }
         )
         if image_id != 2:

@@ -126,16 +126,23 @@ class CachedRows(Dataset):
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        index_path = self.root / INDEX
-        if not index_path.is_file():
-            raise FileNotFoundError(f"{index_path}: not an encoder cache (write one with `sg2img cache`)")
-        self.index = json.loads(index_path.read_text())
-        if self.index.get("format") != FORMAT:
-            raise ValueError(f"{index_path}: cache format {self.index.get('format')!r}, expected {FORMAT}")
-        self.starts = [0]
-        for n in self.index["shards"]:
-            self.starts.append(self.starts[-1] + n)
+        self._index: dict[str, Any] | None = None  # read on first use: configs can name a cache to come
         self._meta: dict[int, list[dict[str, Any]]] = {}
+
+    @property
+    def index(self) -> dict[str, Any]:
+        if self._index is None:
+            path = self.root / INDEX
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: not an encoder cache (write one with `sg2img cache`)")
+            index = json.loads(path.read_text())
+            if index.get("format") != FORMAT:
+                raise ValueError(f"{path}: cache format {index.get('format')!r}, expected {FORMAT}")
+            self.starts = [0]
+            for n in index["shards"]:
+                self.starts.append(self.starts[-1] + n)
+            self._index = index
+        return self._index
 
     def __len__(self) -> int:
         return self.index["rows"]

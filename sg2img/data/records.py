@@ -129,6 +129,8 @@ def collate(rows: list[dict[str, Any] | Skipped]) -> TrainBatch:
     """Rows (dicts from ``Preprocess`` or a cache) and ``Skipped`` markers -> one ``TrainBatch``."""
     good = [r for r in rows if not isinstance(r, Skipped)]
     bad = [r for r in rows if isinstance(r, Skipped)]
+    if not good:  # every row was skipped: an empty batch the trainer counts and passes over
+        return TrainBatch(keys=[], captions=[], graphs=Batch(), labels=[], skipped=bad)
     graphs, labels = graphs_to_label_batch([r["graph"] for r in good])
     tensors = {
         name: torch.stack([r[name] for r in good]) if good and name in good[0] else None

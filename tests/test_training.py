@@ -1,0 +1,238 @@
+"""Training on the tiny preset: what trains, what is saved, the loss, resume, cache, CLI, W&B, configs."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from datafiles import write_manifest
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from ip_adapter import IPAdapter
+from sg2img.adapter import SceneGraphAdapter
+from sg2img.data import CachedRows, JsonlManifest, SG2ImgDataModule, collate, write_cache
+from sg2img.gnn import GNNConfig
+from sg2img.lit_module import ConditionDropout, OptimizerConfig, SG2ImgModule, branch_of, diffusion_target
+from sg2img.models import save_tiny_model
+
+SMALL_GNN = GNNConfig(layer="triplet", num_layers=1, hidden_dim=16, mlp_dim=32)
+NO_DROPOUT = ConditionDropout(0.0, 0.0, 0.0, 0.0)
+
+
+def make_module(**kw) -> SG2ImgModule:
+    kw.setdefault("gnn", SMALL_GNN)
+    m = SG2ImgModule(**kw)
+    m.configure_model()
+    return m
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    return write_manifest(tmp_path_factory.mktemp("data"), n=8)
+
+
+def data_module(manifest: Path, batch_size: int = 4) -> SG2ImgDataModule:
+    return SG2ImgDataModule(train=JsonlManifest(manifest), batch_size=batch_size, num_workers=0)
+
+
+def trainer(root: Path, **kw) -> L.Trainer:
+    defaults = dict(
+        default_root_dir=root, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, max_steps=2,
+    )  # fmt: skip
+    return L.Trainer(**{**defaults, **kw})
+
+
+def first_batch(module: SG2ImgModule, manifest: Path):
+    dm = data_module(manifest)
+    need = module.data_requirements()
+    dm.resolution, dm.clip_size, dm.shuffle = need["resolution"], need["clip_size"], False
+    return next(iter(dm.train_dataloader()))
+
+
+def adapter_params(m: SG2ImgModule) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.adapter.adapter_state_dict().items()}
+
+
+# --- what trains ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "setting",
+    [
+        dict(image_branch=True, graph_branch=True),
+        dict(image_branch=True, graph_branch=False),
+        dict(image_branch=False, graph_branch=True),
+        dict(injection="concat"),
+        dict(image_tokens="patch", graph_branch=False),
+    ],
+    ids=["both", "image", "graph", "concat", "patch"],
+)
+def test_few_step_fit_changes_exactly_the_trainable_weights(setting, manifest, tmp_path):
+    m = make_module(**setting)
+    before_base = {k: v.clone() for k, v in m.unet.state_dict().items() if "processor" not in k}
+    before = adapter_params(m)
+    trainer(tmp_path, max_steps=2).fit(m, datamodule=data_module(manifest))
+    after = adapter_params(m)
+    assert before.keys() == after.keys() and before
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    trainable = {k.split(".", 1)[0] for k in changed}
+    expected = set()
+    if setting.get("image_branch", True):
+        expected |= {"image_proj", "ip_adapter"}
+    if setting.get("graph_branch", True):
+        expected |= {"sg_encoder", "sg_adapter"}
+    if setting.get("injection") == "concat":
+        expected -= {"ip_adapter", "sg_adapter"}
+    assert trainable == expected
+    assert all(torch.equal(v, m.unet.state_dict()[k]) for k, v in before_base.items())  # base untouched
+    assert not m.unet.training and not m.vae.training and not m.text_encoder.training
+    ours = {id(p) for p in m.adapter.parameters()}  # processors are reachable from the UNet too
+    assert not any(p.requires_grad for p in m.parameters() if id(p) not in ours)
+
+
+def test_one_predicate_selects_trainable_and_saved(manifest, tmp_path):
+    m = make_module(train_image_branch=False)
+    names = set(m.trainable_names())
+    assert names and all(branch_of(n) == "graph" for n in names)
+    assert names == {
+        n
+        for n, p in m.named_parameters(remove_duplicate=False)
+        if p.requires_grad and n.startswith("adapter.")
+    }
+    assert set(m.state_dict()) == names
+    assert all(
+        p.requires_grad == (n in names)
+        for n, p in m.named_parameters(remove_duplicate=False)
+        if n.startswith("adapter.")
+    )
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path, max_steps=1, enable_checkpointing=True, callbacks=[ckpt]).fit(
+        m, datamodule=data_module(manifest)
+    )
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert set(saved["state_dict"]) == names
+    assert "optimizer_states" in saved and saved["global_step"] == 1
+    size = (tmp_path / "ckpt" / "last.ckpt").stat().st_size
+    base_bytes = sum(p.numel() * 4 for n, p in m.named_parameters() if not n.startswith("adapter."))
+    assert size < base_bytes / 10  # adapter + optimizer state only, never the frozen base
+
+
+def test_loading_a_checkpoint_of_another_setting_names_the_keys():
+    m = make_module()
+    other = make_module(graph_branch=False).state_dict()
+    with pytest.raises(RuntimeError, match=r"missing .*sg_encoder"):
+        m.load_state_dict(other)
+
+
+def test_official_ip_adapter_as_frozen_image_branch(manifest, tmp_path, tiny):
+    official = IPAdapter(tiny.unet, make_module(graph_branch=False).adapter.config.image)
+    torch.nn.init.normal_(official.image_proj.proj.weight)
+    path = tmp_path / "ip-adapter_sd15.bin"
+    torch.save(official.official_state_dict(), path)
+    m = make_module(init_adapter=str(path), train_image_branch=False)
+    loaded = adapter_params(m)
+    assert torch.equal(loaded["image_proj.proj.weight"], official.image_proj.proj.weight)
+    trainer(tmp_path, max_steps=2).fit(m, datamodule=data_module(manifest))
+    after = adapter_params(m)
+    image = [k for k in loaded if k.startswith(("image_proj.", "ip_adapter."))]
+    assert image and all(torch.equal(loaded[k], after[k]) for k in image)
+    assert any(not torch.equal(loaded[k], after[k]) for k in loaded if k.startswith("sg_"))
+    out = m.export_adapter(tmp_path / "adapter.safetensors")  # the frozen branch is part of the file
+    again = SceneGraphAdapter.from_file(out, copy.deepcopy(tiny.unet))
+    assert torch.equal(again.image_proj.proj.weight, official.image_proj.proj.weight)
+
+
+def test_nothing_to_train_is_refused():
+    with pytest.raises(ValueError, match="nothing would train"):
+        SG2ImgModule(graph_branch=False, train_image_branch=False)
+
+
+# --- the loss ------------------------------------------------------------------------------------
+def test_condition_dropout_ranges():
+    d = ConditionDropout(text=0.1, image=0.2, graph=0.3, all=0.1)
+    drops = d.sample(20000, torch.Generator().manual_seed(0), torch.device("cpu"))
+    t, i, g = (drops[k].float() for k in ("text", "image", "graph"))
+    every = (t * i * g).mean().item()
+    assert every == pytest.approx(0.1, abs=0.01)
+    assert (t.mean() - every).item() == pytest.approx(0.1, abs=0.01)
+    assert (i.mean() - every).item() == pytest.approx(0.2, abs=0.01)
+    assert ((t * i).mean().item() - every) == 0.0  # one draw per sample: ranges never overlap otherwise
+    with pytest.raises(ValueError, match="sum to"):
+        ConditionDropout(0.5, 0.5, 0.5, 0.0)
+    with pytest.raises(ValueError, match=r"dropout.text"):
+        ConditionDropout(text=-0.1)
+
+
+def test_dropped_conditions_equal_their_null_inputs(manifest):
+    m = make_module(dropout=NO_DROPOUT)
+    batch = first_batch(m, manifest)
+    n = batch.batch_size
+    everything = {k: torch.ones(n, dtype=torch.bool) for k in ("text", "image", "graph")}
+    dropped = m.condition(batch, everything)
+    streams = dropped["cross_attention_kwargs"]["streams"]
+    assert torch.equal(dropped["encoder_hidden_states"], m.empty_text().expand(n, -1, -1))
+    zero_tokens = m.adapter.image_proj(torch.zeros(n, m.image_encoder.spec.projection_dim))
+    assert torch.allclose(streams["ip"].tokens, zero_tokens)  # proj(zeros), not zeros
+    assert not streams["sg"].mask.any()  # the empty graph contributes nothing
+
+
+def test_v_prediction_base_trains_on_velocity(tmp_path):
+    folder = save_tiny_model(tmp_path / "tiny")
+    cfg = folder / "scheduler" / "scheduler_config.json"
+    cfg.write_text(cfg.read_text().replace('"epsilon"', '"v_prediction"'))
+    m = make_module(base=str(folder))
+    assert m.noise_scheduler.config.prediction_type == "v_prediction"
+    x, noise, t = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4), torch.tensor([10, 900])
+    v = diffusion_target(m.noise_scheduler, x, noise, t)
+    assert torch.allclose(v, m.noise_scheduler.get_velocity(x, noise, t)) and not torch.allclose(v, noise)
+
+
+def test_tiny_overfit_loss_falls(manifest, tmp_path):
+    m = make_module(dropout=NO_DROPOUT, optimizer=OptimizerConfig(lr=3e-3, weight_decay=0.0))
+    batch = first_batch(m, manifest)
+    probe = [m.step_generator(99, k) for k in range(4)]
+
+    def fixed_loss() -> float:
+        with torch.no_grad():
+            return sum(m.diffusion_loss(batch, copy.deepcopy(g)).item() for g in probe) / len(probe)
+
+    start = fixed_loss()
+    trainer(tmp_path, max_steps=40).fit(m, datamodule=data_module(manifest, batch_size=4))
+    assert fixed_loss() < 0.8 * start
+
+
+# --- resume and cache ----------------------------------------------------------------------------
+def test_resume_matches_an_uninterrupted_run(manifest, tmp_path):
+    straight = make_module()
+    trainer(tmp_path / "a", max_epochs=2, max_steps=-1).fit(straight, datamodule=data_module(manifest))
+
+    first = make_module()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
+    trainer(tmp_path / "b", max_epochs=1, max_steps=-1, enable_checkpointing=True, callbacks=[ckpt]).fit(
+        first, datamodule=data_module(manifest)
+    )
+    resumed = make_module()
+    trainer(tmp_path / "c", max_epochs=2, max_steps=-1).fit(
+        resumed, datamodule=data_module(manifest), ckpt_path=tmp_path / "b" / "last.ckpt", weights_only=True
+    )
+    a, b = adapter_params(straight), adapter_params(resumed)
+    assert any(not torch.equal(a[k], adapter_params(first)[k]) for k in a)  # epoch 2 did change weights
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cached_path_gives_the_same_loss(manifest, tmp_path):
+    m = make_module(image_tokens="patch")
+    write_cache(m, JsonlManifest(manifest), tmp_path / "cache", batch_size=3, shard_size=5, dtype="float32")
+    cached = CachedRows(tmp_path / "cache")
+    assert len(cached) == 8 and cached.index["shards"] == [6, 2]  # whole batches per shard
+    raw = first_batch(m, manifest)
+    from_cache = collate([cached[i] for i in range(raw.batch_size)])
+    assert from_cache.keys == raw.keys and from_cache.labels == raw.labels
+    assert from_cache.pixels is None and from_cache.latent_dist is not None
+    m.dropout = ConditionDropout(0.25, 0.25, 0.25, 0.25)  # every null path is exercised
+    for seed in range(3):
+        a = m.diffusion_loss(raw, m.step_generator(seed))
+        b = m.diffusion_loss(from_cache, m.step_generator(seed))
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (seed, a.item(), b.item())

@@ -1,0 +1,158 @@
+"""`sg2img fit` end to end on the tiny preset: run files, W&B offline records, configs, DDP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from datafiles import write_manifest
+
+from sg2img.adapter import SceneGraphAdapter
+from sg2img.cli import main
+from sg2img.models import build_components
+from sg2img.training_cli import SG2ImgCLI, wandb_offline
+from sg2img.wandb_runs import offline_runs, read_offline_run
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+BASE = [str(ROOT / "configs" / "base.yaml"), str(ROOT / "configs" / "model" / "tiny.yaml")]
+
+
+def data_config(tmp_path: Path, bad_rows: bool = False) -> Path:
+    manifest = write_manifest(tmp_path / "data", n=6, bad_rows=bad_rows)
+    cfg = tmp_path / "data.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "data": {
+                    "train": {
+                        "class_path": "sg2img.data.JsonlManifest",
+                        "init_args": {"manifest": str(manifest)},
+                    }
+                }
+            }
+        )
+    )
+    return cfg
+
+
+def fit_args(tmp_path: Path, root: Path, *extra: str) -> list[str]:
+    return ["fit", *(a for c in [*BASE, str(data_config(tmp_path, bad_rows=True))] for a in ("--config", c)),
+            "--trainer.default_root_dir", str(root), "--trainer.log_every_n_steps", "1",
+            "--trainer.enable_progress_bar", "false", *extra]  # fmt: skip
+
+
+def test_fit_leaves_config_adapter_checkpoint_and_wandb_run(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    root = tmp_path / "run"
+    args = fit_args(tmp_path, root, "--trainer.max_steps", "4",
+                    "--trainer.callbacks+=sg2img.callbacks.SampleGrid", "--trainer.callbacks.every_n_steps", "2",
+                    "--trainer.callbacks.steps", "2", "--trainer.callbacks.panel", "64",
+                    "--trainer.callbacks+=sg2img.callbacks.SamplesPerSecond", "--trainer.callbacks.window_size", "2")  # fmt: skip
+    assert main(args) == 0
+
+    config = yaml.safe_load((root / "config.yaml").read_text())
+    assert config["model"]["base"] == "tiny" and config["trainer"]["precision"] == "32-true"
+    assert config["trainer"]["logger"]["class_path"].endswith("WandbLogger")
+
+    adapter = SceneGraphAdapter.from_file(root / "adapter.safetensors", build_components("tiny").unet)
+    assert adapter.config.graph_branch and adapter.config.gnn.num_layers == 2
+
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4 and all(k.startswith("adapter.") for k in ckpt["state_dict"])
+
+    (run,) = offline_runs(root)
+    logged = read_offline_run(run)
+    keys = set().union(*logged["history"])
+    for key in (
+        "train/loss",
+        "train/grad_norm",
+        "lr-AdamW/image",
+        "lr-AdamW/graph",
+        "train/device/samples_per_sec",
+        "train/skipped_rows",
+    ):
+        assert key in keys, key
+    losses = [row["train/loss"] for row in logged["history"] if "train/loss" in row]
+    assert len(losses) == 4 and all(0 < v < 10 for v in losses)
+    assert max(row.get("train/skipped_rows", 0) for row in logged["history"]) == 3
+    images = [row for row in logged["history"] if "samples/filenames" in row]
+    assert [row["trainer/global_step"] for row in images] == [2, 4]
+    assert all((run / "files" / f).is_file() for row in images for f in row["samples/filenames"])
+    model_config = logged["config"]["model"]
+    assert model_config.get("value", model_config)["base"] == "tiny"  # the resolved config, in the run
+    assert sorted(p.name for p in (root / "samples").iterdir()) == ["step-0000002.png", "step-0000004.png"]
+    assert "skipped rows: 3" in caplog.text and "not valid JSON" in caplog.text  # the end-of-run summary
+
+
+def test_cache_command_then_fit_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    data = data_config(tmp_path)
+    configs = [a for c in [*BASE, str(data)] for a in ("--config", c)]
+    assert main(["cache", *configs, "--out", str(tmp_path / "cache"), "--dtype", "float32"]) == 0
+    cached = tmp_path / "cached.yaml"
+    cached.write_text(
+        yaml.safe_dump(
+            {
+                "data": {
+                    "train": {
+                        "class_path": "sg2img.data.CachedRows",
+                        "init_args": {"root": str(tmp_path / "cache")},
+                    }
+                }
+            }
+        )
+    )
+    root = tmp_path / "run"
+    assert main(["fit", *[a for c in [*BASE, str(cached)] for a in ("--config", c)], "--trainer.max_steps", "2",
+                 "--trainer.default_root_dir", str(root)]) == 0  # fmt: skip
+    assert (root / "adapter.safetensors").is_file()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT / "configs")) for p in CONFIGS])
+def test_every_config_parses(path, tmp_path):
+    args = [
+        "--config",
+        str(ROOT / "configs" / "base.yaml"),
+        "--config",
+        str(path),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
+    needs_hardware = "strategy" in path.parts  # FSDP/DeepSpeed need GPUs or the optional extra
+    cli = SG2ImgCLI(args=args, run=False, instantiate=not needs_hardware)
+    assert cli.config.trainer.default_root_dir == str(tmp_path)
+    if not needs_hardware:
+        assert cli.model.base and cli.datamodule.batch_size > 0
+
+
+def test_wandb_mode_is_honoured(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert not wandb_offline()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_offline()
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", os.devnull)
+    monkeypatch.setenv("HOME", "/nonexistent")
+    assert wandb_offline()
+
+
+def test_ddp_fit_with_two_cpu_processes(tmp_path):
+    """Lightning's DDP launcher re-runs the command for rank 1; gloo on CPU."""
+    root = tmp_path / "ddp"
+    args = fit_args(tmp_path, root, "--config", str(ROOT / "configs" / "strategy" / "ddp.yaml"),
+                    "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.max_steps", "2")  # fmt: skip
+    exe = Path(sys.executable).parent / "sg2img"
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stderr + proc.stdout
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert (root / "adapter.safetensors").is_file()
