@@ -52,6 +52,13 @@ def test_manifest_reads_rows_and_skips_bad_ones_with_reasons(tmp_path):
     assert "relationships[0][2]" in bad[f"{path}:6"] and "out of range" in bad[f"{path}:6"]
 
 
+def test_iterating_a_source_ends(tmp_path):
+    source = JsonlManifest(write_manifest(tmp_path, n=3, bad_rows=True))
+    assert len(list(source)) == 6
+    with pytest.raises(IndexError, match="out of range"):
+        source[6]
+
+
 def test_manifest_missing_field_and_graph_by_path(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     (tmp_path / "g.json").write_text(json.dumps({"objects": ["cat", "mat"], "relationships": [[0, "on", 1]]}))

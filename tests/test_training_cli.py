@@ -156,3 +156,15 @@ def test_ddp_fit_with_two_cpu_processes(tmp_path):
     ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2
     assert (root / "adapter.safetensors").is_file()
+
+
+def test_validate_reports_val_loss(tmp_path, capsys):
+    data = data_config(tmp_path)
+    spec = yaml.safe_load(data.read_text())["data"]["train"]
+    val = tmp_path / "val.yaml"
+    val.write_text(yaml.safe_dump({"data": {"val": spec}}))
+    args = ["validate", *(a for c in [*BASE, str(val)] for a in ("--config", c)),
+            "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger", "false"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "val/loss" in out

@@ -46,6 +46,8 @@ class RowSource(Dataset):
         raise NotImplementedError
 
     def __getitem__(self, i: int) -> Any:
+        if not 0 <= i < len(self):  # out of range is an error (and ends plain iteration), never a skip
+            raise IndexError(f"{type(self).__name__}: row {i} out of range ({len(self)} rows)")
         try:
             ex = self.example(i)
             return self.transform(ex) if self.transform is not None else ex
