@@ -16,7 +16,7 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -163,8 +163,6 @@ class SG2ImgModule(L.LightningModule):
         super().__init__()
         if not (image_branch or graph_branch):
             raise ValueError("at least one of image_branch and graph_branch must be on")
-        if train_image_branch and not image_branch and train_graph_branch and not graph_branch:
-            raise ValueError("nothing to train")
         self.base, self.image_encoder_source, self.single_file_config = (
             base,
             image_encoder,
@@ -530,10 +528,6 @@ class SG2ImgModule(L.LightningModule):
         """The whole adapter (frozen branches included) as one file in the adapter-file format."""
         self.configure_model()
         return self.adapter.save(path)
-
-    def with_dropout(self, **probabilities: float) -> SG2ImgModule:
-        self.dropout = replace(self.dropout, **probabilities)
-        return self
 
 
 __all__ = ["ConditionDropout", "OptimizerConfig", "SG2ImgModule", "branch_of", "diffusion_target"]

@@ -9,6 +9,7 @@ source for the data module.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 from pathlib import Path
@@ -150,7 +151,7 @@ class CachedRows(Dataset):
     def _locate(self, i: int) -> tuple[int, int]:
         if not 0 <= i < len(self):
             raise IndexError(f"row {i} out of range ({len(self)} rows)")
-        shard = max(s for s in range(len(self.index["shards"])) if self.starts[s] <= i)
+        shard = bisect.bisect_right(self.starts, i) - 1
         return shard, i - self.starts[shard]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
