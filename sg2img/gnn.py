@@ -95,15 +95,10 @@ def embed_label_batch(
     batch: Batch, labels: Sequence[str], embed: Callable[[Sequence[str]], torch.Tensor]
 ) -> Batch:
     """Fill ``x``/``edge_attr`` of a label batch with the embeddings of its strings (each embedded once)."""
-    if labels:
-        table = embed(list(labels)).to(batch.obj_label.device)
-    else:
-        table = torch.zeros(0, _embed_dim(embed), device=batch.obj_label.device)
+    device = batch.obj_label.device
+    table = embed(list(labels)).to(device) if labels else torch.zeros(0, _embed_dim(embed), device=device)
     out = batch.clone()
-    out.x = table[batch.obj_label] if batch.obj_label.numel() else table.new_zeros(0, table.shape[1])
-    out.edge_attr = (
-        table[batch.pred_label] if batch.pred_label.numel() else table.new_zeros(0, table.shape[1])
-    )
+    out.x, out.edge_attr = table[batch.obj_label], table[batch.pred_label]  # empty indices give (0, D)
     return out
 
 

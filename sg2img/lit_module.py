@@ -403,9 +403,7 @@ class SG2ImgModule(L.LightningModule):
         feats = self._image_features(batch, drops["image"]) if self.has_image else None
         graphs = None
         if self.has_graph:
-            graphs = self.embed_graphs(
-                drop_graphs(batch.graphs.to(self.device), drops["graph"]), batch.labels
-            )
+            graphs = self.embed_graphs(drop_graphs(batch.graphs, drops["graph"]), batch.labels)
         return self.adapter.unet_kwargs(text, feats, graphs)
 
     # --- the loss -------------------------------------------------------------------------------
@@ -447,7 +445,9 @@ class SG2ImgModule(L.LightningModule):
         return self._step(batch, batch_idx, "test")
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
+        # the optimizer holds exactly the trainable parameters: no walk over the frozen base each step
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
         if grads:
             self.log("train/grad_norm", torch.stack(grads).norm(), batch_size=1)
 
