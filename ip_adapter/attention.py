@@ -14,7 +14,8 @@ processor that accepts the streams and ignores them, so diffusers logs nothing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,7 @@ class DecoupledAttnProcessor(nn.Module):
         self.stream_names: tuple[str, ...] = tuple(streams)
         self.layer_name = layer_name
         self.scale: dict[str, float] = {}
+        self.recorder: AttentionRecorder | None = None  # set only while attention maps are recorded
         for s in self.stream_names:
             if not s.isidentifier():
                 raise ValueError(f"stream name {s!r} must be a Python identifier")
@@ -193,7 +195,47 @@ class DecoupledAttnProcessor(nn.Module):
             attend = (mask | empty[:, None])[:, None, None, :]  # (B, 1, 1, N)
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attend)
             out = out.masked_fill(empty[:, None, None, None], 0.0)
+        if self.recorder is not None and self.recorder.stream == name:
+            self.recorder.add(query, key, None if mask is None else (mask | empty[:, None]))
         return out.transpose(1, 2).reshape(batch_size, -1, out.shape[1] * out.shape[-1]).to(query.dtype)
+
+
+class AttentionRecorder:
+    """Collects where the image attends to each token of one stream, averaged over heads, layers and
+    denoising steps: ``maps()`` is (B, N, h, w) at the latent resolution.
+
+    Only the decoupled branch of ``stream`` is recorded, and only the batch rows in ``rows`` (with
+    classifier-free guidance: the conditional half). The probabilities are recomputed explicitly beside
+    the fused attention, so recording never changes the output, and it costs nothing when no recorder is
+    installed (``DecoupledAttention.recording``).
+    """
+
+    def __init__(self, stream: str, latent_size: tuple[int, int], rows: slice = slice(None)):
+        self.stream, self.latent_size, self.rows = stream, tuple(latent_size), rows
+        self._sum: torch.Tensor | None = None
+        self.count = 0
+
+    @torch.no_grad()
+    def add(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> None:
+        q, k = query[self.rows].float(), key[self.rows].float()  # (B, H, S, dh), (B, H, N, dh)
+        scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5  # (B, H, S, N)
+        if mask is not None:
+            scores = scores.masked_fill(~mask[self.rows][:, None, None, :], float("-inf"))
+        probs = scores.softmax(-1).mean(1)  # (B, S, N)
+        h, w = self.latent_size
+        factor = round((h * w / probs.shape[1]) ** 0.5)  # this layer's downsampling of the latent grid
+        if factor < 1 or (h // factor) * (w // factor) != probs.shape[1]:
+            raise ValueError(f"cannot place {probs.shape[1]} attention positions on a {h}x{w} latent grid")
+        grid = probs.transpose(1, 2).reshape(probs.shape[0], probs.shape[2], h // factor, w // factor)
+        grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
+        self._sum = grid if self._sum is None else self._sum + grid
+        self.count += 1
+
+    def maps(self) -> torch.Tensor:
+        """(B, N, h, w): the mean over every recorded layer call (layers x steps)."""
+        if self._sum is None:
+            raise ValueError(f"no attention was recorded for stream {self.stream!r}")
+        return self._sum / self.count
 
 
 def attention_module(unet: nn.Module, processor_name: str) -> Attention:
@@ -292,6 +334,21 @@ class DecoupledAttention(nn.Module):
 
     def get_scale(self, stream: str = "ip") -> list[float]:
         return [p.scale[stream] for p in self.processors()]
+
+    @contextmanager
+    def recording(self, recorder: AttentionRecorder) -> Iterator[AttentionRecorder]:
+        """Install ``recorder`` in every cross-attention layer for the duration of the block."""
+        if recorder.stream not in self.stream_names:
+            raise ValueError(
+                f"unknown stream {recorder.stream!r}; this adapter has {list(self.stream_names)}"
+            )
+        for proc in self.processors():
+            proc.recorder = recorder
+        try:
+            yield recorder
+        finally:
+            for proc in self.processors():
+                proc.recorder = None
 
     def layers_by_name(self) -> dict[str, DecoupledAttnProcessor]:
         return {p.layer_name: p for p in self.processors()}
