@@ -174,10 +174,15 @@ class SceneGraphAdapter(nn.Module):
 
     @classmethod
     def from_file(
-        cls, path: str | Path, unet: nn.Module, label_dim: int | None = None, **overrides: Any
+        cls,
+        path: str | Path,
+        unet: nn.Module,
+        label_dim: int | None = None,
+        add_graph_branch: bool = True,
+        **overrides: Any,
     ) -> SceneGraphAdapter:
-        """Our adapter file, or an official IP-Adapter file (image branch only: a graph branch is added
-        fresh on top, with ``label_dim`` given)."""
+        """Our adapter file, or an official IP-Adapter file: its image branch, plus (with
+        ``add_graph_branch``, the default, and ``label_dim`` given) a fresh graph branch to train."""
         f = read_adapter_file(path)
         meta = f.config or {}
         if "sg" in meta:
@@ -186,11 +191,12 @@ class SceneGraphAdapter(nn.Module):
             adapter = cls(unet, config)
             adapter.load_adapter_state_dict(f.tensors, source=str(path))
             return adapter
-        if label_dim is None:
+        if add_graph_branch and label_dim is None:
             raise CheckpointError(
                 f"{path}: an IP-Adapter file without a graph branch; pass label_dim to add one"
             )
-        config = SGAdapterConfig(label_dim=label_dim, image=config_from_file(f), **overrides)
+        overrides.setdefault("graph_branch", add_graph_branch)
+        config = SGAdapterConfig(label_dim=label_dim or 768, image=config_from_file(f), **overrides)
         adapter = cls(unet, config)
         load_sections(
             adapter.adapter_state_dict(), f.tensors, (IMAGE_PROJ, layer_prefix(IMAGE_STREAM)), str(path)

@@ -219,6 +219,30 @@ class TokenConfig:
     resampler_heads: int = 4
 
 
+def token_labels(graphs: Sequence[SceneGraph], tokens: TokenConfig) -> list[list[str | None]]:
+    """What each token ``SceneGraphEncoder`` makes for this batch of graphs stands for, per graph, in
+    token order: ``"<graph>"``, ``"i: label"`` for object i, ``"subject predicate object"`` for a
+    triple, ``None`` for padding. Resampled tokens stand for no single node: ``"query k"``."""
+    if tokens.resample_to:
+        return [[f"query {k}" for k in range(tokens.resample_to)] for _ in graphs]
+    omax = max((len(g.objects) for g in graphs), default=0)
+    tmax = max((len(g.relationships) for g in graphs), default=0)
+    out = []
+    for g in graphs:
+        names: list[str | None] = []
+        if tokens.global_token:
+            names.append("<graph>" if g.objects else None)
+        if tokens.object_tokens:
+            names += [f"{i}: {o.label}" for i, o in enumerate(g.objects)] + [None] * (omax - len(g.objects))
+        if tokens.triple_tokens:
+            names += [
+                f"{g.objects[r.subject].label} {r.predicate} {g.objects[r.object].label}"
+                for r in g.relationships
+            ] + [None] * (tmax - len(g.relationships))
+        out.append(names)
+    return out
+
+
 class SceneGraphEncoder(nn.Module):
     """Batch of graphs -> (tokens (B, L, cross_attention_dim), key-padding mask (B, L))."""
 

@@ -34,7 +34,7 @@ from ip_adapter.checkpoint import read_adapter_file
 
 from .adapter import SG_ENCODER, SG_STREAM, SceneGraphAdapter, SGAdapterConfig
 from .data.records import SkipLog, TrainBatch
-from .gnn import GNNConfig, TokenConfig, drop_graphs, embed_label_batch, graphs_to_label_batch
+from .gnn import GNNConfig, TokenConfig, drop_graphs, embed_label_batch
 from .graph import SceneGraph
 from .labels import LabelEmbedder
 from .models import PRESETS, get_preset, load_base, read_preset_from_folder
@@ -473,6 +473,30 @@ class SG2ImgModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # --- sampling -------------------------------------------------------------------------------
+    def pipeline(self):
+        """An ``SG2ImgPipeline`` over this module's parts and adapter (shared, not copied), with the
+        DDIM sampler of the base's schedule and no progress bar."""
+        from ip_adapter import TransformersImageEncoder
+
+        from .pipeline import SG2ImgPipeline
+
+        self.configure_model()
+        encoder = self.image_encoder if self.has_image else None
+        pipe = SG2ImgPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=DDIMScheduler.from_config(self.sample_scheduler_config),
+            safety_checker=None,
+            feature_extractor=None,
+            image_encoder=encoder.model if isinstance(encoder, TransformersImageEncoder) else None,
+            requires_safety_checker=False,
+        )
+        pipe.set_sg_adapter(self.adapter, image_encoder=encoder, labels=self.labels)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
     @torch.no_grad()
     def generate(
         self,
@@ -484,44 +508,19 @@ class SG2ImgModule(L.LightningModule):
         seed: int = 0,
         size: int | None = None,
     ) -> list[Image.Image]:
-        """Classifier-free-guided DDIM samples; the unconditional side is empty text, the negative image
-        and the empty graph. One image per entry of ``graphs``/``prompts``/``images``."""
-        from .sampling import sample_images
-
-        self.configure_model()
-        n = max(len(x) for x in (graphs or [], prompts or [], images or [])) or 1
-        prompts = list(prompts) if prompts is not None else [""] * n
-        ids = self.tokenizer(
-            prompts, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids  # fmt: skip
-        text = self.encode_text(ids)
-        feats = neg = None
-        if self.has_image:
-            neg = self.negative_image()
-            neg = ImageFeatures(neg.embeds.expand(n, -1), neg.patch_tokens.expand(n, -1, -1))
-            feats = self.image_encoder.encode_images(list(images)) if images else neg
-        g_cond = g_uncond = None
-        if self.has_graph:
-            label_batch, labels = graphs_to_label_batch(list(graphs) if graphs else [SceneGraph()] * n)
-            g_cond = self.embed_graphs(label_batch, labels)
-            empty, no_labels = graphs_to_label_batch([SceneGraph()] * n)
-            g_uncond = self.embed_graphs(empty, no_labels)
-        cond = self.adapter.unet_kwargs(text, feats, g_cond)
-        uncond = self.adapter.unet_kwargs(self.empty_text().expand(n, -1, -1), neg, g_uncond)
-        scheduler = DDIMScheduler.from_config(self.sample_scheduler_config)
-        return sample_images(
-            self.unet,
-            self.vae,
-            scheduler,
-            cond,
-            uncond,
-            n,
-            steps,
-            guidance,
-            seed,
-            size or self.vae.config.sample_size,
-        )
+        """DDIM samples with classifier-free guidance through ``pipeline()``: one image per entry of
+        ``graphs``/``prompts``/``images`` (each list of length 1 or the batch size)."""
+        pipe = self.pipeline()
+        return pipe(
+            prompt=list(prompts) if prompts else None,
+            scene_graph=list(graphs) if graphs and self.has_graph else None,
+            ip_adapter_image=list(images) if images else None,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=torch.Generator(device=self.device).manual_seed(seed),
+            height=size,
+            width=size,
+        ).images
 
     # --- the adapter file -----------------------------------------------------------------------
     def export_adapter(self, path: str | Path) -> Path:

@@ -306,7 +306,7 @@ def load_base(
         if image_encoder is not None:
             parts.image_encoder = load_image_encoder(image_encoder)
     else:
-        parts = _load_pipeline_parts(source, single_file_config)
+        parts = load_pipeline_parts(source, single_file_config)
         if image_encoder is not None:
             parts.image_encoder = load_image_encoder(image_encoder)
         elif parts.image_encoder is None:
@@ -331,27 +331,65 @@ def load_image_encoder(spec: str) -> TransformersImageEncoder | OpenClipImageEnc
     return TransformersImageEncoder.from_pretrained(repo, subfolder=sub or None)
 
 
-def _load_pipeline_parts(source: str, single_file_config: str | None) -> Components:
+HOW_TO_PROVIDE_A_MODEL = (
+    "Provide a local diffusers folder (written by `pipe.save_pretrained` or `sg2img make-tiny --out DIR`), "
+    "a single-file SD1.5 checkpoint (.safetensors/.ckpt, with the folder or hub id of its configs), or a "
+    "hub id this machine can reach; `sg2img generate` without --model uses the embedded default model."
+)
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A base model that is neither a local folder, a single file, nor loadable from the hub."""
+
+
+def _looks_local(source: str) -> bool:
+    return source.startswith(("/", ".", "~")) or Path(source).suffix in SINGLE_FILE_SUFFIXES
+
+
+def load_pipeline_parts(
+    source: str | Path, single_file_config: str | None = None, dtype: torch.dtype | None = None
+) -> Components:
+    """The parts of a diffusers folder, a single-file checkpoint or a hub id (no image encoder is
+    fetched: ``image_encoder`` is the folder's, or None)."""
     from diffusers import StableDiffusionPipeline
 
-    path = Path(source)
+    source = str(source)
+    path = Path(source).expanduser()
     kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    encoder = None
     if path.suffix in SINGLE_FILE_SUFFIXES:
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such single-file checkpoint")
+            raise ModelNotFoundError(f"{path}: no such single-file checkpoint. {HOW_TO_PROVIDE_A_MODEL}")
         if single_file_config:
             kwargs["config"] = single_file_config
-        pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+        # A single file holds UNet, VAE and text encoder only; the image encoder comes from the config
+        # folder when it has one (else from the adapter's side, see SG2ImgPipeline.load_sg_adapter).
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path), image_encoder=None, feature_extractor=None, **kwargs
+        )
+        config_dir = Path(single_file_config) if single_file_config else None
+        if config_dir is not None and (config_dir / "image_encoder" / "config.json").is_file():
+            encoder = TransformersImageEncoder.from_pretrained(config_dir / "image_encoder")
     elif path.exists():
         if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(
-                f"{path}: not a diffusers model folder (no model_index.json) and not a single-file checkpoint"
+            raise ModelNotFoundError(
+                f"{path}: not a diffusers model folder (no model_index.json) and not a single-file "
+                f"checkpoint. {HOW_TO_PROVIDE_A_MODEL}"
             )
         pipe = StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
+    elif _looks_local(source):
+        raise ModelNotFoundError(f"{source}: no such model folder or file. {HOW_TO_PROVIDE_A_MODEL}")
     else:  # a hub id
-        pipe = StableDiffusionPipeline.from_pretrained(source, **kwargs)
-    encoder = None
-    if getattr(pipe, "image_encoder", None) is not None:
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(source, **kwargs)
+        except (OSError, ValueError) as e:
+            raise ModelNotFoundError(
+                f"{source}: not a local path, and loading it as a hub id failed ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}). {HOW_TO_PROVIDE_A_MODEL}"
+            ) from e
+    if encoder is None and getattr(pipe, "image_encoder", None) is not None:
         encoder = TransformersImageEncoder(pipe.image_encoder)
     return Components(
         unet=pipe.unet,
@@ -366,6 +404,7 @@ def _load_pipeline_parts(source: str, single_file_config: str | None) -> Compone
 __all__ = [
     "PRESETS",
     "Components",
+    "ModelNotFoundError",
     "Preset",
     "build_components",
     "build_on_meta",
@@ -373,6 +412,7 @@ __all__ = [
     "get_preset",
     "load_base",
     "load_image_encoder",
+    "load_pipeline_parts",
     "read_preset_from_folder",
     "save_tiny_model",
 ]

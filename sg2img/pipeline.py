@@ -1,0 +1,420 @@
+"""Inference: diffusers' Stable Diffusion pipelines with the scene-graph adapter.
+
+``SG2ImgPipeline`` is a ``StableDiffusionPipeline`` (and ``SG2ImgControlNetPipeline`` a
+``StableDiffusionControlNetPipeline``) that also takes a scene graph and an image prompt, each with its
+own scale::
+
+    pipe = SG2ImgPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")  # or a folder
+    pipe.load_sg_adapter("adapter.safetensors")  # ours, or an official ip-adapter_sd15 file
+    pipe(prompt="...", scene_graph=graph, ip_adapter_image=img, image_scale=0.6, sg_scale=1.0).images
+
+The denoising loop is diffusers' own: the adapter only supplies the decoupled streams (through
+``cross_attention_kwargs``) or, for the ``concat`` ablation, the extended prompt embeddings and their
+padding mask. So with ``sg_scale=0`` or an adapter without a graph branch, the images equal those of
+stock diffusers with ``load_ip_adapter`` for the same seed, scheduler, steps and scale.
+
+Classifier-free guidance negatives: the negative (or empty) prompt for text, ``proj(negative image)``
+for the image (zeroed CLIP embedding; for patch tokens the features of a zero image) and the empty
+graph for the graph. Text only leaves the image branch out (lambda = 0, as in the paper); image or graph
+only uses the empty prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+from PIL import Image
+
+from ip_adapter import IMAGE_STREAM, ImageEncoder, ImageFeatures, Stream, TransformersImageEncoder
+from ip_adapter.attention import AttentionRecorder, Scale
+
+from .adapter import SG_STREAM, SceneGraphAdapter
+from .gnn import graphs_to_batch, token_labels
+from .graph import SceneGraph
+from .labels import LabelEmbedder
+from .models import IP_ADAPTER_IMAGE_ENCODER, Components, load_image_encoder
+
+
+@dataclass
+class GraphAttention:
+    """Where one generated image attended to each token of its graph (graph branch, averaged over heads,
+    layers and steps): ``maps`` is (N, h, w) at the latent resolution, ``labels[i]`` names token i
+    (``None`` for padding)."""
+
+    labels: list[str | None]
+    maps: torch.Tensor
+
+    def nodes(self) -> dict[str, torch.Tensor]:
+        """Object tokens only: ``{"i: label": (h, w)}``."""
+        return {
+            name: self.maps[i]
+            for i, name in enumerate(self.labels)
+            if name is not None and name.split(":", 1)[0].isdigit()
+        }
+
+
+@dataclass
+class SG2ImgPipelineOutput(StableDiffusionPipelineOutput):
+    attention_maps: list[GraphAttention] | None = field(default=None)
+
+
+def _broadcast(name: str, values: list, n: int) -> list:
+    if len(values) == n:
+        return values
+    if len(values) == 1:
+        return values * n
+    raise ValueError(f"{name} has {len(values)} entries; expected 1 or the batch size {n}")
+
+
+def as_graphs(scene_graph: Any) -> list[SceneGraph] | None:
+    """A SceneGraph, an sg2im-style dict, or a list of either."""
+    if scene_graph is None:
+        return None
+    items = scene_graph if isinstance(scene_graph, (list, tuple)) else [scene_graph]
+    out = []
+    for i, g in enumerate(items):
+        if isinstance(g, SceneGraph):
+            out.append(g)
+        elif isinstance(g, Mapping):
+            out.append(SceneGraph.from_json(g, source="scene_graph", path=f"[{i}]"))
+        else:
+            raise TypeError(f"scene_graph[{i}] must be a SceneGraph or a dict, got {type(g).__name__}")
+    return out
+
+
+@contextmanager
+def _concat_hooks(
+    unet: torch.nn.Module, controlnet: torch.nn.Module | None, mask: torch.Tensor, text_len: int
+):
+    """For the ``concat`` injection: give the UNet the key-padding mask of the extended prompt, and the
+    ControlNet (trained on text alone) only the text tokens."""
+
+    def unet_hook(module, args, kwargs):
+        rows = kwargs["encoder_hidden_states"].shape[0]
+        kwargs["encoder_attention_mask"] = mask[-rows:]
+        return args, kwargs
+
+    def controlnet_hook(module, args, kwargs):
+        kwargs["encoder_hidden_states"] = kwargs["encoder_hidden_states"][:, :text_len]
+        return args, kwargs
+
+    handles = [unet.register_forward_pre_hook(unet_hook, with_kwargs=True)]
+    if controlnet is not None:
+        handles.append(controlnet.register_forward_pre_hook(controlnet_hook, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class SceneGraphPipelineMixin:
+    """The scene-graph adapter for a diffusers Stable Diffusion pipeline class (see the module doc)."""
+
+    sg_adapter: SceneGraphAdapter | None = None
+    clip: ImageEncoder | None = None  # the CLIP vision tower with its preprocessing
+    label_embedder: LabelEmbedder | None = None
+
+    # --- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
+        """diffusers' ``from_pretrained`` (hub id or folder); the scheduler becomes DDIM, the paper's
+        sampler, unless one is passed."""
+        pipe = super().from_pretrained(*args, **kwargs)
+        if "scheduler" not in kwargs:
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        return pipe
+
+    @classmethod
+    def from_single_file(cls, *args: Any, **kwargs: Any):
+        """diffusers' ``from_single_file`` (an SD1.5 ``.safetensors``/``.ckpt``; ``config=`` names the
+        folder or hub id whose component configs describe it); the scheduler becomes DDIM."""
+        pipe = super().from_single_file(*args, **kwargs)
+        if "scheduler" not in kwargs:
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        return pipe
+
+    @classmethod
+    def from_components(cls, parts: Components, **kwargs: Any):
+        """From already-built parts (a preset, or ``sg2img.models.load_base``)."""
+        pipe = cls(**parts.pipeline_kwargs(), **kwargs)
+        if parts.image_encoder is not None:
+            pipe.clip = parts.image_encoder
+        return pipe
+
+    # --- the adapter ----------------------------------------------------------------------------
+    def load_sg_adapter(self, path: str | Path, image_encoder: str | None = None) -> SceneGraphAdapter:
+        """Load an sg2img adapter file (every branch it has) or an official IP-Adapter file (the image
+        branch alone) and attach it to the UNet.
+
+        ``image_encoder``: where the CLIP vision tower comes from when the adapter has an image branch
+        (see ``sg2img.models.load_image_encoder``); default: the pipeline's ``image_encoder``, else
+        IP-Adapter's ViT-H/14 (``h94/IP-Adapter``, ``models/image_encoder``).
+        """
+        adapter = SceneGraphAdapter.from_file(
+            path, self.unet, label_dim=self.text_encoder.config.hidden_size, add_graph_branch=False
+        )
+        self.set_sg_adapter(adapter, image_encoder=image_encoder)
+        return adapter
+
+    def set_sg_adapter(
+        self,
+        adapter: SceneGraphAdapter,
+        image_encoder: str | ImageEncoder | None = None,
+        labels: LabelEmbedder | None = None,
+    ) -> None:
+        """Use an in-memory adapter (e.g. the one being trained); its weights are shared, not copied."""
+        if adapter.config.image_branch:
+            self.clip = self._resolve_image_encoder(image_encoder)
+            want, have = adapter.config.image.clip_embeddings_dim, self.clip.spec.projection_dim
+            if adapter.config.image.image_tokens == "patch":
+                want, have = adapter.config.image.clip_hidden_dim, self.clip.spec.hidden_size
+            if want != have:
+                raise ValueError(
+                    f"the adapter's image branch expects CLIP features of width {want}, but the image "
+                    f"encoder gives {have}; pass the image encoder it was trained with"
+                )
+        if adapter.config.graph_branch and adapter.config.label_dim != self.text_encoder.config.hidden_size:
+            raise ValueError(
+                f"the adapter's graph branch expects label embeddings of width {adapter.config.label_dim}, "
+                f"but this text encoder gives {self.text_encoder.config.hidden_size}"
+            )
+        adapter.to(device=self.unet.device, dtype=self.unet.dtype)
+        adapter.attach(self.unet)
+        self.sg_adapter = adapter
+        self.label_embedder = labels or LabelEmbedder(self.text_encoder, self.tokenizer)
+
+    def unload_sg_adapter(self) -> None:
+        if self.sg_adapter is not None:
+            self.sg_adapter.detach(self.unet)
+        self.sg_adapter = None
+
+    def _resolve_image_encoder(self, spec: str | ImageEncoder | None) -> ImageEncoder:
+        if isinstance(spec, ImageEncoder):
+            encoder = spec
+        elif spec is not None:
+            encoder = load_image_encoder(spec)
+        elif self.clip is not None:
+            encoder = self.clip
+        elif getattr(self, "image_encoder", None) is not None:
+            encoder = TransformersImageEncoder(self.image_encoder)
+        else:
+            try:
+                encoder = load_image_encoder(":".join(IP_ADAPTER_IMAGE_ENCODER))
+            except OSError as e:
+                raise OSError(
+                    "the adapter has an image branch but the base model has no image encoder, and "
+                    f"IP-Adapter's ({':'.join(IP_ADAPTER_IMAGE_ENCODER)}) could not be loaded: {e}. Pass "
+                    "image_encoder= a local CLIPVisionModelWithProjection folder or 'open_clip:MODEL:FILE'"
+                ) from e
+        encoder.to(device=self.unet.device, dtype=self.unet.dtype).eval().requires_grad_(False)
+        if isinstance(encoder, TransformersImageEncoder):
+            self.register_modules(image_encoder=encoder.model)
+        return encoder
+
+    def to(self, *args: Any, **kwargs: Any):
+        pipe = super().to(*args, **kwargs)
+        for module in (self.sg_adapter, self.clip):
+            if module is not None:
+                module.to(device=self.unet.device, dtype=self.unet.dtype)
+        return pipe
+
+    # --- conditioning ---------------------------------------------------------------------------
+    def _graph_tokens(self, graphs: list[SceneGraph]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = graphs_to_batch(graphs, self.label_embedder).to(self.unet.device)
+        return self.sg_adapter.graph_tokens(batch)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        ip_adapter_image: Image.Image | list[Image.Image] | None = None,
+        scene_graph: SceneGraph | Mapping | Sequence | None = None,
+        image_scale: Scale = 1.0,
+        sg_scale: Scale = 1.0,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        attention_maps: bool = False,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> SG2ImgPipelineOutput:
+        """diffusers' call, plus ``scene_graph`` (a SceneGraph, an sg2im dict or a list: one per prompt)
+        and the branch scales ``image_scale``/``sg_scale`` (a float, one per cross-attention layer, or a
+        per-block dict as in ``set_ip_adapter_scale``). ``attention_maps=True`` also returns, per image,
+        the graph branch's attention to each graph token. Other keyword arguments go to the parent call
+        (``eta``, ``latents``, ``guidance_rescale``, ``output_type``; ControlNet's ``image``, ...)."""
+        if kwargs.pop("ip_adapter_image_embeds", None) is not None:
+            raise ValueError("pass ip_adapter_image; precomputed ip_adapter_image_embeds are not supported")
+        if "prompt_embeds" in kwargs:
+            raise ValueError(
+                "pass prompt (text); prompt_embeds are built here together with the adapter tokens"
+            )
+        graphs = as_graphs(scene_graph)
+        images = None
+        if ip_adapter_image is not None:
+            images = (
+                list(ip_adapter_image) if isinstance(ip_adapter_image, (list, tuple)) else [ip_adapter_image]
+            )
+        prompts = [prompt] if isinstance(prompt, str) or prompt is None else list(prompt)
+        batch = max(len(prompts), len(graphs or []), len(images or []))
+        prompts = [p or "" for p in _broadcast("prompt", prompts, batch)]
+        adapter = self.sg_adapter
+        if adapter is None and (graphs or images):
+            raise ValueError(
+                "a scene graph or an image prompt needs an adapter: call pipe.load_sg_adapter(path)"
+            )
+        if graphs is not None:
+            graphs = _broadcast("scene_graph", graphs, batch)
+            if not adapter.config.graph_branch:
+                raise ValueError("this adapter has no graph branch (an image-only adapter); drop scene_graph")
+        if images is not None:
+            images = _broadcast("ip_adapter_image", images, batch)
+            if not adapter.config.image_branch:
+                raise ValueError("this adapter has no image branch; drop ip_adapter_image")
+
+        do_cfg = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+        n = num_images_per_prompt
+
+        def rows(uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+            cond = cond.repeat_interleave(n, dim=0)
+            return torch.cat([uncond.repeat_interleave(n, dim=0), cond]) if do_cfg else cond
+
+        concat = adapter is not None and adapter.config.injection == "concat"
+        image_tok = neg_tok = graph_tok = None
+        use_image = images is not None and not _is_zero(image_scale)
+        use_graph = graphs is not None and not _is_zero(sg_scale)
+        if adapter is not None and adapter.config.image_branch and (use_image or concat):
+            neg = self.clip.negative_features(batch)
+            feats = self.clip.encode_images(images) if use_image else neg
+            if concat:  # one row per prompt; the parent call repeats the prompt embeddings
+                both = adapter.image_tokens(_cat_features(neg, feats))
+                neg_tok, image_tok = both[:batch], both[batch:]
+            else:  # every UNet row through the projection as one batch, as diffusers does
+                image_tok = adapter.image_tokens(
+                    ImageFeatures(rows(neg.embeds, feats.embeds), rows(neg.patch_tokens, feats.patch_tokens))
+                )
+        if adapter is not None and adapter.config.graph_branch and (use_graph or concat):
+            cond_graphs = graphs if use_graph else [SceneGraph()] * batch
+            tokens, mask = self._graph_tokens(([SceneGraph()] * batch if do_cfg else []) + cond_graphs)
+            graph_tok = (
+                tokens[: batch if do_cfg else 0],
+                mask[: batch if do_cfg else 0],
+                tokens[-batch:],
+                mask[-batch:],
+            )
+
+        call = dict(
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            num_images_per_prompt=n,
+            height=height,
+            width=width,
+            **kwargs,
+        )
+        cak = dict(cross_attention_kwargs or {})
+        hooks: Any = _null_context()
+        if concat:
+            for name, scale in (("image_scale", image_scale), ("sg_scale", sg_scale)):
+                if not (_is_zero(scale) or scale == 1.0):
+                    raise ValueError(f"{name} must be 0 or 1 with the concat injection, got {scale!r}")
+            text, neg_text = self.encode_prompt(prompts, self.unet.device, 1, do_cfg, negative_prompt)
+            cond_parts, uncond_parts = [text], [neg_text if do_cfg else text]
+            cond_mask = [torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)]
+            uncond_mask = list(cond_mask)
+            if image_tok is not None:
+                cond_parts.append(image_tok.to(text.dtype))
+                uncond_parts.append(neg_tok.to(text.dtype))
+                ones = torch.ones(image_tok.shape[:2], dtype=torch.bool, device=text.device)
+                cond_mask.append(ones)
+                uncond_mask.append(ones)
+            if graph_tok is not None:
+                g_unc, m_unc, g_c, m_c = graph_tok
+                cond_parts.append(g_c.to(text.dtype))
+                cond_mask.append(m_c)
+                uncond_parts.append((g_unc if do_cfg else g_c).to(text.dtype))
+                uncond_mask.append(m_unc if do_cfg else m_c)
+            call["prompt_embeds"] = torch.cat(cond_parts, 1)
+            if do_cfg:
+                call["negative_prompt_embeds"] = torch.cat(uncond_parts, 1)
+            mask = rows(torch.cat(uncond_mask, 1), torch.cat(cond_mask, 1))
+            hooks = _concat_hooks(self.unet, getattr(self, "controlnet", None), mask, text.shape[1])
+        else:
+            call.update(prompt=prompts, negative_prompt=negative_prompt)
+            streams = {}
+            if image_tok is not None:
+                adapter.set_scale(image_scale=image_scale)
+                streams[IMAGE_STREAM] = Stream(image_tok)
+            if graph_tok is not None:
+                adapter.set_scale(sg_scale=sg_scale)
+                g_unc, m_unc, g_c, m_c = graph_tok
+                streams[SG_STREAM] = Stream(rows(g_unc, g_c), rows(m_unc, m_c))
+            if streams:
+                cak["streams"] = streams
+        call["cross_attention_kwargs"] = cak or None
+
+        recorder = None
+        if attention_maps:
+            if concat or graph_tok is None or not use_graph:
+                raise ValueError(
+                    "attention_maps need a scene graph, a non-zero sg_scale and the decoupled graph branch"
+                )
+            h = (height or self.unet.config.sample_size * self.vae_scale_factor) // self.vae_scale_factor
+            w = (width or self.unet.config.sample_size * self.vae_scale_factor) // self.vae_scale_factor
+            recorder = AttentionRecorder(SG_STREAM, (h, w), rows=slice(batch * n if do_cfg else 0, None))
+            hooks = adapter.attention.recording(recorder)
+        with hooks:
+            out = super().__call__(**call, return_dict=True)
+        maps = None
+        if recorder is not None:
+            labels = token_labels(graphs, adapter.config.tokens)
+            recorded = recorder.maps().cpu()
+            maps = [GraphAttention(labels[r // n], recorded[r]) for r in range(batch * n)]
+        return SG2ImgPipelineOutput(
+            images=out.images, nsfw_content_detected=out.nsfw_content_detected, attention_maps=maps
+        )
+
+
+def _cat_features(a: ImageFeatures, b: ImageFeatures) -> ImageFeatures:
+    return ImageFeatures(torch.cat([a.embeds, b.embeds]), torch.cat([a.patch_tokens, b.patch_tokens]))
+
+
+def _is_zero(scale: Scale) -> bool:
+    if isinstance(scale, (int, float)):
+        return float(scale) == 0.0
+    return False
+
+
+@contextmanager
+def _null_context() -> Iterator[None]:
+    yield
+
+
+class SG2ImgPipeline(SceneGraphPipelineMixin, StableDiffusionPipeline):
+    """Stable Diffusion 1.5 with text, image and scene-graph prompts."""
+
+
+class SG2ImgControlNetPipeline(SceneGraphPipelineMixin, StableDiffusionControlNetPipeline):
+    """The same, composed with a ``ControlNetModel`` (pass the control image as ``image=``)."""
+
+
+__all__ = [
+    "GraphAttention",
+    "SG2ImgControlNetPipeline",
+    "SG2ImgPipeline",
+    "SG2ImgPipelineOutput",
+    "SceneGraphPipelineMixin",
+    "as_graphs",
+]
