@@ -32,6 +32,27 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 
     out = save_tiny_model(args.out, seed=args.seed)
     print(f"wrote a tiny diffusers-format SD model to {out}")
+    if args.single_file is not None:
+        from diffusers import StableDiffusionPipeline
+
+        from .convert import export_single_file
+
+        pipe = StableDiffusionPipeline.from_pretrained(
+            out, safety_checker=None, requires_safety_checker=False
+        )
+        export_single_file(pipe, args.single_file)
+        print(f"wrote it as a single file to {args.single_file} (load with config={out})")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import run_generate
+
+    record = run_generate(args)
+    n = sum(len(o["images"]) for o in record["outputs"])
+    print(
+        f"wrote {n} images and {len(record['outputs'])} contact sheets to {args.out} (settings: {args.out / 'generate.json'})"
+    )
     return 0
 
 
@@ -113,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-tiny", help="write the tiny preset as a diffusers-format model folder")
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument(
+        "--single-file", type=Path, default=None, metavar="FILE",
+        help="also write it as one original-layout .safetensors (what custom SD1.5 fine-tunes ship as)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_tiny)
 
@@ -142,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_cache)
 
+    p = sub.add_parser(
+        "generate", help="images from scene-graph files, text and image prompts (embedded default model)"
+    )
+    from .generate import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_cmd_generate)
+
     p = sub.add_parser("demo", help="end-to-end run on the tiny preset (no downloads)")
     p.add_argument("--out", type=Path, default=Path("build/demo"))
     p.add_argument("--seed", type=int, default=0)
@@ -161,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, OSError, ValueError) as e:
         print(f"sg2img {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
 

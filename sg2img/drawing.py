@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -17,6 +18,9 @@ import networkx as nx
 from PIL import Image
 
 from .graph import SceneGraph
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _layout_graph(sg: SceneGraph) -> nx.DiGraph:
@@ -61,3 +65,52 @@ def save_scene_graph_drawing(sg: SceneGraph, path: str | Path, **kwargs) -> Path
     p.parent.mkdir(parents=True, exist_ok=True)
     draw_scene_graph(sg, **kwargs).save(p)
     return p
+
+
+def _caption_strip(text: str, width: int, height: int = 22) -> Image.Image:
+    from PIL import ImageDraw
+
+    strip = Image.new("RGB", (width, height), "white")
+    ImageDraw.Draw(strip).text((4, 4), text, fill="black")
+    return strip
+
+
+def contact_sheet(
+    drawing: Image.Image | None, images: list[Image.Image], caption: str = "", panel: int = 256
+) -> Image.Image:
+    """The graph drawing (if any) beside its generated images, one row, with a caption strip below."""
+    tiles = ([drawing] if drawing is not None else []) + list(images)
+    sheet = Image.new("RGB", (panel * len(tiles), panel), "white")
+    for i, tile in enumerate(tiles):
+        resample = Image.Resampling.BILINEAR if tile is drawing else Image.Resampling.NEAREST
+        sheet.paste(tile.convert("RGB").resize((panel, panel), resample), (i * panel, 0))
+    if not caption:
+        return sheet
+    out = Image.new("RGB", (sheet.width, panel + 22), "white")
+    out.paste(sheet, (0, 0))
+    out.paste(_caption_strip(caption, sheet.width), (0, panel))
+    return out
+
+
+def attention_overlays(
+    image: Image.Image, maps: dict[str, torch.Tensor], panel: int = 192, alpha: float = 0.55
+) -> Image.Image:
+    """The image, then one heatmap per graph node over it (each map scaled to its own range)."""
+    import numpy as np
+
+    cmap = matplotlib.colormaps["jet"]
+    base = image.convert("RGB").resize((panel, panel), Image.Resampling.NEAREST)
+    tiles = [(base, "image")]
+    for name, m in maps.items():
+        a = m.float().cpu().numpy()
+        span = a.max() - a.min()
+        a = (a - a.min()) / span if span > 0 else a * 0
+        heat = Image.fromarray((cmap(a)[..., :3] * 255).astype(np.uint8)).resize(
+            (panel, panel), Image.Resampling.BILINEAR
+        )
+        tiles.append((Image.blend(base, heat, alpha), name))
+    out = Image.new("RGB", (panel * len(tiles), panel + 22), "white")
+    for i, (tile, name) in enumerate(tiles):
+        out.paste(tile, (i * panel, 0))
+        out.paste(_caption_strip(name, panel), (i * panel, panel))
+    return out

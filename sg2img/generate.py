@@ -1,0 +1,283 @@
+"""``sg2img generate``: images from scene-graph files, text and image prompts.
+
+Every input is read and checked before any model loads, and nothing is written until the first image
+exists. For each graph (or once, with no graph) it writes ``NAME-KK.png`` per image, ``NAME-sheet.png``
+(the graph drawing beside its images) and, with ``--attention-maps``, ``NAME-KK-attention.png`` plus the
+raw maps in ``NAME-attention.safetensors``; ``generate.json`` records every setting, seed and version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .graph import Limits, SceneGraph, load_scene_graphs
+
+RECORD = "generate.json"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+VERSIONED = (
+    "sg2img",
+    "torch",
+    "diffusers",
+    "transformers",
+    "open_clip_torch",
+    "torch_geometric",
+    "safetensors",
+)
+
+
+@dataclass
+class Inputs:
+    graphs: list[SceneGraph | None]
+    names: list[str]
+    image: Image.Image | None
+
+
+def read_inputs(args: argparse.Namespace) -> Inputs:
+    """Read and check the graph file and image prompt (raises SceneGraphError / ValueError)."""
+    for name in ("steps", "num_images"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("height", "width"):
+        v = getattr(args, name)
+        if v is not None and (v < 8 or v % 8):
+            raise ValueError(f"--{name} must be a positive multiple of 8, got {v}")
+    graphs: list[SceneGraph | None] = [None]
+    names = ["prompt"]
+    if args.graph is not None:
+        loaded = load_scene_graphs(args.graph, Limits())
+        if not loaded:
+            raise ValueError(f"{args.graph}: the file holds an empty list of graphs")
+        graphs = list(loaded)
+        stem = Path(args.graph).stem
+        names = [stem] if len(graphs) == 1 else [f"{stem}-{i:02d}" for i in range(len(graphs))]
+    image = None
+    if args.image is not None:
+        try:
+            with Image.open(args.image) as im:
+                image = im.convert("RGB")
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"--image {args.image}: no such file") from e
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"--image {args.image}: not a readable image ({e})") from e
+    if args.attention_maps and args.graph is None:
+        raise ValueError("--attention-maps needs --graph: the maps show where each graph node went")
+    return Inputs(graphs, names, image)
+
+
+def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dtype == "auto":
+        return dev, torch.float16 if dev.type == "cuda" else torch.float32
+    return dev, DTYPES[dtype]
+
+
+def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """(pipeline, description of model and adapter for the record)."""
+    from .defaults import DESCRIPTION, embedded_adapter, embedded_base
+    from .models import PRESETS, build_components, load_pipeline_parts
+    from .pipeline import SG2ImgPipeline
+
+    info: dict[str, Any] = {}
+    if args.model is None:
+        parts = embedded_base(seed=0)
+        info["model"] = DESCRIPTION
+    elif args.model in PRESETS:
+        parts = build_components(args.model, seed=0)
+        info["model"] = f"preset {args.model} (random weights, seed 0)"
+    else:
+        parts = load_pipeline_parts(args.model, args.single_file_config)
+        info["model"] = str(args.model)
+    pipe = SG2ImgPipeline.from_components(parts)
+    pipe.scheduler = _ddim(pipe.scheduler)
+    if args.adapter is not None:
+        pipe.load_sg_adapter(args.adapter, image_encoder=args.image_encoder)
+        info["adapter"] = str(args.adapter)
+        info["adapter_sha256"] = hashlib.sha256(Path(args.adapter).read_bytes()).hexdigest()
+    elif args.model is None:
+        pipe.set_sg_adapter(
+            embedded_adapter(pipe.unet, pipe.text_encoder.config.hidden_size, seed=0),
+            image_encoder=args.image_encoder,
+        )
+        info["adapter"] = DESCRIPTION
+    else:
+        info["adapter"] = None
+    if device.type != "cpu" or dtype != torch.float32:  # parts are built and loaded as float32 on CPU
+        pipe.to(device=device, dtype=dtype)
+    if pipe.sg_adapter is not None:
+        info["adapter_config"] = pipe.sg_adapter.config.to_dict()
+    info["scheduler"] = {"class": type(pipe.scheduler).__name__, **dict(pipe.scheduler.config)}
+    return pipe, info
+
+
+def _ddim(scheduler):
+    from diffusers import DDIMScheduler
+
+    return scheduler if isinstance(scheduler, DDIMScheduler) else DDIMScheduler.from_config(scheduler.config)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def run_generate(args: argparse.Namespace) -> dict[str, Any]:
+    from safetensors.torch import save_file
+
+    from .drawing import attention_overlays, contact_sheet, draw_scene_graph
+
+    inputs = read_inputs(args)  # before any model loads: bad input costs nothing
+    device, dtype = _device_and_dtype(args.device, args.dtype)
+    _quiet_loading()
+    pipe, model_info = build_pipeline(args, device, dtype)
+    if pipe.sg_adapter is None and (args.graph is not None or inputs.image is not None):
+        raise ValueError(
+            f"--model {args.model} alone has no adapter: a scene graph or an image prompt needs "
+            "--adapter FILE (an sg2img adapter file, or an official IP-Adapter file for image prompts)"
+        )
+    out: Path = args.out
+    record: dict[str, Any] = {
+        "command": ["sg2img", *sys.argv[1:]] if sys.argv and sys.argv[0].endswith("sg2img") else None,
+        "settings": {
+            "graph": None if args.graph is None else str(args.graph),
+            "prompt": args.prompt,
+            "negative_prompt": args.negative_prompt,
+            "image": None if args.image is None else str(args.image),
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "image_scale": args.image_scale,
+            "sg_scale": args.sg_scale,
+            "seed": args.seed,
+            "num_images": args.num_images,
+            "height": args.height,
+            "width": args.width,
+            "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "attention_maps": args.attention_maps,
+        },
+        **model_info,
+        "versions": versions(),
+        "outputs": [],
+    }
+    for i, (graph, name) in enumerate(zip(inputs.graphs, inputs.names)):
+        seeds = [args.seed + i * args.num_images + k for k in range(args.num_images)]
+        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        pipe.set_progress_bar_config(desc=f"{name} ({i + 1}/{len(inputs.graphs)})", leave=False)
+        result = pipe(
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt,
+            ip_adapter_image=inputs.image,
+            scene_graph=graph,
+            image_scale=args.image_scale,
+            sg_scale=args.sg_scale,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            generator=generators,
+            num_images_per_prompt=args.num_images,
+            height=args.height,
+            width=args.width,
+            attention_maps=args.attention_maps,
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        entry: dict[str, Any] = {
+            "name": name,
+            "graph": None if graph is None else graph.to_json(),
+            "images": [],
+        }
+        for k, (img, seed) in enumerate(zip(result.images, seeds)):
+            path = out / f"{name}-{k:02d}.png"
+            img.save(path)
+            entry["images"].append({"file": path.name, "seed": seed})
+        drawing = draw_scene_graph(graph, size=256, title=name) if graph is not None else None
+        caption = " | ".join(
+            s for s in (args.prompt and f"prompt: {args.prompt}", graph is not None and f"sg_scale {args.sg_scale}",
+                        inputs.image is not None and f"image_scale {args.image_scale}") if s
+        )  # fmt: skip
+        contact_sheet(drawing, result.images, caption).save(out / f"{name}-sheet.png")
+        entry["sheet"] = f"{name}-sheet.png"
+        if result.attention_maps is not None:
+            tensors, labels = {}, {}
+            for k, (img, att) in enumerate(zip(result.images, result.attention_maps)):
+                attention_overlays(img, att.nodes()).save(out / f"{name}-{k:02d}-attention.png")
+                tensors[f"image_{k:02d}"] = att.maps.float().contiguous()
+                labels[f"image_{k:02d}"] = att.labels
+            save_file(
+                tensors, str(out / f"{name}-attention.safetensors"), metadata={"labels": json.dumps(labels)}
+            )
+            entry["attention"] = [f"{name}-{k:02d}-attention.png" for k in range(len(result.images))]
+        record["outputs"].append(entry)
+    (out / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return record
+
+
+def _quiet_loading() -> None:
+    import diffusers
+    import transformers
+
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--graph", type=Path, help="sg2im JSON: one graph or a list (one set of outputs per graph)"
+    )
+    p.add_argument("--prompt", default=None, help="text prompt (default: none, i.e. the empty prompt)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument(
+        "--image", type=Path, default=None, help="image prompt (needs an adapter with an image branch)"
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="base: a diffusers folder, a single-file SD1.5 .safetensors, a hub id, or a preset name; "
+        "default: the embedded default model (no downloads)",
+    )
+    p.add_argument(
+        "--adapter", type=Path, default=None, help="sg2img adapter file or official IP-Adapter file"
+    )
+    p.add_argument(
+        "--image-encoder", default=None,
+        help="CLIP vision tower for image prompts: folder, hub_id[:subfolder] or open_clip:MODEL[:FILE]",
+    )  # fmt: skip
+    p.add_argument(
+        "--single-file-config", default=None, help="folder or hub id describing a single-file --model"
+    )
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50, the paper's)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--image-scale", type=float, default=1.0, help="image branch weight (lambda)")
+    p.add_argument("--sg-scale", type=float, default=1.0, help="scene-graph branch weight")
+    p.add_argument("--seed", type=int, default=0, help="image k of graph i uses seed + i * num_images + k")
+    p.add_argument("--num-images", type=int, default=1, help="images per graph")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, mps")
+    p.add_argument(
+        "--dtype", choices=("auto", *DTYPES), default="auto", help="auto: float16 on GPU, else float32"
+    )
+    p.add_argument(
+        "--attention-maps", action="store_true",
+        help="also save each graph node's cross-attention (graph branch, mean over layers and steps)",
+    )  # fmt: skip
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+
+
+__all__ = ["Inputs", "add_arguments", "build_pipeline", "read_inputs", "run_generate", "versions"]
