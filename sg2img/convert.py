@@ -141,9 +141,11 @@ def text_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def export_single_file(pipe, path: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write a pipeline's UNet, VAE and text encoder as one original-layout ``.safetensors`` file
-    (atomically). ``StableDiffusionPipeline.from_single_file(path, config=<diffusers folder>)`` reads it."""
+    (atomically; an attached adapter is left out). ``StableDiffusionPipeline.from_single_file(path, config=<diffusers folder>)`` reads it."""
+    # attention processors hold adapter weights (an attached IP-Adapter), not the base model's
+    unet = {k: v for k, v in pipe.unet.state_dict().items() if ".processor." not in k}
     tensors = {
-        **unet_to_ldm(pipe.unet.state_dict(), dict(pipe.unet.config)),
+        **unet_to_ldm(unet, dict(pipe.unet.config)),
         **vae_to_ldm(pipe.vae.state_dict(), dict(pipe.vae.config)),
         **text_to_ldm(pipe.text_encoder.state_dict()),
     }

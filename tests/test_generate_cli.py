@@ -1,0 +1,128 @@
+"""``sg2img generate``: outputs, the record, reproducibility, and bad input before any model loads."""
+
+import json
+
+import pytest
+from PIL import Image
+from safetensors import safe_open
+
+import sg2img.generate
+from sg2img.cli import main
+from sg2img.convert import export_single_file
+from sg2img.demo import reference_image
+from sg2img.models import save_tiny_model
+
+SHEEP = "data/examples/sheep.json"  # a list of two graphs
+
+
+def generate(*args):
+    return main(["generate", "--steps", "2", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "out"
+    assert generate("--graph", SHEEP, "--prompt", "a sheep", "--num-images", "2", "--out", out) == 0
+    return out
+
+
+def test_embedded_default_writes_images_sheets_and_the_record(default_run):
+    names = sorted(p.name for p in default_run.iterdir())
+    assert names == [
+        "generate.json",
+        "sheep-00-00.png", "sheep-00-01.png", "sheep-00-sheet.png",
+        "sheep-01-00.png", "sheep-01-01.png", "sheep-01-sheet.png",
+    ]  # fmt: skip
+    record = json.loads((default_run / "generate.json").read_text())
+    assert record["settings"]["steps"] == 2 and record["settings"]["guidance"] == 7.5
+    assert record["model"].startswith("embedded default") and record["adapter"].startswith("embedded default")
+    assert [i["seed"] for o in record["outputs"] for i in o["images"]] == [0, 1, 2, 3]
+    assert record["outputs"][0]["graph"]["objects"]  # the graph itself is kept
+    assert {"torch", "diffusers", "sg2img"} <= set(record["versions"])
+    assert record["scheduler"]["class"] == "DDIMScheduler"
+    sheet = Image.open(default_run / "sheep-00-sheet.png")
+    image = Image.open(default_run / "sheep-00-00.png")
+    assert sheet.width == 3 * 256 and image.size == (32, 32)  # drawing + 2 images
+
+
+def test_same_seed_same_images_other_seed_differs(default_run, tmp_path):
+    again = tmp_path / "again"
+    assert generate("--graph", SHEEP, "--prompt", "a sheep", "--num-images", "2", "--out", again) == 0
+    for name in ("sheep-00-00.png", "sheep-01-01.png"):
+        assert (again / name).read_bytes() == (default_run / name).read_bytes()
+    other = tmp_path / "other"
+    assert generate("--graph", SHEEP, "--prompt", "a sheep", "--seed", "7", "--out", other) == 0
+    assert (other / "sheep-00-00.png").read_bytes() != (default_run / "sheep-00-00.png").read_bytes()
+
+
+def test_attention_maps(tmp_path):
+    out = tmp_path / "att"
+    assert generate("--graph", "data/examples/shapes.json", "--attention-maps", "--out", out) == 0
+    pngs = sorted(p.name for p in out.glob("*-attention.png"))
+    assert pngs and all((out / p).stat().st_size > 0 for p in pngs)
+    stem = pngs[0].rsplit("-", 2)[0]
+    with safe_open(out / f"{stem}-attention.safetensors", "pt") as f:
+        labels = json.loads(f.metadata()["labels"])["image_00"]
+        maps = f.get_tensor("image_00")
+    assert maps.shape[0] == len(labels) and labels[0] == "<graph>"
+
+
+def test_model_folder_single_file_and_adapter(tmp_path):
+    base = save_tiny_model(tmp_path / "tiny-sd")
+    from diffusers import StableDiffusionPipeline
+
+    from sg2img.defaults import embedded_adapter
+
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
+    adapter = embedded_adapter(pipe.unet, 48).save(tmp_path / "adapter.safetensors")
+    single = export_single_file(pipe, tmp_path / "tiny.safetensors")
+    reference_image().save(tmp_path / "ref.png")
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--graph", "data/examples/shapes.json", "--image", tmp_path / "ref.png", "--prompt", "shapes"]
+    assert generate(*common, "--model", base, "--adapter", adapter, "--out", a) == 0
+    assert (
+        generate(*common, "--model", single, "--single-file-config", base, "--adapter", adapter, "--out", b)
+        == 0
+    )
+    assert len(list(a.glob("*.png"))) == 2  # image + contact sheet
+    for p in a.glob("*.png"):
+        assert (b / p.name).read_bytes() == p.read_bytes(), p.name
+    assert json.loads((b / "generate.json").read_text())["adapter_sha256"]
+
+
+def test_invalid_graph_exits_2_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(sg2img.generate, "build_pipeline", no_model)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"objects": ["sheep"], "relationships": [[0, "near", 3]]}))
+    out = tmp_path / "out"
+    assert generate("--graph", bad, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert "bad.json" in err and "relationships[0]" in err and "out of range" in err
+    assert not out.exists()
+    assert generate("--graph", tmp_path / "missing.json", "--out", out) == 2
+    assert "missing.json" in capsys.readouterr().err and not out.exists()
+    assert generate("--image", tmp_path / "none.png", "--out", out) == 2
+    assert "none.png" in capsys.readouterr().err
+    assert generate("--attention-maps", "--out", out) == 2
+    assert "--attention-maps needs --graph" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_model_says_how_to_provide_one(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert generate("--model", tmp_path / "nope", "--out", out) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "without --model uses the embedded default" in err
+    assert not out.exists()
+
+
+def test_a_base_without_adapter_refuses_graphs(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert generate("--model", "tiny", "--graph", SHEEP, "--out", out) == 2
+    assert "--adapter FILE" in capsys.readouterr().err
+    assert not out.exists()
+    assert generate("--model", "tiny", "--prompt", "a sheep", "--out", out) == 0  # text only works
+    assert (out / "prompt-00.png").is_file()
