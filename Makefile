@@ -31,6 +31,8 @@ lint: setup
 
 demo: setup
 	$(BIN)/sg2img demo --out $(DEMO)
+	$(BIN)/sg2img generate --graph data/examples/sheep.json --prompt "a sheep on grass" --num-images 2 \
+		--steps 20 --attention-maps --out $(DEMO)/generate
 
 clean:
 	rm -rf build .pytest_cache

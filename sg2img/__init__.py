@@ -3,10 +3,30 @@
 Built on the ``ip_adapter`` package; adds scene graphs, the GNN graph branch, presets and the CLI.
 """
 
-from .adapter import SceneGraphAdapter, SGAdapterConfig
-from .gnn import GNN_PRESETS, GNNConfig, SceneGraphEncoder, TokenConfig, gnn_preset, graphs_to_batch
-from .graph import Limits, Relationship, SceneGraph, SceneGraphError, SGObject, load_scene_graphs
-from .labels import LabelEmbedder, LearnedVocabulary
+import warnings
+
+# torch-geometric applies torch.jit.script at import time, which recent torch marks deprecated; the
+# warning is about that library, not about anything a user of sg2img can change.
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
+
+from .adapter import SceneGraphAdapter, SGAdapterConfig  # noqa: E402
+from .gnn import (  # noqa: E402
+    GNN_PRESETS,
+    GNNConfig,
+    SceneGraphEncoder,
+    TokenConfig,
+    gnn_preset,
+    graphs_to_batch,
+)
+from .graph import (  # noqa: E402
+    Limits,
+    Relationship,
+    SceneGraph,
+    SceneGraphError,
+    SGObject,
+    load_scene_graphs,
+)
+from .labels import LabelEmbedder, LearnedVocabulary  # noqa: E402
 
 __all__ = [
     "GNN_PRESETS",

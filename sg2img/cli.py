@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -183,8 +182,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # torch-geometric's import-time use of torch.jit.script warns on recent torch; it is not ours to fix.
-    warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in TRAINING_SUBCOMMANDS:
         from .training_cli import cli_main
