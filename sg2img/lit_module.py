@@ -493,7 +493,7 @@ class SG2ImgModule(L.LightningModule):
             image_encoder=encoder.model if isinstance(encoder, TransformersImageEncoder) else None,
             requires_safety_checker=False,
         )
-        pipe.set_sg_adapter(self.adapter, image_encoder=encoder, labels=self.labels)
+        pipe.set_sg_adapter(self.adapter, image_encoder=encoder, labels=self.labels, cast=False)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -511,16 +511,19 @@ class SG2ImgModule(L.LightningModule):
         """DDIM samples with classifier-free guidance through ``pipeline()``: one image per entry of
         ``graphs``/``prompts``/``images`` (each list of length 1 or the batch size)."""
         pipe = self.pipeline()
-        return pipe(
-            prompt=list(prompts) if prompts else None,
-            scene_graph=list(graphs) if graphs and self.has_graph else None,
-            ip_adapter_image=list(images) if images else None,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=torch.Generator(device=self.device).manual_seed(seed),
-            height=size,
-            width=size,
-        ).images
+        dtype = self.unet.dtype
+        # the adapter keeps fp32 weights beside a half-precision base: autocast reconciles the two
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return pipe(
+                prompt=list(prompts) if prompts else None,
+                scene_graph=list(graphs) if graphs and self.has_graph else None,
+                ip_adapter_image=list(images) if images else None,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=torch.Generator(device=self.device).manual_seed(seed),
+                height=size,
+                width=size,
+            ).images
 
     # --- the adapter file -----------------------------------------------------------------------
     def export_adapter(self, path: str | Path) -> Path:

@@ -169,10 +169,12 @@ class SceneGraphPipelineMixin:
         adapter: SceneGraphAdapter,
         image_encoder: str | ImageEncoder | None = None,
         labels: LabelEmbedder | None = None,
+        cast: bool = True,
     ) -> None:
-        """Use an in-memory adapter (e.g. the one being trained); its weights are shared, not copied."""
+        """Use an in-memory adapter; its weights are shared, not copied. ``cast=False`` leaves the adapter
+        and image encoder on their device and dtype (an adapter in training keeps its fp32 weights)."""
         if adapter.config.image_branch:
-            self.clip = self._resolve_image_encoder(image_encoder)
+            self.clip = self._resolve_image_encoder(image_encoder, cast)
             want, have = adapter.config.image.clip_embeddings_dim, self.clip.spec.projection_dim
             if adapter.config.image.image_tokens == "patch":
                 want, have = adapter.config.image.clip_hidden_dim, self.clip.spec.hidden_size
@@ -186,7 +188,8 @@ class SceneGraphPipelineMixin:
                 f"the adapter's graph branch expects label embeddings of width {adapter.config.label_dim}, "
                 f"but this text encoder gives {self.text_encoder.config.hidden_size}"
             )
-        adapter.to(device=self.unet.device, dtype=self.unet.dtype)
+        if cast:
+            adapter.to(device=self.unet.device, dtype=self.unet.dtype)
         adapter.attach(self.unet)
         self.sg_adapter = adapter
         self.label_embedder = labels or LabelEmbedder(self.text_encoder, self.tokenizer)
@@ -196,7 +199,7 @@ class SceneGraphPipelineMixin:
             self.sg_adapter.detach(self.unet)
         self.sg_adapter = None
 
-    def _resolve_image_encoder(self, spec: str | ImageEncoder | None) -> ImageEncoder:
+    def _resolve_image_encoder(self, spec: str | ImageEncoder | None, cast: bool = True) -> ImageEncoder:
         if isinstance(spec, ImageEncoder):
             encoder = spec
         elif spec is not None:
@@ -214,7 +217,9 @@ class SceneGraphPipelineMixin:
                     f"IP-Adapter's ({':'.join(IP_ADAPTER_IMAGE_ENCODER)}) could not be loaded: {e}. Pass "
                     "image_encoder= a local CLIPVisionModelWithProjection folder or 'open_clip:MODEL:FILE'"
                 ) from e
-        encoder.to(device=self.unet.device, dtype=self.unet.dtype).eval().requires_grad_(False)
+        if cast:
+            encoder.to(device=self.unet.device, dtype=self.unet.dtype)
+        encoder.eval().requires_grad_(False)
         if isinstance(encoder, TransformersImageEncoder):
             self.register_modules(image_encoder=encoder.model)
         return encoder

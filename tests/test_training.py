@@ -15,6 +15,7 @@ from ip_adapter import IPAdapter
 from sg2img.adapter import SceneGraphAdapter
 from sg2img.data import CachedRows, JsonlManifest, SG2ImgDataModule, collate, write_cache
 from sg2img.gnn import GNNConfig
+from sg2img.graph import SceneGraph
 from sg2img.lit_module import ConditionDropout, OptimizerConfig, SG2ImgModule, branch_of, diffusion_target
 from sg2img.models import save_tiny_model
 
@@ -236,3 +237,15 @@ def test_cached_path_gives_the_same_loss(manifest, tmp_path):
         a = m.diffusion_loss(raw, m.step_generator(seed))
         b = m.diffusion_loss(from_cache, m.step_generator(seed))
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (seed, a.item(), b.item())
+
+
+def test_sampling_during_training_keeps_the_adapter_fp32_beside_a_half_base():
+    m = make_module(base_dtype="bfloat16")
+    assert m.unet.dtype == torch.bfloat16
+    graph = SceneGraph.from_names(["sheep", "tree"], [(0, "left of", 1)])
+    images = m.generate(graphs=[graph], prompts=["a sheep"], steps=2, seed=0)
+    assert len(images) == 1 and images[0].size == (32, 32)
+    assert {p.dtype for _, p in m.trainable_parameters()} == {torch.float32}
+    assert (
+        m.generate(graphs=[graph], prompts=["a sheep"], steps=2, seed=0)[0].tobytes() == images[0].tobytes()
+    )
