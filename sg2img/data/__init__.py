@@ -7,6 +7,7 @@ from .datamodule import SG2ImgDataModule
 from .jsonl import JsonlManifest
 from .laion_sg import LaionSG
 from .records import Example, Preprocess, SkipLog, Skipped, TrainBatch, collate
+from .shapes import Shapes, ShapesEvaluator
 from .visual_genome import VisualGenome
 from .webdataset import WebDatasetShards, write_shards
 
@@ -19,6 +20,8 @@ __all__ = [
     "Preprocess",
     "RowSource",
     "SG2ImgDataModule",
+    "Shapes",
+    "ShapesEvaluator",
     "SkipLog",
     "Skipped",
     "TrainBatch",

@@ -1,0 +1,275 @@
+"""The shapes world: a procedurally rendered scene-graph benchmark that fits on a CPU, with an evaluator.
+
+Each image holds 2-4 objects on a plain background: a shape (circle, square, triangle) in a colour from a
+fixed palette, each colour at most once per image, objects apart from each other and no pair within 10
+degrees of a diagonal (where the relation would be ambiguous). The scene graph names
+each object by its shape with its colour as an attribute ("red circle"), and relates every pair with
+left of / right of / above / below, from the object centres by sg2im's angle rule. Rendering is
+deterministic: row i of a split is drawn from a generator seeded with (seed, split, i).
+
+``ShapesEvaluator`` needs no learned weights: it segments each palette colour, takes its centroid and a
+rough shape class (how much of its bounding box the colour fills), and scores an image against a graph:
+
+- object recall: the share of the graph's objects found with the right colour and shape;
+- relation accuracy: the share of triples whose two objects are both found (by colour) for which the
+  angle rule on the found centres gives the graph's predicate (chance is 1/4 for a random layout);
+- graph accuracy: the share of images where every object is found and every triple holds.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ..graph import SceneGraph
+from .base import RowSource
+from .coco_stuff import geometric_predicate
+from .records import Example
+
+SHAPES = ("circle", "square", "triangle")
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (230, 25, 25),
+    "green": (25, 200, 25),
+    "blue": (25, 25, 230),
+    "yellow": (240, 230, 20),
+    "magenta": (230, 25, 230),
+    "cyan": (20, 225, 230),
+}
+BACKGROUND = (128, 128, 128)
+SPLITS = {"train": 0, "val": 1, "test": 2}
+DEFAULT_SIZES = {"train": 20_000, "val": 500, "test": 500}
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    shape: str
+    colour: str
+    centre: tuple[float, float]  # normalised (x, y), y down
+    radius: float  # normalised half-size
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        x, y, r = *self.centre, self.radius
+        return (x - r, y - r, x + r, y + r)
+
+
+def centre_predicate(s: tuple[float, float], o: tuple[float, float]) -> str:
+    """sg2im's angle rule on two centres (the subject's relation to the object)."""
+    return geometric_predicate((*s, *s), (*o, *o))
+
+
+def _clear_of_diagonals(a: tuple[float, float], b: tuple[float, float], margin_deg: float) -> bool:
+    """Whether the direction a -> b is more than ``margin_deg`` from every diagonal, where the angle
+    rule switches predicate: then a few pixels of error cannot flip the relation."""
+    angle = np.degrees(np.arctan2(b[1] - a[1], b[0] - a[0])) % 90.0
+    return abs(angle - 45.0) > margin_deg
+
+
+def sample_scene(
+    rng: np.random.Generator, min_objects: int = 2, max_objects: int = 4, margin_deg: float = 10.0
+) -> list[ShapeObject]:
+    """Objects at random places, apart from each other, every pair's direction clear of the diagonals."""
+    n = int(rng.integers(min_objects, max_objects + 1))
+    colours = rng.choice(len(PALETTE), size=n, replace=False)
+    radius = 0.12
+    objects: list[ShapeObject] = []
+    while len(objects) < n:
+        centre = tuple(float(v) for v in rng.uniform(radius + 0.02, 1 - radius - 0.02, size=2))
+        if all(
+            np.hypot(centre[0] - o.centre[0], centre[1] - o.centre[1]) > 2.4 * radius
+            and _clear_of_diagonals(centre, o.centre, margin_deg)
+            for o in objects
+        ):
+            name = list(PALETTE)[int(colours[len(objects)])]
+            objects.append(ShapeObject(SHAPES[int(rng.integers(len(SHAPES)))], name, centre, radius))
+    return objects
+
+
+def render(objects: list[ShapeObject], size: int = 32, supersample: int = 4) -> Image.Image:
+    """Draw at ``supersample`` times the size, then reduce with nearest sampling (crisp, exact colours)."""
+    big = size * supersample
+    img = Image.new("RGB", (big, big), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    for o in objects:
+        x, y, r = o.centre[0] * big, o.centre[1] * big, o.radius * big
+        fill = PALETTE[o.colour]
+        if o.shape == "circle":
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+        elif o.shape == "square":
+            s = r * 0.85  # equal area-ish to the circle, so size does not give the shape away
+            draw.rectangle((x - s, y - s, x + s, y + s), fill=fill)
+        else:
+            # equilateral, inscribed in the circle: its centroid is the object's centre
+            draw.polygon([(x, y - r), (x + 0.866 * r, y + r / 2), (x - 0.866 * r, y + r / 2)], fill=fill)
+    return img.resize((size, size), Image.Resampling.NEAREST)
+
+
+def scene_graph(objects: list[ShapeObject]) -> SceneGraph:
+    """Every object, and one triple per pair (lower index as subject), from the centres."""
+    triples = [
+        [i, centre_predicate(objects[i].centre, objects[j].centre), j]
+        for i, j in itertools.combinations(range(len(objects)), 2)
+    ]
+    return SceneGraph.from_json(
+        {
+            "objects": [{"name": o.shape, "attributes": [o.colour], "box": list(o.box)} for o in objects],
+            "relationships": triples,
+        },
+        source="shapes",
+    )
+
+
+def caption(graph: SceneGraph, relations: bool = False) -> str:
+    names = [f"a {o.label}" for o in graph.objects]
+    if not relations:
+        return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
+    return "; ".join(
+        f"a {graph.objects[r.subject].label} {r.predicate} a {graph.objects[r.object].label}"
+        for r in graph.relationships
+    )
+
+
+class Shapes(RowSource):
+    """One split of the shapes world (a map-style source of ``Example`` rows).
+
+    Args:
+        split: ``train``, ``val`` or ``test`` (fixed, disjoint generator streams).
+        size: image side in pixels.
+        num_rows: rows in the split (default: 20,000 / 500 / 500).
+        caption_relations: put the relations into the caption (the text baseline); default: objects only.
+        seed: the world's seed.
+    """
+
+    def __init__(
+        self,
+        split: Literal["train", "val", "test"] = "train",
+        size: int = 32,
+        num_rows: int | None = None,
+        caption_relations: bool = False,
+        seed: int = 0,
+        min_objects: int = 2,
+        max_objects: int = 4,
+    ):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+        if not 1 <= min_objects <= max_objects <= len(PALETTE):
+            raise ValueError(f"need 1 <= min_objects <= max_objects <= {len(PALETTE)}")
+        self.split, self.size, self.seed = split, size, seed
+        self.num_rows = DEFAULT_SIZES[split] if num_rows is None else num_rows
+        self.caption_relations = caption_relations
+        self.min_objects, self.max_objects = min_objects, max_objects
+
+    def _index(self) -> list[int]:
+        return list(range(self.num_rows))
+
+    def key(self, i: int) -> str:
+        return f"shapes/{self.split}/{i}"
+
+    def objects(self, i: int) -> list[ShapeObject]:
+        rng = np.random.default_rng([self.seed, SPLITS[self.split], i])
+        return sample_scene(rng, self.min_objects, self.max_objects)
+
+    def example(self, i: int) -> Example:
+        objects = self.objects(i)
+        graph = scene_graph(objects)
+        return Example(self.key(i), render(objects, self.size), caption(graph, self.caption_relations), graph)
+
+
+@dataclass(frozen=True)
+class Found:
+    colour: str
+    shape: str
+    centre: tuple[float, float]
+    pixels: int
+
+
+def _shape_class(box: np.ndarray) -> str:
+    """From the colour's mask inside its bounding box: a square fills all four corners, a triangle (apex
+    up) the bottom two only, a circle none; the fill ratio decides what the corners leave open."""
+    h, w = box.shape
+    k = max(1, round(0.2 * min(h, w)))
+    corners = [box[:k, :k].mean(), box[:k, -k:].mean(), box[-k:, :k].mean(), box[-k:, -k:].mean()]
+    top, bottom = corners[0] + corners[1], corners[2] + corners[3]
+    if min(corners) > 0.5:
+        return "square"
+    if bottom > 1.0 and top < 0.5:
+        return "triangle"
+    return "circle" if box.mean() > 0.62 else "triangle"
+
+
+class ShapesEvaluator:
+    """Scores images against shapes-world graphs by colour segmentation (see the module docstring)."""
+
+    def __init__(self, colour_tolerance: float = 60.0, min_fraction: float = 0.25):
+        self.colour_tolerance = colour_tolerance
+        self.min_fraction = min_fraction  # of the area a rendered object covers
+
+    def find(self, image: Image.Image) -> dict[str, Found]:
+        a = np.asarray(image.convert("RGB"), dtype=np.float32)
+        h, w = a.shape[:2]
+        expected = np.pi * (0.12 * min(h, w)) ** 2 * 0.75  # the smallest rendered shape, roughly
+        out = {}
+        for name, rgb in PALETTE.items():
+            mask = np.linalg.norm(a - np.asarray(rgb, dtype=np.float32), axis=-1) < self.colour_tolerance
+            count = int(mask.sum())
+            if count < self.min_fraction * expected:
+                continue
+            ys, xs = np.nonzero(mask)
+            box = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+            out[name] = Found(name, _shape_class(box), ((xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h), count)
+        return out
+
+    def score(self, image: Image.Image, graph: SceneGraph) -> dict[str, float]:
+        """Per-image counts: objects, objects found, triples judged, triples that hold, graph correct."""
+        found = self.find(image)
+        objects_ok = 0
+        for o in graph.objects:
+            f = found.get(o.attributes[0] if o.attributes else "")
+            objects_ok += int(f is not None and f.shape == o.name)
+        judged = held = 0
+        for r in graph.relationships:
+            s, o = (found.get(graph.objects[k].attributes[0]) for k in (r.subject, r.object))
+            if s is None or o is None:
+                continue
+            judged += 1
+            held += int(centre_predicate(s.centre, o.centre) == r.predicate)
+        n_obj, n_rel = len(graph.objects), len(graph.relationships)
+        return {
+            "objects": n_obj,
+            "objects_found": objects_ok,
+            "triples": n_rel,
+            "triples_judged": judged,
+            "triples_held": held,
+            "graph_correct": float(objects_ok == n_obj and held == n_rel),
+        }
+
+    def evaluate(self, images: list[Image.Image], graphs: list[SceneGraph]) -> dict[str, float]:
+        if len(images) != len(graphs):
+            raise ValueError(f"{len(images)} images for {len(graphs)} graphs")
+        rows = [self.score(i, g) for i, g in zip(images, graphs)]
+        total = {k: sum(r[k] for r in rows) for k in rows[0]} if rows else {}
+        return {
+            "images": len(rows),
+            "object_recall": total["objects_found"] / max(total["objects"], 1),
+            "relation_accuracy": total["triples_held"] / max(total["triples_judged"], 1),
+            "relations_judged": total["triples_judged"] / max(total["triples"], 1),
+            "graph_accuracy": total["graph_correct"] / len(rows),
+        }
+
+
+__all__ = [
+    "PALETTE",
+    "SHAPES",
+    "ShapeObject",
+    "Shapes",
+    "ShapesEvaluator",
+    "caption",
+    "centre_predicate",
+    "render",
+    "sample_scene",
+    "scene_graph",
+]
