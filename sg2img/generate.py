@@ -101,7 +101,7 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
         parts = load_pipeline_parts(args.model, args.single_file_config)
         info["model"] = str(args.model)
     pipe = SG2ImgPipeline.from_components(parts)
-    pipe.scheduler = _ddim(pipe.scheduler)
+    pipe.use_ddim()
     if args.adapter is not None:
         pipe.load_sg_adapter(args.adapter, image_encoder=args.image_encoder)
         info["adapter"] = str(args.adapter)
@@ -120,12 +120,6 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
         info["adapter_config"] = pipe.sg_adapter.config.to_dict()
     info["scheduler"] = {"class": type(pipe.scheduler).__name__, **dict(pipe.scheduler.config)}
     return pipe, info
-
-
-def _ddim(scheduler):
-    from diffusers import DDIMScheduler
-
-    return scheduler if isinstance(scheduler, DDIMScheduler) else DDIMScheduler.from_config(scheduler.config)
 
 
 def versions() -> dict[str, str]:

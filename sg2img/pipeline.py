@@ -21,8 +21,8 @@ only uses the empty prompt.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,7 +129,7 @@ class SceneGraphPipelineMixin:
         sampler, unless one is passed."""
         pipe = super().from_pretrained(*args, **kwargs)
         if "scheduler" not in kwargs:
-            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+            pipe.use_ddim()
         return pipe
 
     @classmethod
@@ -138,8 +138,13 @@ class SceneGraphPipelineMixin:
         folder or hub id whose component configs describe it); the scheduler becomes DDIM."""
         pipe = super().from_single_file(*args, **kwargs)
         if "scheduler" not in kwargs:
-            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+            pipe.use_ddim()
         return pipe
+
+    def use_ddim(self) -> None:
+        """Sample with DDIM (the paper's sampler) on the base's own noise schedule."""
+        if not isinstance(self.scheduler, DDIMScheduler):
+            self.scheduler = DDIMScheduler.from_config(self.scheduler.config)
 
     @classmethod
     def from_components(cls, parts: Components, **kwargs: Any):
@@ -330,7 +335,7 @@ class SceneGraphPipelineMixin:
             **kwargs,
         )
         cak = dict(cross_attention_kwargs or {})
-        hooks: Any = _null_context()
+        hooks: Any = nullcontext()
         if concat:
             for name, scale in (("image_scale", image_scale), ("sg_scale", sg_scale)):
                 if not (_is_zero(scale) or scale == 1.0):
@@ -400,11 +405,6 @@ def _is_zero(scale: Scale) -> bool:
     if isinstance(scale, (int, float)):
         return float(scale) == 0.0
     return False
-
-
-@contextmanager
-def _null_context() -> Iterator[None]:
-    yield
 
 
 class SG2ImgPipeline(SceneGraphPipelineMixin, StableDiffusionPipeline):
