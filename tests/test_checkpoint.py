@@ -175,3 +175,16 @@ def test_config_validation():
         IPAdapterConfig(image_tokens="global")
     with pytest.raises(ValueError, match=r"unknown resampler options \['depht'\]"):
         IPAdapterConfig(image_tokens="patch", resampler={"depht": 2})
+
+
+def test_written_files_get_the_usual_permissions_not_the_temp_files(tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        f = write_adapter_file(tmp_path / "a.safetensors", {"x.weight": torch.zeros(2)})
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(f.stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]  # no temp file left behind
