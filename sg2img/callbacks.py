@@ -1,4 +1,4 @@
-"""Training callbacks: sample grids, the adapter file, throughput, and the run's resolved config."""
+"""Training callbacks: sample grids, the adapter and base files, throughput, and the run's resolved config."""
 
 from __future__ import annotations
 
@@ -116,6 +116,9 @@ class AdapterExport(L.Callback):
     def __init__(self, filename: str = "adapter.safetensors"):
         self.filename = filename
 
+    def export(self, pl_module, out: Path) -> None:
+        pl_module.export_adapter(out)
+
     def path(self, trainer: L.Trainer) -> Path:
         return Path(trainer.default_root_dir) / self.filename
 
@@ -123,13 +126,23 @@ class AdapterExport(L.Callback):
         if trainer.is_global_zero:
             out = self.path(trainer)
             out.parent.mkdir(parents=True, exist_ok=True)
-            pl_module.export_adapter(out)
+            self.export(pl_module, out)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         self._write(trainer, pl_module)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
         self._write(trainer, pl_module)
+
+
+class BaseExport(AdapterExport):
+    """Keeps ``DIR/base.safetensors`` (a base file, EMA weights) current, as ``AdapterExport`` does."""
+
+    def __init__(self, filename: str = "base.safetensors"):
+        super().__init__(filename)
+
+    def export(self, pl_module, out: Path) -> None:
+        pl_module.export_base(out)
 
 
 class SaveRunConfig(SaveConfigCallback):

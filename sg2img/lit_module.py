@@ -320,8 +320,9 @@ class SG2ImgModule(L.LightningModule):
     def data_requirements(self) -> dict[str, int]:
         """What the data pipeline must produce for this base."""
         self.configure_model()
+        side = self.vae.config.sample_size if self.vae is not None else self.unet.config.sample_size
         return {
-            "resolution": int(self.vae.config.sample_size),
+            "resolution": int(side),
             "clip_size": int(self.image_encoder.spec.image_size),
         }
 
@@ -354,10 +355,12 @@ class SG2ImgModule(L.LightningModule):
     @torch.no_grad()
     def encode_batch(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         """The frozen encoders' outputs for a raw batch: what ``sg2img cache`` stores."""
-        out = {
-            "latent_dist": self.vae.encode(batch.pixels.to(self.vae.dtype)).latent_dist.parameters,
-            "text_embeds": self.encode_text(batch.input_ids),
-        }
+        if self.vae is None:  # pixel space: the "distribution" is the image itself, with zero spread
+            pixels = batch.pixels.to(self.device, self.unet.dtype)
+            dist = torch.cat([pixels, torch.zeros_like(pixels)], dim=1)
+        else:
+            dist = self.vae.encode(batch.pixels.to(self.vae.dtype)).latent_dist.parameters
+        out = {"latent_dist": dist, "text_embeds": self.encode_text(batch.input_ids)}
         feats = self.image_encoder(batch.clip_pixels)
         out["image_embeds"], out["patch_tokens"] = feats.embeds, feats.patch_tokens
         return out
@@ -365,6 +368,9 @@ class SG2ImgModule(L.LightningModule):
     def _latents(self, batch: TrainBatch, generator: torch.Generator) -> torch.Tensor:
         with torch.no_grad():
             params = batch.latent_dist
+            if self.vae is None:  # pixel space: the UNet denoises the image itself
+                pixels = params.chunk(2, dim=1)[0] if params is not None else batch.pixels
+                return pixels.to(self.device, self.unet.dtype)
             if params is None:
                 params = self.vae.encode(batch.pixels.to(self.vae.dtype)).latent_dist.parameters
             dist = DiagonalGaussianDistribution(params.to(self.device, self.vae.dtype))

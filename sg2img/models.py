@@ -9,7 +9,7 @@ so the SD1.5 architecture can be inspected without allocating or downloading any
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -114,13 +114,39 @@ TINY_TEXT = {
 }
 
 
+# The shapes world's base (sg2img.data.shapes): a pixel-space model at 32 px (no VAE: the UNet denoises
+# RGB directly), cross-attention at 16 and 8 px (and the mid block), the tiny text encoder. A cosine
+# schedule suits pixels; DDIM clips its x0 estimate to the image range.
+SHAPES_UNET = {
+    "sample_size": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": 1,
+    "cross_attention_dim": 48,
+    "attention_head_dim": 8,
+    "norm_num_groups": 8,
+}
+SHAPES_DDIM = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",
+    "clip_sample": True,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": True,
+    "steps_offset": 0,
+}
+
+
 @dataclass(frozen=True)
 class Preset:
-    """Configs of one base-model size, plus the matching IP-Adapter configs."""
+    """Configs of one base-model size, plus the matching IP-Adapter configs. ``vae=None``: a pixel-space
+    model (the UNet's sample is the image in [-1, 1])."""
 
     name: str
     unet: dict[str, Any]
-    vae: dict[str, Any]
+    vae: dict[str, Any] | None
     text_encoder: dict[str, Any]
     image_encoder: VisionTowerSpec
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(SD15_DDIM))
@@ -140,6 +166,9 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "sd15": Preset("sd15", SD15_UNET, SD15_VAE, SD15_TEXT, VIT_H_14),
     "tiny": Preset("tiny", TINY_UNET, TINY_VAE, TINY_TEXT, TINY_VIT, resampler={"heads": 2}),
+    "shapes": Preset(
+        "shapes", SHAPES_UNET, None, TINY_TEXT, TINY_VIT, scheduler=SHAPES_DDIM, resampler={"heads": 2}
+    ),
 }
 
 
@@ -186,7 +215,7 @@ def build_components(
         raise ValueError(f"image_backend must be 'transformers' or 'open_clip', got {image_backend!r}")
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**p.unet)
-    vae = AutoencoderKL(**p.vae)
+    vae = AutoencoderKL(**p.vae) if p.vae is not None else None
     text_encoder = CLIPTextModel(CLIPTextConfig(**p.text_encoder))
     image_encoder = (
         TransformersImageEncoder.from_spec(p.image_encoder)
@@ -194,7 +223,8 @@ def build_components(
         else OpenClipImageEncoder.from_spec(p.image_encoder)
     )
     for m in (unet, vae, text_encoder, image_encoder):
-        m.eval().requires_grad_(False)
+        if m is not None:
+            m.eval().requires_grad_(False)
     return Components(
         unet=unet,
         vae=vae,
@@ -208,7 +238,7 @@ def build_components(
 def ddpm_scheduler(preset: str | Preset = "tiny") -> DDPMScheduler:
     """The training-time noise schedule of a preset."""
     p = get_preset(preset) if isinstance(preset, str) else preset
-    keys = set(SD15_SCHEDULE)
+    keys = set(SD15_SCHEDULE) | {"beta_schedule"}
     return DDPMScheduler(**{k: v for k, v in p.scheduler.items() if k in keys})
 
 
@@ -225,6 +255,119 @@ def save_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     return out
 
 
+# A base model in one safetensors file: every part's weights under its diffusers name (``unet.``, ``vae.``,
+# ``text_encoder.``, ``image_encoder.``) and the Preset that builds them in the metadata. This is how the
+# small trained bases ship (see ``EMBEDDED``); SD1.5-size models use diffusers folders or single files.
+BASE_FILE_FORMAT = "sg2img-base"
+ASSETS = Path(__file__).parent / "assets"
+EMBEDDED = "embedded"  # the trained shapes-world base that ships with the package
+EMBEDDED_BASE_FILE = ASSETS / "shapes-base.safetensors"
+
+
+def preset_to_json(p: Preset) -> str:
+    return json.dumps(asdict(p), sort_keys=True)
+
+
+def preset_from_json(text: str, source: str = "<string>") -> Preset:
+    try:
+        d = json.loads(text)
+        d["image_encoder"] = VisionTowerSpec(**d["image_encoder"])
+        return Preset(**d)
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{source}: the metadata field 'preset' does not describe a base model: {e}") from e
+
+
+def save_base_file(
+    parts: Components, preset: Preset, path: str | Path, dtype: torch.dtype = torch.float16
+) -> Path:
+    """Write ``parts`` as one base file (floating weights stored as ``dtype``), atomically."""
+    from safetensors.torch import save_file
+
+    from ip_adapter.checkpoint import atomic_write
+
+    out = Path(path)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"{out}: base files are written as .safetensors")
+    encoder = parts.image_encoder
+    if encoder is not None and not isinstance(encoder, TransformersImageEncoder):
+        raise ValueError("base files hold a transformers CLIP image encoder (or none)")
+    tensors: dict[str, torch.Tensor] = {}
+    modules = {
+        "unet": parts.unet,
+        "vae": parts.vae,
+        "text_encoder": parts.text_encoder,
+        "image_encoder": encoder.model if encoder is not None else None,
+    }
+    for name, module in modules.items():
+        if module is None:
+            continue
+        for k, v in module.state_dict().items():
+            v = v.detach().to("cpu")
+            tensors[f"{name}.{k}"] = (v.to(dtype) if v.is_floating_point() else v).contiguous()
+    meta = {"format": BASE_FILE_FORMAT, "preset": preset_to_json(preset)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return out
+
+
+def is_base_file(path: str | Path) -> bool:
+    from safetensors import safe_open
+
+    p = Path(path)
+    if p.suffix != ".safetensors" or not p.is_file():
+        return False
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == BASE_FILE_FORMAT
+    except Exception:
+        return False
+
+
+def convert_base_file(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Rewrite a base file with its floating weights stored as ``dtype`` (fp16 halves a shipped file)."""
+    from safetensors import safe_open
+
+    with safe_open(str(src), framework="pt") as f:
+        preset = preset_from_json((f.metadata() or {}).get("preset", ""), str(src))
+    return save_base_file(read_base_file(src), preset, dst, dtype=dtype)
+
+
+def read_base_file(path: str | Path, dtype: torch.dtype = torch.float32) -> Components:
+    """The parts a base file holds, in eval mode, frozen, as ``dtype``."""
+    from safetensors import SafetensorError, safe_open
+
+    from ip_adapter.checkpoint import CheckpointError, check_state_dict
+
+    p = Path(path)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{p}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+    if meta.get("format") != BASE_FILE_FORMAT:
+        raise CheckpointError(f"{p}: metadata 'format' is {meta.get('format')!r}, not {BASE_FILE_FORMAT!r}")
+    preset = preset_from_json(meta.get("preset", ""), str(p))
+    with torch.random.fork_rng(devices=[]):  # building must not move the caller's random stream
+        parts = build_components(preset, image_backend="transformers")
+    modules = {
+        "unet": parts.unet,
+        "vae": parts.vae,
+        "text_encoder": parts.text_encoder,
+        "image_encoder": parts.image_encoder.model if parts.image_encoder is not None else None,
+    }
+    for name, module in modules.items():
+        if module is None:
+            continue
+        found = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{name}.")}
+        own = module.state_dict()
+        check_state_dict({k: v.shape for k, v in own.items()}, found, str(p), what=f"{name} of this preset")
+        module.load_state_dict({k: v.to(own[k].dtype) for k, v in found.items()})
+        if next(module.parameters()).dtype != dtype:
+            module.to(dtype)
+    return parts
+
+
 def build_on_meta(preset: str | Preset) -> dict[str, torch.nn.Module]:
     """The preset's modules on the meta device: shapes and parameter counts, no memory, no download."""
     p = get_preset(preset) if isinstance(preset, str) else preset
@@ -232,7 +375,7 @@ def build_on_meta(preset: str | Preset) -> dict[str, torch.nn.Module]:
         unet = UNet2DConditionModel(**p.unet)
         parts: dict[str, torch.nn.Module] = {
             "unet": unet,
-            "vae": AutoencoderKL(**p.vae),
+            **({"vae": AutoencoderKL(**p.vae)} if p.vae is not None else {}),
             "text_encoder": CLIPTextModel(CLIPTextConfig(**p.text_encoder)),
             "image_encoder": TransformersImageEncoder.from_spec(p.image_encoder).model,
         }
@@ -292,7 +435,8 @@ def load_base(
 ) -> Components:
     """A frozen base model, every part in eval mode with ``requires_grad=False``.
 
-    ``source`` is a preset name (``tiny``: random weights, no download), a local diffusers folder, a
+    ``source`` is a preset name (``tiny``, ``shapes``: random weights, no download), ``embedded`` (the
+    trained shapes-world base shipped with the package), a base file (``save_base_file``), a local diffusers folder, a
     single-file SD1.5 checkpoint (``.safetensors``/``.ckpt``; ``single_file_config`` names the diffusers
     folder or hub id whose configs describe it), or a hub id.
 
@@ -306,7 +450,7 @@ def load_base(
         if image_encoder is not None:
             parts.image_encoder = load_image_encoder(image_encoder)
     else:
-        parts = load_pipeline_parts(source, single_file_config)
+        parts = load_pipeline_parts(source, single_file_config, dtype)
         if image_encoder is not None:
             parts.image_encoder = load_image_encoder(image_encoder)
         elif parts.image_encoder is None:
@@ -354,7 +498,11 @@ def load_pipeline_parts(
     from diffusers import StableDiffusionPipeline
 
     source = str(source)
+    if source == EMBEDDED:
+        source = str(EMBEDDED_BASE_FILE)
     path = Path(source).expanduser()
+    if is_base_file(path):
+        return read_base_file(path, dtype or torch.float32)
     kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
@@ -402,17 +550,22 @@ def load_pipeline_parts(
 
 
 __all__ = [
+    "EMBEDDED",
     "PRESETS",
     "Components",
     "ModelNotFoundError",
     "Preset",
     "build_components",
     "build_on_meta",
+    "convert_base_file",
     "ddpm_scheduler",
     "get_preset",
+    "is_base_file",
     "load_base",
     "load_image_encoder",
     "load_pipeline_parts",
+    "read_base_file",
     "read_preset_from_folder",
+    "save_base_file",
     "save_tiny_model",
 ]

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from PIL import Image
 
@@ -145,6 +146,13 @@ class SceneGraphPipelineMixin:
         """Sample with DDIM (the paper's sampler) on the base's own noise schedule."""
         if not isinstance(self.scheduler, DDIMScheduler):
             self.scheduler = DDIMScheduler.from_config(self.scheduler.config)
+
+    def _use_pixel_space(self) -> None:
+        """No VAE: the UNet works on RGB in [-1, 1] at full resolution."""
+        if isinstance(self, StableDiffusionControlNetPipeline):
+            raise ValueError("the ControlNet pipeline needs a VAE; pixel-space bases are not supported")
+        self.vae_scale_factor = 1
+        self.image_processor = VaeImageProcessor(vae_scale_factor=1)
 
     @classmethod
     def from_components(cls, parts: Components, **kwargs: Any):
@@ -271,6 +279,8 @@ class SceneGraphPipelineMixin:
             raise ValueError(
                 "pass prompt (text); prompt_embeds are built here together with the adapter tokens"
             )
+        if self.vae is None and self.vae_scale_factor != 1:
+            self._use_pixel_space()
         graphs = as_graphs(scene_graph)
         images = None
         if ip_adapter_image is not None:
@@ -385,15 +395,21 @@ class SceneGraphPipelineMixin:
             w = (width or self.unet.config.sample_size * self.vae_scale_factor) // self.vae_scale_factor
             recorder = AttentionRecorder(SG_STREAM, (h, w), rows=slice(batch * n if do_cfg else 0, None))
             hooks = adapter.attention.recording(recorder)
+        output_type = call.get("output_type", "pil")
+        if self.vae is None:  # pixel space: the denoised sample is the image
+            call["output_type"] = "latent"
         with hooks:
             out = super().__call__(**call, return_dict=True)
+        images = out.images
+        if self.vae is None and output_type != "latent":
+            images = self.image_processor.postprocess(images, output_type=output_type)
         maps = None
         if recorder is not None:
             labels = token_labels(graphs, adapter.config.tokens)
             recorded = recorder.maps().cpu()
             maps = [GraphAttention(labels[r // n], recorded[r]) for r in range(batch * n)]
         return SG2ImgPipelineOutput(
-            images=out.images, nsfw_content_detected=out.nsfw_content_detected, attention_maps=maps
+            images=images, nsfw_content_detected=out.nsfw_content_detected, attention_maps=maps
         )
 
 

@@ -141,6 +141,7 @@ class Shapes(RowSource):
         size: image side in pixels.
         num_rows: rows in the split (default: 20,000 / 500 / 500).
         caption_relations: put the relations into the caption (the text baseline); default: objects only.
+            A number in (0, 1) is the share of rows whose caption has them (drawn per row, seeded).
         seed: the world's seed.
     """
 
@@ -149,7 +150,7 @@ class Shapes(RowSource):
         split: Literal["train", "val", "test"] = "train",
         size: int = 32,
         num_rows: int | None = None,
-        caption_relations: bool = False,
+        caption_relations: bool | float = False,
         seed: int = 0,
         min_objects: int = 2,
         max_objects: int = 4,
@@ -160,7 +161,11 @@ class Shapes(RowSource):
             raise ValueError(f"need 1 <= min_objects <= max_objects <= {len(PALETTE)}")
         self.split, self.size, self.seed = split, size, seed
         self.num_rows = DEFAULT_SIZES[split] if num_rows is None else num_rows
-        self.caption_relations = caption_relations
+        if not 0.0 <= float(caption_relations) <= 1.0:
+            raise ValueError(
+                f"caption_relations must be a bool or a share in [0, 1], got {caption_relations}"
+            )
+        self.caption_relations = float(caption_relations)
         self.min_objects, self.max_objects = min_objects, max_objects
 
     def _index(self) -> list[int]:
@@ -176,7 +181,11 @@ class Shapes(RowSource):
     def example(self, i: int) -> Example:
         objects = self.objects(i)
         graph = scene_graph(objects)
-        return Example(self.key(i), render(objects, self.size), caption(graph, self.caption_relations), graph)
+        p = self.caption_relations
+        relations = p >= 1.0 or (
+            p > 0.0 and np.random.default_rng([self.seed, SPLITS[self.split], i, 1]).random() < p
+        )
+        return Example(self.key(i), render(objects, self.size), caption(graph, relations), graph)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,269 @@
+"""Training a small base model from scratch: ``sg2img fit-base`` (the shapes world's text-to-image model).
+
+The adapter recipes need a frozen base that already draws its world from text. For SD1.5 that base is
+downloaded; for the shapes world (``sg2img.data.shapes``) it is trained here, on CPU in minutes: every
+UNet weight trains on the captions, the text encoder stays frozen (as SD's CLIP text encoder does), the
+caption is dropped to the empty prompt with probability ``caption_dropout`` so that classifier-free
+guidance works, and an exponential moving average of the weights (diffusers' ``EMAModel``, with its
+warm-up) is what gets exported. A base without a VAE (``vae: null`` in the preset) denoises pixels.
+
+The result is a base file (``sg2img.models.save_base_file``): ``DIR/base.safetensors``, written with every
+checkpoint and at the end of fit, loadable everywhere a base is accepted (``--model``, ``model.base``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
+from diffusers.training_utils import EMAModel, compute_snr
+from PIL import Image
+
+from .data.records import SkipLog, TrainBatch
+from .graph import SceneGraph
+from .lit_module import diffusion_target
+from .models import Components, build_components, ddpm_scheduler, get_preset, load_base, save_base_file
+
+log = logging.getLogger(__name__)
+
+
+class BaseModelModule(L.LightningModule):
+    """Trains a base model's UNet on captioned images.
+
+    Args:
+        preset: the architecture (``sg2img.models.PRESETS``, e.g. ``shapes``), built with random weights.
+        init: a base file to start from instead (its UNet trains on; a resumed run uses ``--ckpt_path``).
+        caption_dropout: probability of training on the empty prompt (classifier-free guidance).
+        lr / weight_decay / warmup_steps: AdamW, linear warm-up then constant.
+        ema_decay: the EMA's decay (0 turns it off: the raw weights are exported).
+        snr_gamma: Min-SNR loss weighting (Hang et al. 2023, diffusers' ``compute_snr``): each timestep's
+            loss is weighted by min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v-prediction), which
+            stops the easy low-noise steps from dominating; None: the plain MSE.
+        seed: seeds the weights and every random draw of training (noise, timesteps, dropout).
+    """
+
+    def __init__(
+        self,
+        preset: str = "shapes",
+        init: str | None = None,
+        caption_dropout: float = 0.1,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 100,
+        ema_decay: float = 0.999,
+        snr_gamma: float | None = 5.0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        self.preset_name, self.init = preset, init
+        self.preset = get_preset(preset)
+        self.caption_dropout, self.lr, self.weight_decay = caption_dropout, lr, weight_decay
+        if snr_gamma is not None and snr_gamma <= 0:
+            raise ValueError(f"snr_gamma must be positive (or null), got {snr_gamma}")
+        self.warmup_steps, self.ema_decay, self.snr_gamma, self.seed = (
+            warmup_steps,
+            ema_decay,
+            snr_gamma,
+            seed,
+        )
+        self.unet = self.vae = self.text_encoder = self.image_encoder = None
+        self.ema: EMAModel | None = None
+        self.skips = SkipLog()
+
+    # --- building --------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.unet is not None:
+            return
+        parts = load_base(self.init) if self.init else build_components(self.preset, seed=self.seed)
+        self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
+        self.image_encoder, self.tokenizer = parts.image_encoder, parts.tokenizer
+        self.noise_scheduler = ddpm_scheduler(self.preset)
+        self.sample_scheduler_config = parts.scheduler.config
+        for m in (self.vae, self.text_encoder, self.image_encoder):
+            if m is not None:
+                m.requires_grad_(False)
+        self.unet.requires_grad_(True)
+        if self.ema_decay:
+            self.ema = EMAModel(self.unet.parameters(), decay=self.ema_decay, use_ema_warmup=True)
+        self.train(self.training)
+
+    def parts(self, ema: bool = True) -> Components:
+        """The model as it stands (with the EMA weights when ``ema``), sharing nothing with training."""
+        import copy
+
+        self.configure_model()
+        unet = copy.deepcopy(self.unet).eval().requires_grad_(False)
+        if ema and self.ema is not None:
+            self.ema.copy_to(unet.parameters())
+        return Components(
+            unet=unet,
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            scheduler=DDIMScheduler.from_config(self.sample_scheduler_config),
+            image_encoder=self.image_encoder,
+        )
+
+    def export_base(self, path: str | Path) -> Path:
+        """The EMA model as a base file (fp32: the files are small)."""
+        return save_base_file(self.parts(ema=True), self.preset, path, dtype=torch.float32)
+
+    def train(self, mode: bool = True) -> BaseModelModule:
+        super().train(mode)
+        for m in (self.vae, self.text_encoder, self.image_encoder):
+            if m is not None:
+                m.eval()
+        return self
+
+    # --- checkpoints: the UNet and its EMA, not the frozen parts ---------------------------------
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        full = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        return type(full)((k, v) for k, v in full.items() if k[len(prefix) :].startswith("unet."))
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        self.configure_model()
+        expected = {f"unet.{k}" for k in self.unet.state_dict()}
+        if strict and expected != set(state_dict):
+            missing, unexpected = expected - set(state_dict), set(state_dict) - expected
+            raise RuntimeError(
+                f"the checkpoint does not hold this base's UNet: {len(missing)} missing (e.g. "
+                f"{sorted(missing)[:3]}), {len(unexpected)} unexpected (e.g. {sorted(unexpected)[:3]})"
+            )
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.configure_model()
+        if self.ema is not None:
+            if "ema" not in checkpoint:
+                raise RuntimeError("the checkpoint holds no EMA state; set model.ema_decay: 0 to resume it")
+            self.ema.load_state_dict(checkpoint["ema"])
+
+    def on_fit_start(self) -> None:
+        if self.ema is not None:
+            self.ema.to(self.device)
+
+    # --- training --------------------------------------------------------------------------------
+    def data_requirements(self) -> dict[str, int]:
+        self.configure_model()
+        side = self.vae.config.sample_size if self.vae is not None else self.unet.config.sample_size
+        return {"resolution": int(side), "clip_size": int(self.preset.image_encoder.image_size)}
+
+    def step_generator(self, *key: int) -> torch.Generator:
+        h = self.seed
+        for k in key:
+            h = (h * 1_000_003 + int(k) + 1) % (2**63 - 1)
+        return torch.Generator(device=self.device).manual_seed(h)
+
+    @torch.no_grad()
+    def _text(self, input_ids: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.to(self.device)
+        if bool(drop.any()):
+            empty = self.tokenizer(
+                "", padding="max_length", max_length=ids.shape[1], return_tensors="pt"
+            ).input_ids.to(self.device)
+            ids = torch.where(drop[:, None], empty, ids)
+        return self.text_encoder(input_ids=ids)[0]
+
+    @torch.no_grad()
+    def _clean(self, batch: TrainBatch, generator: torch.Generator) -> torch.Tensor:
+        pixels = batch.pixels.to(self.device)
+        if self.vae is None:
+            return pixels.to(self.unet.dtype)
+        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        return dist.sample(generator=generator) * self.vae.config.scaling_factor
+
+    def diffusion_loss(self, batch: TrainBatch, generator: torch.Generator) -> torch.Tensor:
+        x0 = self._clean(batch, generator)
+        n = x0.shape[0]
+        noise = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
+        t = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=generator, device=self.device
+        )
+        drop = torch.rand(n, generator=generator, device=self.device) < self.caption_dropout
+        text = self._text(batch.input_ids, drop)
+        pred = self.unet(self.noise_scheduler.add_noise(x0, noise, t), t, text).sample
+        target = diffusion_target(self.noise_scheduler, x0, noise, t)
+        if self.snr_gamma is None:
+            return F.mse_loss(pred.float(), target.float())
+        snr = compute_snr(self.noise_scheduler, t).clamp_min(1e-8)
+        weight = snr.clamp_max(self.snr_gamma) / snr
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            weight = snr.clamp_max(self.snr_gamma) / (snr + 1)
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return (per_sample * weight).mean()
+
+    def _step(self, batch: TrainBatch, batch_idx: int, stage: str) -> torch.Tensor | None:
+        if batch.skipped:
+            self.skips.add(batch.skipped)
+        if batch.batch_size == 0:
+            return None
+        if stage == "train":
+            g = self.step_generator(self.current_epoch, batch_idx, self.global_rank)
+        else:
+            g = self.step_generator(10**6 + batch_idx, self.global_rank)
+        loss = self.diffusion_loss(batch, g)
+        self.log(
+            f"{stage}/loss", loss, prog_bar=True, batch_size=batch.batch_size, sync_dist=stage != "train"
+        )
+        return loss
+
+    def training_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor | None:
+        return self._step(batch, batch_idx, "train")
+
+    def validation_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor | None:
+        return self._step(batch, batch_idx, "val")
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.step(self.unet.parameters())
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.unet.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        warmup = max(1, self.warmup_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # --- sampling (the SampleGrid callback) ------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        graphs: Sequence[SceneGraph] | None = None,
+        prompts: Sequence[str] | None = None,
+        images: Sequence[Image.Image] | None = None,
+        steps: int = 50,
+        guidance: float = 7.5,
+        seed: int = 0,
+        size: int | None = None,
+    ) -> list[Image.Image]:
+        """Text-to-image samples from the EMA weights (graphs and images are ignored: a base reads text)."""
+        from .pipeline import SG2ImgPipeline
+
+        pipe = SG2ImgPipeline.from_components(self.parts(ema=True))
+        pipe.set_progress_bar_config(disable=True)
+        prompts = list(prompts) if prompts else [g.describe() for g in graphs or []] or [""]
+        return pipe(
+            prompt=prompts,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=torch.Generator(device=self.device).manual_seed(seed),
+            height=size,
+            width=size,
+        ).images
+
+
+__all__ = ["BaseModelModule"]

@@ -1,0 +1,201 @@
+"""Pixel-space bases (``vae: null``), base files, and training a base from scratch (``fit-base``)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from ip_adapter import CheckpointError
+from sg2img.base_training import BaseModelModule
+from sg2img.callbacks import BaseExport
+from sg2img.data import SG2ImgDataModule, Shapes
+from sg2img.gnn import GNNConfig
+from sg2img.lit_module import ConditionDropout, SG2ImgModule
+from sg2img.models import (
+    PRESETS,
+    build_components,
+    is_base_file,
+    load_base,
+    read_base_file,
+    save_base_file,
+)
+from sg2img.pipeline import SG2ImgPipeline
+
+
+def shapes_data(n: int = 8, batch_size: int = 4, **kw) -> SG2ImgDataModule:
+    return SG2ImgDataModule(
+        train=Shapes("train", num_rows=n, **kw), batch_size=batch_size, num_workers=0, shuffle=False
+    )
+
+
+def trainer(root: Path, **kw) -> L.Trainer:
+    defaults = dict(
+        default_root_dir=root, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, max_steps=2,
+    )  # fmt: skip
+    return L.Trainer(**{**defaults, **kw})
+
+
+def small_base(**kw) -> BaseModelModule:
+    kw.setdefault("warmup_steps", 1)
+    m = BaseModelModule(**kw)
+    m.configure_model()
+    return m
+
+
+# --- pixel space --------------------------------------------------------------------------------
+def test_the_shapes_preset_is_pixel_space_and_its_pipeline_draws_rgb():
+    parts = build_components("shapes")
+    assert parts.vae is None and parts.unet.config.in_channels == 3
+    pipe = SG2ImgPipeline.from_components(parts)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    out = pipe(
+        prompt=["a red circle", "a blue square"], num_inference_steps=2, guidance_scale=3.0, generator=g
+    )
+    assert [im.size for im in out.images] == [(32, 32), (32, 32)]
+    raw = pipe(
+        prompt="a red circle",
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+    ).images
+    assert raw.shape == (1, 3, 32, 32)
+    # the PIL image is the denoised sample mapped from [-1, 1] to [0, 255]
+    expected = ((raw[0].clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).numpy()
+    first = np.asarray(
+        pipe(prompt="a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[
+            0
+        ]
+    )
+    assert np.abs(first.astype(np.float32) - expected).max() <= 1.0
+
+
+# --- base files ---------------------------------------------------------------------------------
+def test_base_file_round_trip_is_exact_and_loads_everywhere_a_base_is_accepted(tmp_path):
+    parts = build_components("shapes", seed=3)
+    f = save_base_file(parts, PRESETS["shapes"], tmp_path / "base.safetensors", dtype=torch.float32)
+    assert is_base_file(f) and not is_base_file(tmp_path / "missing.safetensors")
+    back = read_base_file(f)
+    for name in ("unet", "text_encoder"):
+        a, b = getattr(parts, name).state_dict(), getattr(back, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = parts.image_encoder.model.state_dict(), back.image_encoder.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert back.vae is None and dict(back.scheduler.config)["beta_schedule"] == "squaredcos_cap_v2"
+    via_load_base = load_base(str(f))
+    assert torch.equal(via_load_base.unet.conv_in.weight, parts.unet.conv_in.weight)
+    half = read_base_file(save_base_file(parts, PRESETS["shapes"], tmp_path / "half.safetensors"))
+    assert half.unet.conv_in.weight.dtype == torch.float32  # stored as fp16, loaded as asked
+    torch.testing.assert_close(half.unet.conv_in.weight, parts.unet.conv_in.weight, atol=1e-3, rtol=1e-3)
+
+
+def test_broken_base_files_give_clear_errors(tmp_path):
+    parts = build_components("shapes")
+    f = save_base_file(parts, PRESETS["shapes"], tmp_path / "base.safetensors")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors.*truncated or corrupt"):
+        read_base_file(cut)
+    other = save_base_file(build_components("tiny"), PRESETS["shapes"], tmp_path / "mixed.safetensors")
+    with pytest.raises(CheckpointError, match=r"mixed.safetensors: does not match this unet") as e:
+        read_base_file(other)
+    assert "shape mismatches" in str(e.value) or "missing keys" in str(e.value)
+
+
+def test_the_embedded_base_is_a_shipped_trained_base_file():
+    parts = load_base("embedded")
+    assert parts.vae is None and parts.unet.config.sample_size == 32
+    fresh = build_components("shapes", seed=0)
+    assert not torch.equal(parts.unet.conv_in.weight, fresh.unet.conv_in.weight)  # trained, not the seed
+
+
+# --- training a base ----------------------------------------------------------------------------
+def test_fit_base_trains_every_unet_weight_and_exports_the_ema(tmp_path):
+    m = small_base(ema_decay=0.9, lr=1e-3)
+    frozen = copy.deepcopy(m.text_encoder.state_dict())
+    before = copy.deepcopy(m.unet.state_dict())
+    trainer(tmp_path, max_steps=3, callbacks=[BaseExport()]).fit(m, shapes_data())
+    after = m.unet.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) > 0.9 * len(before)
+    assert all(torch.equal(frozen[k], v) for k, v in m.text_encoder.state_dict().items())
+    assert set(m.state_dict()) == {f"unet.{k}" for k in after}  # checkpoints: the UNet, no frozen part
+    exported = read_base_file(tmp_path / "base.safetensors")
+    ema = m.parts(ema=True).unet.conv_in.weight
+    torch.testing.assert_close(exported.unet.conv_in.weight, ema, atol=1e-3, rtol=1e-3)
+    assert not torch.allclose(ema, m.unet.conv_in.weight)  # the EMA, not the raw weights
+
+
+def test_fit_base_resumes_with_its_ema(tmp_path):
+    def run(root: Path, epochs: int, ckpt=None) -> BaseModelModule:
+        m = small_base(ema_decay=0.9)
+        cb = ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
+        trainer(root, max_epochs=epochs, max_steps=-1, callbacks=[cb], enable_checkpointing=True).fit(
+            m, shapes_data(n=8), ckpt_path=ckpt
+        )
+        return m
+
+    straight = run(tmp_path / "a", 2)
+    first = run(tmp_path / "b", 1)
+    resumed = run(tmp_path / "b", 2, ckpt=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    assert resumed.ema.optimization_step == straight.ema.optimization_step == 4
+    for a, b in zip(straight.ema.shadow_params, resumed.ema.shadow_params):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert not torch.equal(straight.ema.shadow_params[0], first.ema.shadow_params[0])
+    for k, v in straight.unet.state_dict().items():
+        torch.testing.assert_close(v, resumed.unet.state_dict()[k], atol=1e-6, rtol=0)
+
+
+def test_min_snr_weighting_changes_the_loss_and_bad_settings_fail():
+    from sg2img.data.records import collate
+
+    plain, weighted = small_base(snr_gamma=None), small_base(snr_gamma=1.0)
+    weighted.unet.load_state_dict(plain.unet.state_dict())
+    dm = shapes_data()
+    dm.resolution, dm.clip_size = 32, 32
+    batch = collate([dm.preprocess()(Shapes("train", num_rows=4).example(i)) for i in range(4)])
+    a = plain.diffusion_loss(batch, plain.step_generator(0))
+    b = weighted.diffusion_loss(batch, weighted.step_generator(0))
+    assert torch.isfinite(a) and torch.isfinite(b) and not torch.isclose(a, b)
+    for bad in ({"snr_gamma": 0.0}, {"ema_decay": 1.0}, {"caption_dropout": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            BaseModelModule(**bad)
+
+
+def test_an_adapter_trains_on_a_pixel_space_base(tmp_path):
+    m = SG2ImgModule(
+        base="shapes",
+        image_branch=False,
+        gnn=GNNConfig(layer="triplet", num_layers=1, hidden_dim=16, mlp_dim=32, use_boxes=False),
+        dropout=ConditionDropout(0.0, 0.0, 0.1, 0.0),
+    )
+    m.configure_model()
+    assert m.data_requirements()["resolution"] == 32
+    before = {k: v.clone() for k, v in m.adapter.adapter_state_dict().items()}
+    trainer(tmp_path).fit(m, shapes_data())
+    after = m.adapter.adapter_state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    images = m.generate(graphs=[Shapes("test").example(0).graph], prompts=["a shape"], steps=2)
+    assert images[0].size == (32, 32)
+
+
+def test_caption_relations_share_is_drawn_per_row_and_fixed():
+    rows = Shapes("train", num_rows=400, caption_relations=0.5)
+    predicates = ("left of", "right of", "above", "below")
+    with_rel = [any(w in rows.example(i).caption for w in predicates) for i in range(400)]
+    assert 0.4 < np.mean(with_rel) < 0.6
+    again = Shapes("train", num_rows=400, caption_relations=0.5)
+    assert [again.example(i).caption for i in range(20)] == [rows.example(i).caption for i in range(20)]
+    plain = Shapes("train", num_rows=20)
+    assert [plain.example(i).image.tobytes() for i in range(5)] == [
+        rows.example(i).image.tobytes() for i in range(5)
+    ]
+    with pytest.raises(ValueError, match="caption_relations"):
+        Shapes("train", caption_relations=1.5)
