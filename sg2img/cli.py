@@ -55,6 +55,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate_shapes(args: argparse.Namespace) -> int:
+    from .evaluate import format_scores, run_shapes
+
+    record = run_shapes(args)
+    print(f"model: {record['model']}\nadapter: {record['adapter']}\nprompt: {args.prompt}")
+    print(format_scores(record["scores"]))
+    if args.out is not None:
+        print(f"wrote {args.out / 'shapes-eval.json'} and contact sheets to {args.out}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -174,6 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=_cmd_generate)
 
+    p = sub.add_parser("evaluate", help="generate and score: `evaluate shapes` (the shapes world)")
+    what = p.add_subparsers(dest="what", required=True)
+    q = what.add_parser(
+        "shapes", help="generate from shapes-world test graphs and print object recall and relation accuracy"
+    )
+    from .evaluate import add_shapes_arguments
+
+    add_shapes_arguments(q)
+    q.set_defaults(func=_cmd_evaluate_shapes)
+
     p = sub.add_parser("demo", help="end-to-end run on the tiny preset (no downloads)")
     p.add_argument("--out", type=Path, default=Path("build/demo"))
     p.add_argument("--seed", type=int, default=0)
@@ -187,6 +208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .training_cli import cli_main
 
         cli_main(argv)
+        return 0
+    if argv and argv[0] == "fit-base":
+        from .training_cli import BaseModelCLI, cli_main
+
+        cli_main(["fit", *argv[1:]], BaseModelCLI)
         return 0
     args = build_parser().parse_args(argv)
     try:
