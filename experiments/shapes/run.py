@@ -9,8 +9,11 @@ Stages (each prints the command it runs):
   ship-base the EMA base, stored fp16, becomes sg2img/assets/shapes-base.safetensors (`--model embedded`)
   decoupled sg2img fit --config configs/experiments/shapes/graph_decoupled.yaml [quick] (on the shipped base)
   concat    sg2img fit --config configs/experiments/shapes/graph_concat.yaml [quick]
+  boxes     sg2img fit --config .../graph_decoupled.yaml --config .../graph_decoupled_boxes.yaml [quick]
+            (a diagnostic: the decoupled adapter whose GNN also reads the boxes, i.e. is given the layout)
   ship      the decoupled adapter becomes sg2img/assets/shapes-adapter.safetensors
-  evaluate  sg2img evaluate shapes for: text only, relations in the caption, graph decoupled, graph concat
+  evaluate  sg2img evaluate shapes for: text only, relations in the caption, graph decoupled, graph concat,
+            graph decoupled with boxes
   table     experiments/results/shapes.md from the evaluation records
 
 ``--runs DIR`` (default ``runs/shapes``) holds the training runs, ``--eval DIR`` (default
@@ -31,12 +34,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = "configs/experiments/shapes"
 ASSETS = ROOT / "sg2img" / "assets"
-STAGES = ("base", "ship-base", "decoupled", "concat", "ship", "evaluate", "table")
+STAGES = ("base", "ship-base", "decoupled", "concat", "boxes", "ship", "evaluate", "table")
 ROWS = (  # name, adapter run (None: the base alone), prompt
     ("text only (objects in the caption)", None, "objects"),
     ("text with the relations in the caption", None, "relations"),
     ("graph branch, decoupled", "graph_decoupled", "objects"),
     ("graph branch, concat", "graph_concat", "objects"),
+    ("graph branch, decoupled, GNN given the boxes (diagnostic)", "graph_decoupled_boxes", "objects"),
 )
 
 
@@ -71,9 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     log["preset"] = "full" if args.full else "quick"
     args.eval.mkdir(parents=True, exist_ok=True)
 
-    def train(config: str, name: str, base: bool = False) -> None:
+    def train(configs: str | list[str], name: str, base: bool = False) -> None:
         cmd = ["fit-base"] if base else ["fit"]
-        cmd += ["--config", f"{CONFIGS}/{config}.yaml", *preset]
+        for config in [configs] if isinstance(configs, str) else configs:
+            cmd += ["--config", f"{CONFIGS}/{config}.yaml"]
+        cmd += preset
         cmd += ["--trainer.default_root_dir", str(args.runs / name)]
         log.setdefault("training_seconds", {})[name] = round(run(sg2img(*cmd), log), 1)
 
@@ -90,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         train("graph_decoupled", "graph_decoupled")
     if "concat" in stages:
         train("graph_concat", "graph_concat")
+    if "boxes" in stages:
+        train(["graph_decoupled", "graph_decoupled_boxes"], "graph_decoupled_boxes")
     if "ship" in stages:
         shutil.copyfile(
             args.runs / "graph_decoupled" / "adapter.safetensors", ASSETS / "shapes-adapter.safetensors"
