@@ -1,37 +1,39 @@
-"""The embedded default model: what ``sg2img generate`` uses when no ``--model``/``--adapter`` is given.
+"""The embedded default model: what ``sg2img generate`` and ``sg2img evaluate shapes`` use when no
+``--model`` / ``--adapter`` is given, and what ``--model embedded`` names.
 
-It must work on a fresh machine with no downloads, so it is built here from the tiny preset: the tiny
-SD base and a scene-graph adapter (4-token image branch and decoupled graph branch, tiny GNN), every
-weight drawn from a fixed seed. The weights are untrained, so its images are noise; it exercises every
-part of the inference path, and the same seed always gives the same model.
+It is the shapes world's model (``sg2img.data.shapes``), trained with this package's own commands and
+shipped in ``sg2img/assets/``: a pixel-space base at 32 px (``configs/experiments/shapes/base.yaml``) and
+its decoupled graph adapter (``configs/experiments/shapes/graph_decoupled.yaml``). It needs no download
+and draws in seconds on a CPU. How it was trained and how it scores: ``experiments/results/shapes.md``.
 """
 
 from __future__ import annotations
 
-import torch
+from pathlib import Path
 
-from .adapter import SceneGraphAdapter, SGAdapterConfig
-from .gnn import gnn_preset
-from .models import Components, build_components, get_preset
+from .models import ASSETS, EMBEDDED, EMBEDDED_BASE_FILE, Components, read_base_file
 
-EMBEDDED_BASE = "tiny"
-DESCRIPTION = "embedded default: tiny preset base + scene-graph adapter, untrained (seeded random weights)"
-
-
-def embedded_base(seed: int = 0) -> Components:
-    return build_components(EMBEDDED_BASE, seed=seed)
+EMBEDDED_ADAPTER_FILE = ASSETS / "shapes-adapter.safetensors"
+DESCRIPTION = (
+    "embedded default: the shapes-world base (pixel space, 32 px) and its decoupled graph adapter "
+    "(sg2img/assets)"
+)
 
 
-def embedded_adapter(unet: torch.nn.Module, label_dim: int, seed: int = 0) -> SceneGraphAdapter:
-    config = SGAdapterConfig(
-        label_dim=label_dim,
-        image=get_preset(EMBEDDED_BASE).adapter_config("cls"),
-        gnn=gnn_preset("tiny"),
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)
-        adapter = SceneGraphAdapter(unet, config)
-    return adapter.eval().requires_grad_(False)
+def embedded_base() -> Components:
+    """The shipped base, float32, frozen."""
+    return read_base_file(EMBEDDED_BASE_FILE)
 
 
-__all__ = ["DESCRIPTION", "EMBEDDED_BASE", "embedded_adapter", "embedded_base"]
+def embedded_adapter_file() -> Path:
+    return EMBEDDED_ADAPTER_FILE
+
+
+__all__ = [
+    "DESCRIPTION",
+    "EMBEDDED",
+    "EMBEDDED_ADAPTER_FILE",
+    "EMBEDDED_BASE_FILE",
+    "embedded_adapter_file",
+    "embedded_base",
+]

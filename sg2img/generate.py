@@ -85,14 +85,16 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtyp
 
 
 def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
-    """(pipeline, description of model and adapter for the record)."""
-    from .defaults import DESCRIPTION, embedded_adapter, embedded_base
+    """(pipeline, description of model and adapter for the record). No ``--model``: the embedded default
+    (and its adapter unless ``--adapter`` names another, or ``none``)."""
+    from .defaults import DESCRIPTION, EMBEDDED, EMBEDDED_ADAPTER_FILE, embedded_base
     from .models import PRESETS, build_components, load_pipeline_parts
     from .pipeline import SG2ImgPipeline
 
     info: dict[str, Any] = {}
-    if args.model is None:
-        parts = embedded_base(seed=0)
+    embedded = args.model is None or str(args.model) == EMBEDDED
+    if embedded:
+        parts = embedded_base()
         info["model"] = DESCRIPTION
     elif args.model in PRESETS:
         parts = build_components(args.model, seed=0)
@@ -102,16 +104,13 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
         info["model"] = str(args.model)
     pipe = SG2ImgPipeline.from_components(parts)
     pipe.use_ddim()
-    if args.adapter is not None:
-        pipe.load_sg_adapter(args.adapter, image_encoder=args.image_encoder)
-        info["adapter"] = str(args.adapter)
-        info["adapter_sha256"] = hashlib.sha256(Path(args.adapter).read_bytes()).hexdigest()
-    elif args.model is None:
-        pipe.set_sg_adapter(
-            embedded_adapter(pipe.unet, pipe.text_encoder.config.hidden_size, seed=0),
-            image_encoder=args.image_encoder,
-        )
-        info["adapter"] = DESCRIPTION
+    adapter = args.adapter
+    if adapter is None and embedded:
+        adapter = EMBEDDED_ADAPTER_FILE
+    if adapter is not None and str(adapter) != "none":
+        pipe.load_sg_adapter(adapter, image_encoder=args.image_encoder)
+        info["adapter"] = str(adapter)
+        info["adapter_sha256"] = hashlib.sha256(Path(adapter).read_bytes()).hexdigest()
     else:
         info["adapter"] = None
     if device.type != "cpu" or dtype != torch.float32:  # parts are built and loaded as float32 on CPU
@@ -242,11 +241,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="base: a diffusers folder, a single-file SD1.5 .safetensors, a hub id, or a preset name; "
-        "default: the embedded default model (no downloads)",
+        help="base: a diffusers folder, a single-file SD1.5 .safetensors, a base file, a hub id, a preset "
+        "name, or `embedded`; default: the embedded default model (no downloads)",
     )
     p.add_argument(
-        "--adapter", type=Path, default=None, help="sg2img adapter file or official IP-Adapter file"
+        "--adapter",
+        default=None,
+        help="sg2img adapter file or official IP-Adapter file; `none`: the base alone; default: the "
+        "embedded adapter with the embedded base",
     )
     p.add_argument(
         "--image-encoder", default=None,

@@ -35,7 +35,8 @@ def test_embedded_default_writes_images_sheets_and_the_record(default_run):
     ]  # fmt: skip
     record = json.loads((default_run / "generate.json").read_text())
     assert record["settings"]["steps"] == 2 and record["settings"]["guidance"] == 7.5
-    assert record["model"].startswith("embedded default") and record["adapter"].startswith("embedded default")
+    assert record["model"].startswith("embedded default")
+    assert record["adapter"].endswith("shapes-adapter.safetensors") and record["adapter_sha256"]
     assert [i["seed"] for o in record["outputs"] for i in o["images"]] == [0, 1, 2, 3]
     assert record["outputs"][0]["graph"]["objects"]  # the graph itself is kept
     assert {"torch", "diffusers", "sg2img"} <= set(record["versions"])
@@ -71,10 +72,15 @@ def test_model_folder_single_file_and_adapter(tmp_path):
     base = save_tiny_model(tmp_path / "tiny-sd")
     from diffusers import StableDiffusionPipeline
 
-    from sg2img.defaults import embedded_adapter
+    from sg2img.adapter import SceneGraphAdapter, SGAdapterConfig
+    from sg2img.gnn import gnn_preset
+    from sg2img.models import get_preset
 
     pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
-    adapter = embedded_adapter(pipe.unet, 48).save(tmp_path / "adapter.safetensors")
+    config = SGAdapterConfig(
+        label_dim=48, image=get_preset("tiny").adapter_config("cls"), gnn=gnn_preset("tiny")
+    )
+    adapter = SceneGraphAdapter(pipe.unet, config).save(tmp_path / "adapter.safetensors")
     single = export_single_file(pipe, tmp_path / "tiny.safetensors")
     reference_image().save(tmp_path / "ref.png")
     a, b = tmp_path / "a", tmp_path / "b"
