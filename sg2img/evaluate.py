@@ -63,6 +63,10 @@ def run_shapes(args: argparse.Namespace) -> dict[str, Any]:
 
     check_args(args)
     graphs, names = shapes_rows(args)  # before any model loads
+    if args.num_images > 1:  # K images per graph, each with its own seed: graph-major order
+        k = args.num_images
+        graphs = [g for g in graphs for _ in range(k)]
+        names = [f"{name}-{j:02d}" for name in names for j in range(k)]
     device, dtype = _device_and_dtype(args.device, args.dtype)
     pipe, info = build_pipeline(args, device, dtype)
     pipe.set_progress_bar_config(disable=True)
