@@ -224,13 +224,18 @@ def prefixed(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def attention_tensors(attention: DecoupledAttention) -> dict[str, torch.Tensor]:
-    """``<stream>_adapter.{i}.to_{k,v}_<stream>.weight`` for every stream and cross-attention layer."""
+    """``<stream>_adapter.{i}.to_{k,v}_<stream>.weight`` for every stream and cross-attention layer, and
+    ``<stream>_adapter.{i}.pos_<stream>.{weight,bias}`` for a positional stream."""
     out = {}
     for idx, proc in attention.layers.items():
         for s in attention.stream_names:
             k, v = proc.branch(s)
             out[f"{layer_prefix(s)}.{idx}.to_k_{s}.weight"] = k.weight
             out[f"{layer_prefix(s)}.{idx}.to_v_{s}.weight"] = v.weight
+            if s in proc.positional:
+                pos = getattr(proc, f"pos_{s}")
+                out[f"{layer_prefix(s)}.{idx}.pos_{s}.weight"] = pos.weight
+                out[f"{layer_prefix(s)}.{idx}.pos_{s}.bias"] = pos.bias
     return out
 
 

@@ -7,6 +7,12 @@ Every cross-attention layer keeps its frozen text attention and gains one branch
 with the same query Q, new ``to_k_{s}``/``to_v_{s}`` weights (initialised as copies of the layer's
 ``to_k``/``to_v``), and the sum taken before the shared ``to_out``.
 
+A stream may also be *positional*: its branch then adds a learned encoding of each query's place on the
+latent grid to Q (``Q + P_s(x, y)``, Fourier features through a zero-initialised linear layer), so its
+tokens can say *where* as well as *what*. The frozen UNet's queries carry little absolute position, so a
+branch that is to place things (a scene graph's layout) needs it; the text path and the other branches
+keep the plain Q, and at initialisation the branch equals the plain one.
+
 Streams travel to the processors by name through ``cross_attention_kwargs={"streams": {...}}``; they are
 never concatenated onto the text tokens and sliced back by position. Self-attention layers get a
 processor that accepts the streams and ignores them, so diffusers logs nothing.
@@ -55,6 +61,31 @@ class Stream:
                 )
 
 
+def fourier_positions(height: int, width: int, frequencies: int) -> torch.Tensor:
+    """(height * width, 4 * frequencies): sin/cos of the cell centres (in [0, 1]) at 2^k * pi, row-major."""
+    ys = (torch.arange(height, dtype=torch.float32) + 0.5) / height
+    xs = (torch.arange(width, dtype=torch.float32) + 0.5) / width
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    f = (2.0 ** torch.arange(frequencies, dtype=torch.float32)) * torch.pi
+    ang = torch.cat([x.reshape(-1, 1) * f, y.reshape(-1, 1) * f], dim=1)  # (S, 2F)
+    return torch.cat([ang.sin(), ang.cos()], dim=1)
+
+
+def layer_grid(latent: tuple[int, int], positions: int) -> tuple[int, int]:
+    """The (h, w) of a layer with ``positions`` query positions in a UNet whose input is ``latent``: each
+    level halves the grid, rounding up as a stride-2 convolution with padding 1 does."""
+    h, w = latent
+    for _ in range(16):
+        if h * w == positions:
+            return h, w
+        if h * w < positions or (h == 1 and w == 1):
+            break
+        h, w = -(-h // 2), -(-w // 2)
+    raise ValueError(
+        f"cannot place {positions} query positions on a UNet input grid of {latent[0]}x{latent[1]}"
+    )
+
+
 def _heads(x: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
     return x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)  # (B, H, S, dh)
 
@@ -73,10 +104,14 @@ class DecoupledAttnProcessor(nn.Module):
         cross_attention_dim: int | None = None,
         streams: Sequence[str] = (),
         layer_name: str = "",
+        positional: Sequence[str] = (),
+        frequencies: int = 8,
     ):
         super().__init__()
         if streams and (hidden_size is None or cross_attention_dim is None):
             raise ValueError("a processor with streams needs hidden_size and cross_attention_dim")
+        if set(positional) - set(streams):
+            raise ValueError(f"positional streams {sorted(set(positional) - set(streams))} are not streams")
         self.hidden_size = hidden_size
         self.cross_attention_dim = cross_attention_dim
         self.stream_names: tuple[str, ...] = tuple(streams)
@@ -90,6 +125,14 @@ class DecoupledAttnProcessor(nn.Module):
             setattr(self, f"to_k_{s}", nn.Linear(cross_attention_dim, hidden_size, bias=False))
             setattr(self, f"to_v_{s}", nn.Linear(cross_attention_dim, hidden_size, bias=False))
             self.scale[s] = 1.0
+        self.positional = tuple(positional)
+        self.frequencies = frequencies
+        self.latent_grid: tuple[int, int] | None = None  # the UNet input's (h, w), set before each forward
+        for s in self.positional:
+            pos = nn.Linear(4 * frequencies, hidden_size)
+            nn.init.zeros_(pos.weight)
+            nn.init.zeros_(pos.bias)
+            setattr(self, f"pos_{s}", pos)
 
     def branch(self, stream: str) -> tuple[nn.Linear, nn.Linear]:
         return getattr(self, f"to_k_{stream}"), getattr(self, f"to_v_{stream}")
@@ -184,6 +227,8 @@ class DecoupledAttnProcessor(nn.Module):
             tokens = tokens.expand(batch_size, -1, -1)
             mask = None if mask is None else mask.expand(batch_size, -1)
         tokens = tokens.to(query.dtype)
+        if name in self.positional:
+            query = query + self._position_query(name, query.shape[2], heads).to(query)
         key = _heads(to_k(tokens), batch_size, heads)  # (B, H, N, dh)
         value = _heads(to_v(tokens), batch_size, heads)
         if mask is None:
@@ -198,6 +243,23 @@ class DecoupledAttnProcessor(nn.Module):
         if self.recorder is not None and self.recorder.stream == name:
             self.recorder.add(query, key, None if mask is None else (mask | empty[:, None]))
         return out.transpose(1, 2).reshape(batch_size, -1, out.shape[1] * out.shape[-1]).to(query.dtype)
+
+    def _position_query(self, name: str, positions: int, heads: int) -> torch.Tensor:
+        """(1, heads, positions, dh): the learned position term of stream ``name``'s query."""
+        if self.latent_grid is None:
+            side = round(positions**0.5)
+            if side * side != positions:
+                raise ValueError(
+                    f"{self.layer_name}: stream {name!r} is positional but this processor was not told the "
+                    f"UNet's input size (attach it with DecoupledAttention.attach) and {positions} positions "
+                    "are not a square"
+                )
+            h, w = side, side
+        else:
+            h, w = layer_grid(self.latent_grid, positions)
+        pos = getattr(self, f"pos_{name}")
+        feats = fourier_positions(h, w, self.frequencies).to(pos.weight)
+        return _heads(pos(feats)[None], 1, heads)
 
 
 class AttentionRecorder:
@@ -266,7 +328,13 @@ class DecoupledAttention(nn.Module):
     architecture (any SD1.5 fine-tune).
     """
 
-    def __init__(self, unet: nn.Module, streams: Sequence[str], init_from_base: bool = True):
+    def __init__(
+        self,
+        unet: nn.Module,
+        streams: Sequence[str],
+        init_from_base: bool = True,
+        positional: Sequence[str] = (),
+    ):
         super().__init__()
         if not streams:
             raise ValueError("DecoupledAttention needs at least one stream name")
@@ -281,6 +349,7 @@ class DecoupledAttention(nn.Module):
                 cross_attention_dim=module.to_k.in_features,
                 streams=self.stream_names,
                 layer_name=name.removesuffix(PROCESSOR_SUFFIX),
+                positional=positional,
             )
             if init_from_base:
                 with torch.no_grad():
@@ -290,6 +359,7 @@ class DecoupledAttention(nn.Module):
                         v.weight.copy_(module.to_v.weight)
             self.layers[str(idx)] = proc
         self._all_processor_names = list(unet.attn_processors)
+        self.positional = tuple(positional)
 
     @property
     def cross_attention_dim(self) -> int:
@@ -321,9 +391,26 @@ class DecoupledAttention(nn.Module):
         ours = dict(self.layers.items())
         procs = {name: ours.get(str(idx), passthrough) for idx, name in enumerate(self._all_processor_names)}
         unet.set_attn_processor(procs)
+        DecoupledAttention._remove_grid_hook(unet)
+        if self.positional:  # positional branches need the input's (h, w) to place each layer's queries
+            processors = [p for p in self.processors() if p.positional]
+
+            def tell_grid(module, args, kwargs):
+                sample = args[0] if args else kwargs["sample"]
+                for proc in processors:
+                    proc.latent_grid = tuple(sample.shape[-2:])
+
+            unet._decoupled_grid_hook = unet.register_forward_pre_hook(tell_grid, with_kwargs=True)
+
+    @staticmethod
+    def _remove_grid_hook(unet: nn.Module) -> None:
+        handle = unet.__dict__.pop("_decoupled_grid_hook", None)
+        if handle is not None:
+            handle.remove()
 
     @staticmethod
     def detach(unet: nn.Module) -> None:
+        DecoupledAttention._remove_grid_hook(unet)
         unet.set_attn_processor(AttnProcessor2_0())
 
     def set_scale(self, scale: Scale, stream: str = "ip") -> None:

@@ -52,12 +52,17 @@ class SGAdapterConfig:
     image: IPAdapterConfig = field(default_factory=IPAdapterConfig)
     gnn: GNNConfig = field(default_factory=GNNConfig)
     tokens: TokenConfig = field(default_factory=TokenConfig)
+    # The graph branch's query gets a learned position term (ip_adapter.attention: positional streams), so
+    # its tokens can place what they describe; decoupled injection only.
+    positional_graph_query: bool = False
 
     def __post_init__(self) -> None:
         if self.injection not in ("decoupled", "concat"):
             raise ValueError(f"injection must be 'decoupled' or 'concat', got {self.injection!r}")
         if not (self.image_branch or self.graph_branch):
             raise ValueError("at least one of image_branch and graph_branch must be on")
+        if self.positional_graph_query and not (self.graph_branch and self.injection == "decoupled"):
+            raise ValueError("positional_graph_query needs graph_branch: true and injection: decoupled")
         for name, cls in (("image", IPAdapterConfig), ("gnn", GNNConfig), ("tokens", TokenConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):
@@ -87,7 +92,12 @@ class SceneGraphAdapter(nn.Module):
             else None
         )
         self.attention = (
-            DecoupledAttention(unet, config.streams, init_from_base)
+            DecoupledAttention(
+                unet,
+                config.streams,
+                init_from_base,
+                positional=(SG_STREAM,) if config.positional_graph_query else (),
+            )
             if config.injection == "decoupled"
             else None
         )

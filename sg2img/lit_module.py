@@ -135,6 +135,8 @@ class SG2ImgModule(L.LightningModule):
         init_adapter: an adapter file to start from: an official IP-Adapter ``.bin``/``.safetensors``
             (loaded as the image branch) or an sg2img adapter file (every branch it has).
         gnn / tokens: the graph encoder.
+        positional_graph_query: the graph branch's query gets a learned position term, so the graph tokens
+            can place objects (decoupled injection only; see ``ip_adapter.attention``).
         dropout / optimizer: see ``ConditionDropout`` and ``OptimizerConfig``.
         base_dtype: dtype of the frozen base; ``auto`` is bfloat16 on GPU and float32 on CPU.
         seed: seeds every random draw of training (see the module docstring).
@@ -155,6 +157,7 @@ class SG2ImgModule(L.LightningModule):
         init_adapter: str | None = None,
         gnn: GNNConfig = GNNConfig(),  # noqa: B008 (frozen dataclass)
         tokens: TokenConfig = TokenConfig(),  # noqa: B008
+        positional_graph_query: bool = False,
         dropout: ConditionDropout = ConditionDropout(),
         optimizer: OptimizerConfig = OptimizerConfig(),
         base_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
@@ -184,6 +187,7 @@ class SG2ImgModule(L.LightningModule):
             )
         self.init_adapter = init_adapter
         self.gnn_config, self.token_config = gnn, tokens
+        self.positional_graph_query = positional_graph_query
         self.dropout, self.optim = dropout, optimizer
         self.base_dtype, self.seed = base_dtype, seed
         self.unet = self.vae = self.text_encoder = self.image_encoder = self.adapter = None
@@ -234,6 +238,7 @@ class SG2ImgModule(L.LightningModule):
             image=image,
             gnn=self.gnn_config,
             tokens=self.token_config,
+            positional_graph_query=self.positional_graph_query,
         )
         torch.manual_seed(self.seed)  # the adapter's random init is part of the run's seed
         self.adapter = SceneGraphAdapter(self.unet, config)

@@ -193,3 +193,98 @@ def test_adapter_refuses_a_unet_of_another_shape(tiny, adapter):
     other = UNet2DConditionModel(**{**tiny.unet.config, "block_out_channels": [16, 32], "norm_num_groups": 4})
     with pytest.raises(ValueError, match="adapter does not fit this UNet"):
         adapter.attach(other)
+
+
+# --- positional streams ---------------------------------------------------------------------------------
+
+
+def positional_attention(unet, seed=5):
+    from ip_adapter.attention import DecoupledAttention
+
+    attention = DecoupledAttention(unet, ["sg"], positional=["sg"])
+    randomise(attention, seed)  # moves the zero-initialised position layers too
+    return attention
+
+
+def sg_streams(tokens):
+    return {"cross_attention_kwargs": {"streams": {"sg": Stream(tokens)}}}
+
+
+def test_positional_stream_starts_equal_to_the_plain_branch(tiny, unet_inputs):
+    from ip_adapter.attention import DecoupledAttention
+
+    plain_branch = DecoupledAttention(tiny.unet, ["sg"])
+    positional = DecoupledAttention(tiny.unet, ["sg"], positional=["sg"])
+    tokens = torch.randn(
+        2, 5, tiny.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(4)
+    )
+    plain_branch.attach(tiny.unet)
+    want = run(tiny.unet, unet_inputs, **sg_streams(tokens))
+    positional.attach(tiny.unet)
+    assert torch.equal(run(tiny.unet, unet_inputs, **sg_streams(tokens)), want)
+    with torch.no_grad():  # once trained, the position term changes the branch
+        next(iter(positional.layers.values())).pos_sg.bias.fill_(1.0)
+    assert not torch.allclose(run(tiny.unet, unet_inputs, **sg_streams(tokens)), want, atol=1e-5)
+    positional.set_scale(0.0, "sg")  # and scale 0 still gives the plain UNet
+    positional.detach(tiny.unet)
+    plain = run(tiny.unet, unet_inputs)
+    positional.attach(tiny.unet)
+    positional.set_scale(0.0, "sg")
+    assert torch.equal(run(tiny.unet, unet_inputs, **sg_streams(tokens)), plain)
+
+
+def test_positional_query_follows_the_input_grid(tiny, unet_inputs):
+    """The UNet's input size reaches every layer before the forward, so non-square inputs work."""
+    attention = positional_attention(tiny.unet)
+    attention.attach(tiny.unet)
+    _, t, text = unet_inputs
+    size = tiny.unet.config.sample_size
+    wide = torch.randn(2, 4, size, 2 * size, generator=torch.Generator().manual_seed(6))
+    tokens = torch.randn(
+        2, 3, tiny.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(7)
+    )
+    out = run(tiny.unet, (wide, t, text), **sg_streams(tokens))
+    assert out.shape == wide.shape and torch.isfinite(out).all()
+    assert {p.latent_grid for p in attention.processors()} == {(size, 2 * size)}
+    attention.detach(tiny.unet)
+    assert not tiny.unet._forward_pre_hooks  # detach removes the grid hook
+
+
+def test_layer_grid_and_position_features():
+    from ip_adapter.attention import fourier_positions, layer_grid
+
+    assert layer_grid((64, 48), 64 * 48) == (64, 48)
+    assert layer_grid((64, 48), 16 * 12) == (16, 12)
+    assert layer_grid((9, 5), 5 * 3) == (5, 3)  # stride-2 convolutions round up
+    with pytest.raises(ValueError, match="cannot place 7 query positions on a UNet input grid of 8x8"):
+        layer_grid((8, 8), 7)
+    f = fourier_positions(4, 6, 3)
+    assert f.shape == (24, 12)
+    row = f.view(4, 6, 12)
+    # layout: [sin x, sin y, cos x, cos y] with 3 frequencies each
+    assert torch.equal(row[0, :, :3], row[3, :, :3])  # x features are the same down a column
+    assert torch.equal(row[:, 0, 3:6], row[:, 5, 3:6])  # y features are the same along a row
+    assert not torch.equal(row[:, 0, :3], row[:, 1, :3])
+
+
+def test_positional_branch_without_a_grid_is_a_clear_error(tiny, unet_inputs):
+    attention = positional_attention(tiny.unet)
+    attention.attach(tiny.unet)
+    attention._remove_grid_hook(tiny.unet)
+    for p in attention.processors():
+        p.latent_grid = None
+    _, t, text = unet_inputs
+    size = tiny.unet.config.sample_size
+    wide = torch.randn(2, 4, size, 2 * size)
+    tokens = torch.randn(2, 3, tiny.unet.config.cross_attention_dim)
+    with pytest.raises(
+        ValueError, match="is positional but this processor was not told the UNet's input size"
+    ):
+        run(tiny.unet, (wide, t, text), **sg_streams(tokens))
+
+
+def test_positional_streams_must_be_streams(tiny):
+    from ip_adapter.attention import DecoupledAttention
+
+    with pytest.raises(ValueError, match=r"positional streams \['ip'\] are not streams"):
+        DecoupledAttention(tiny.unet, ["sg"], positional=["ip"])

@@ -8,6 +8,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
 from ip_adapter import IPAdapter
+from ip_adapter.checkpoint import CheckpointError
 from sg2img.adapter import SceneGraphAdapter, SGAdapterConfig
 from sg2img.gnn import TokenConfig, gnn_preset, graphs_to_batch
 from sg2img.graph import SceneGraph
@@ -159,3 +160,31 @@ def test_graph_branch_on_top_of_an_official_image_adapter(tiny, tiny_preset, tmp
     theirs, ours = ip.adapter_state_dict(), sg.adapter_state_dict()
     assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
     assert any(k.startswith("sg_encoder.") for k in ours)
+
+
+def test_positional_graph_query_round_trip_and_mismatch(
+    tiny, tiny_preset, features, unet_inputs, labels, tmp_path
+):
+    adapter = make(tiny, tiny_preset, positional_graph_query=True)
+    path = adapter.save(tmp_path / "positional.safetensors")
+    with safe_open(str(path), "pt") as f:
+        pos = sorted(k for k in f.keys() if ".pos_sg." in k)  # noqa: SIM118
+    layers = len(adapter.attention.processors())
+    assert len(pos) == 2 * layers and "sg_adapter.1.pos_sg.weight" in pos
+
+    fresh = copy.deepcopy(tiny.unet)
+    loaded = SceneGraphAdapter.from_file(path, fresh)
+    assert loaded.config.positional_graph_query
+    loaded.attach(fresh)
+    graphs, text = graphs_to_batch([A, B], labels), unet_inputs[2]
+    assert torch.equal(run(fresh, unet_inputs, loaded.unet_kwargs(text, features, graphs)),
+                       run(tiny.unet, unet_inputs, adapter.unet_kwargs(text, features, graphs)))  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"sg_adapter\.1\.pos_sg\.weight"):
+        SceneGraphAdapter.from_file(path, copy.deepcopy(tiny.unet), positional_graph_query=False)
+
+
+def test_positional_graph_query_needs_the_decoupled_graph_branch(tiny, tiny_preset):
+    with pytest.raises(
+        ValueError, match="positional_graph_query needs graph_branch: true and injection: decoupled"
+    ):
+        make(tiny, tiny_preset, injection="concat", positional_graph_query=True)
