@@ -11,9 +11,11 @@ Stages (each prints the command it runs):
   concat    sg2img fit --config configs/experiments/shapes/graph_concat.yaml [quick]
   boxes     sg2img fit --config .../graph_decoupled.yaml --config .../graph_decoupled_boxes.yaml [quick]
             (a diagnostic: the decoupled adapter whose GNN also reads the boxes, i.e. is given the layout)
+  positional sg2img fit --config .../graph_decoupled.yaml --config .../graph_decoupled_positional.yaml [quick]
+            (the decoupled adapter with a learned position term in the graph branch's query)
   ship      the decoupled adapter becomes sg2img/assets/shapes-adapter.safetensors
   evaluate  sg2img evaluate shapes for: text only, relations in the caption, graph decoupled, graph concat,
-            graph decoupled with boxes
+            graph decoupled with boxes, graph decoupled with the positional query
   table     experiments/results/shapes.md from the evaluation records
 
 ``--runs DIR`` (default ``runs/shapes``) holds the training runs, ``--eval DIR`` (default
@@ -34,13 +36,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = "configs/experiments/shapes"
 ASSETS = ROOT / "sg2img" / "assets"
-STAGES = ("base", "ship-base", "decoupled", "concat", "boxes", "ship", "evaluate", "table")
+STAGES = ("base", "ship-base", "decoupled", "concat", "boxes", "positional", "ship", "evaluate", "table")
 ROWS = (  # name, adapter run (None: the base alone), prompt
     ("text only (objects in the caption)", None, "objects"),
     ("text with the relations in the caption", None, "relations"),
     ("graph branch, decoupled", "graph_decoupled", "objects"),
     ("graph branch, concat", "graph_concat", "objects"),
     ("graph branch, decoupled, GNN given the boxes (diagnostic)", "graph_decoupled_boxes", "objects"),
+    ("graph branch, decoupled, positional graph query", "graph_decoupled_positional", "objects"),
 )
 
 
@@ -98,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         train("graph_concat", "graph_concat")
     if "boxes" in stages:
         train(["graph_decoupled", "graph_decoupled_boxes"], "graph_decoupled_boxes")
+    if "positional" in stages:
+        train(["graph_decoupled", "graph_decoupled_positional"], "graph_decoupled_positional")
     if "ship" in stages:
         shutil.copyfile(
             args.runs / "graph_decoupled" / "adapter.safetensors", ASSETS / "shapes-adapter.safetensors"
