@@ -129,13 +129,15 @@ SHAPES_UNET = {
     "attention_head_dim": 8,
     "norm_num_groups": 8,
 }
+# Sampling without clipping x0 (clip_sample: false) scores better on the shapes base: object recall 0.285
+# against 0.214 with clipping, 100 test graphs (experiments/results/shapes.md).
 SHAPES_DDIM = {
     "num_train_timesteps": 1000,
     "beta_schedule": "squaredcos_cap_v2",
-    "clip_sample": True,
+    "clip_sample": False,
     "prediction_type": "epsilon",
     "set_alpha_to_one": True,
-    "steps_offset": 0,
+    "steps_offset": 1,
 }
 
 

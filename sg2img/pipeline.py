@@ -21,6 +21,8 @@ only uses the empty prompt.
 
 from __future__ import annotations
 
+import copy
+
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -157,7 +159,14 @@ class SceneGraphPipelineMixin:
     @classmethod
     def from_components(cls, parts: Components, **kwargs: Any):
         """From already-built parts (a preset, or ``sg2img.models.load_base``)."""
-        pipe = cls(**parts.pipeline_kwargs(), **kwargs)
+        given = parts.pipeline_kwargs()
+        scheduler = given["scheduler"]
+        # StableDiffusionPipeline.__init__ "repairs" old hub scheduler configs in place: steps_offset
+        # becomes 1 and clip_sample False. A preset's or base file's scheduler is exactly what its model
+        # was trained and meant to be sampled with (the pixel-space shapes base clips x0 to [-1, 1]), so
+        # the pipeline gets a copy and then the scheduler as declared.
+        pipe = cls(**{**given, "scheduler": copy.deepcopy(scheduler)}, **kwargs)
+        pipe.scheduler = type(scheduler).from_config(scheduler.config)
         if parts.image_encoder is not None:
             pipe.clip = parts.image_encoder
         return pipe

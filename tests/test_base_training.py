@@ -9,6 +9,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from diffusers import DDIMScheduler
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ip_adapter import CheckpointError
@@ -75,6 +76,17 @@ def test_the_shapes_preset_is_pixel_space_and_its_pipeline_draws_rgb():
         ]
     )
     assert np.abs(first.astype(np.float32) - expected).max() <= 1.0
+
+
+def test_the_pipeline_samples_with_the_scheduler_the_preset_declares():
+    """diffusers' pipeline would turn clip_sample off and steps_offset to 1; a base's scheduler stays."""
+    parts = build_components("shapes")
+    declared = {**parts.scheduler.config, "clip_sample": True, "steps_offset": 0}
+    parts.scheduler = DDIMScheduler.from_config(declared)
+    pipe = SG2ImgPipeline.from_components(parts)
+    for scheduler in (pipe.scheduler, parts.scheduler):
+        assert scheduler.config.clip_sample is True and scheduler.config.steps_offset == 0
+    assert pipe.scheduler is not parts.scheduler
 
 
 # --- base files ---------------------------------------------------------------------------------
