@@ -22,7 +22,6 @@ only uses the empty prompt.
 from __future__ import annotations
 
 import copy
-
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
