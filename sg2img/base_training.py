@@ -27,13 +27,13 @@ from PIL import Image
 
 from .data.records import SkipLog, TrainBatch
 from .graph import SceneGraph
-from .lit_module import diffusion_target
+from .lit_module import DiffusionSteps, diffusion_target
 from .models import Components, build_components, ddpm_scheduler, get_preset, load_base, save_base_file
 
 log = logging.getLogger(__name__)
 
 
-class BaseModelModule(L.LightningModule):
+class BaseModelModule(DiffusionSteps, L.LightningModule):
     """Trains a base model's UNet on captioned images.
 
     Args:
@@ -163,12 +163,6 @@ class BaseModelModule(L.LightningModule):
         side = self.vae.config.sample_size if self.vae is not None else self.unet.config.sample_size
         return {"resolution": int(side), "clip_size": int(self.preset.image_encoder.image_size)}
 
-    def step_generator(self, *key: int) -> torch.Generator:
-        h = self.seed
-        for k in key:
-            h = (h * 1_000_003 + int(k) + 1) % (2**63 - 1)
-        return torch.Generator(device=self.device).manual_seed(h)
-
     @torch.no_grad()
     def _text(self, input_ids: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
         ids = input_ids.to(self.device)
@@ -206,27 +200,6 @@ class BaseModelModule(L.LightningModule):
             weight = snr.clamp_max(self.snr_gamma) / (snr + 1)
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         return (per_sample * weight).mean()
-
-    def _step(self, batch: TrainBatch, batch_idx: int, stage: str) -> torch.Tensor | None:
-        if batch.skipped:
-            self.skips.add(batch.skipped)
-        if batch.batch_size == 0:
-            return None
-        if stage == "train":
-            g = self.step_generator(self.current_epoch, batch_idx, self.global_rank)
-        else:
-            g = self.step_generator(10**6 + batch_idx, self.global_rank)
-        loss = self.diffusion_loss(batch, g)
-        self.log(
-            f"{stage}/loss", loss, prog_bar=True, batch_size=batch.batch_size, sync_dist=stage != "train"
-        )
-        return loss
-
-    def training_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor | None:
-        return self._step(batch, batch_idx, "train")
-
-    def validation_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor | None:
-        return self._step(batch, batch_idx, "val")
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:

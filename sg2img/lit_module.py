@@ -119,7 +119,44 @@ def diffusion_target(
     raise ValueError(f"unsupported prediction_type {kind!r} in the base's scheduler config")
 
 
-class SG2ImgModule(L.LightningModule):
+class DiffusionSteps:
+    """The training, validation and test steps shared by the adapter and the base-model modules: the
+    per-step seeded generator (fixed noise for evaluation, comparable across a run), skipped-row
+    accounting, and the logged loss. The module supplies ``seed``, ``skips`` and ``diffusion_loss``."""
+
+    def step_generator(self, *key: int) -> torch.Generator:
+        h = self.seed
+        for k in key:
+            h = (h * 1_000_003 + int(k) + 1) % (2**63 - 1)
+        return torch.Generator(device=self.device).manual_seed(h)
+
+    def _step(self, batch: TrainBatch, batch_idx: int, stage: str) -> torch.Tensor | None:
+        if batch.skipped:
+            self.skips.add(batch.skipped)
+            self.log(f"{stage}/skipped_rows", float(self.skips.total), batch_size=max(batch.batch_size, 1))
+        if batch.batch_size == 0:
+            return None
+        if stage == "train":
+            g = self.step_generator(self.current_epoch, batch_idx, self.global_rank)
+        else:  # fixed noise for evaluation: comparable across the run
+            g = self.step_generator(10**6 + batch_idx, self.global_rank)
+        loss = self.diffusion_loss(batch, g)
+        self.log(
+            f"{stage}/loss", loss, prog_bar=True, batch_size=batch.batch_size, sync_dist=stage != "train"
+        )
+        return loss
+
+    def training_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor | None:
+        return self._step(batch, batch_idx, "train")
+
+    def validation_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor | None:
+        return self._step(batch, batch_idx, "val")
+
+    def test_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor | None:
+        return self._step(batch, batch_idx, "test")
+
+
+class SG2ImgModule(DiffusionSteps, L.LightningModule):
     """Trains the adapter on a frozen base.
 
     Args:
@@ -331,13 +368,6 @@ class SG2ImgModule(L.LightningModule):
             "clip_size": int(self.image_encoder.spec.image_size),
         }
 
-    def step_generator(self, *key: int) -> torch.Generator:
-        g = torch.Generator(device=self.device)
-        h = self.seed
-        for k in key:
-            h = (h * 1_000_003 + int(k) + 1) % (2**63 - 1)
-        return g.manual_seed(h)
-
     @torch.no_grad()
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.text_encoder(input_ids=input_ids.to(self.device))[0]
@@ -429,31 +459,6 @@ class SG2ImgModule(L.LightningModule):
         target = diffusion_target(self.noise_scheduler, latents, noise, t)
         pred = self.unet(noisy, t, **self.condition(batch, drops)).sample
         return F.mse_loss(pred.float(), target.float())
-
-    def _step(self, batch: TrainBatch, batch_idx: int, stage: str) -> torch.Tensor | None:
-        if batch.skipped:
-            self.skips.add(batch.skipped)
-            self.log(f"{stage}/skipped_rows", float(self.skips.total), batch_size=max(batch.batch_size, 1))
-        if batch.batch_size == 0:
-            return None
-        if stage == "train":
-            g = self.step_generator(self.current_epoch, batch_idx, self.global_rank)
-        else:  # fixed noise for evaluation: comparable across the run
-            g = self.step_generator(10**6 + batch_idx, self.global_rank)
-        loss = self.diffusion_loss(batch, g)
-        self.log(
-            f"{stage}/loss", loss, prog_bar=True, batch_size=batch.batch_size, sync_dist=stage != "train"
-        )
-        return loss
-
-    def training_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor | None:
-        return self._step(batch, batch_idx, "train")
-
-    def validation_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor | None:
-        return self._step(batch, batch_idx, "val")
-
-    def test_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor | None:
-        return self._step(batch, batch_idx, "test")
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # the optimizer holds exactly the trainable parameters: no walk over the frozen base each step
