@@ -9,8 +9,6 @@ and draws in seconds on a CPU. How it was trained and how it scores: ``experimen
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .models import ASSETS, EMBEDDED, EMBEDDED_BASE_FILE, Components, read_base_file
 
 EMBEDDED_ADAPTER_FILE = ASSETS / "shapes-adapter.safetensors"
@@ -25,15 +23,10 @@ def embedded_base() -> Components:
     return read_base_file(EMBEDDED_BASE_FILE)
 
 
-def embedded_adapter_file() -> Path:
-    return EMBEDDED_ADAPTER_FILE
-
-
 __all__ = [
     "DESCRIPTION",
     "EMBEDDED",
     "EMBEDDED_ADAPTER_FILE",
     "EMBEDDED_BASE_FILE",
-    "embedded_adapter_file",
     "embedded_base",
 ]
