@@ -116,7 +116,7 @@ TINY_TEXT = {
 
 # The shapes world's base (sg2img.data.shapes): a pixel-space model at 32 px (no VAE: the UNet denoises
 # RGB directly), cross-attention at 16 and 8 px (and the mid block), the tiny text encoder. A cosine
-# schedule suits pixels; DDIM clips its x0 estimate to the image range.
+# schedule suits pixels.
 SHAPES_UNET = {
     "sample_size": 32,
     "in_channels": 3,
@@ -279,6 +279,17 @@ def preset_from_json(text: str, source: str = "<string>") -> Preset:
         raise ValueError(f"{source}: the metadata field 'preset' does not describe a base model: {e}") from e
 
 
+def _base_file_modules(parts: Components) -> dict[str, torch.nn.Module | None]:
+    """The modules a base file holds, under the key prefixes it stores them with."""
+    encoder = parts.image_encoder
+    return {
+        "unet": parts.unet,
+        "vae": parts.vae,
+        "text_encoder": parts.text_encoder,
+        "image_encoder": encoder.model if encoder is not None else None,
+    }
+
+
 def save_base_file(
     parts: Components, preset: Preset, path: str | Path, dtype: torch.dtype = torch.float16
 ) -> Path:
@@ -294,13 +305,7 @@ def save_base_file(
     if encoder is not None and not isinstance(encoder, TransformersImageEncoder):
         raise ValueError("base files hold a transformers CLIP image encoder (or none)")
     tensors: dict[str, torch.Tensor] = {}
-    modules = {
-        "unet": parts.unet,
-        "vae": parts.vae,
-        "text_encoder": parts.text_encoder,
-        "image_encoder": encoder.model if encoder is not None else None,
-    }
-    for name, module in modules.items():
+    for name, module in _base_file_modules(parts).items():
         if module is None:
             continue
         for k, v in module.state_dict().items():
@@ -352,13 +357,7 @@ def read_base_file(path: str | Path, dtype: torch.dtype = torch.float32) -> Comp
     preset = preset_from_json(meta.get("preset", ""), str(p))
     with torch.random.fork_rng(devices=[]):  # building must not move the caller's random stream
         parts = build_components(preset, image_backend="transformers")
-    modules = {
-        "unet": parts.unet,
-        "vae": parts.vae,
-        "text_encoder": parts.text_encoder,
-        "image_encoder": parts.image_encoder.model if parts.image_encoder is not None else None,
-    }
-    for name, module in modules.items():
+    for name, module in _base_file_modules(parts).items():
         if module is None:
             continue
         found = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{name}.")}
@@ -438,8 +437,8 @@ def load_base(
     """A frozen base model, every part in eval mode with ``requires_grad=False``.
 
     ``source`` is a preset name (``tiny``, ``shapes``: random weights, no download), ``embedded`` (the
-    trained shapes-world base shipped with the package), a base file (``save_base_file``), a local diffusers folder, a
-    single-file SD1.5 checkpoint (``.safetensors``/``.ckpt``; ``single_file_config`` names the diffusers
+    trained shapes-world base shipped with the package), a base file (``save_base_file``), a local
+    diffusers folder, a single-file SD1.5 checkpoint (``.safetensors``/``.ckpt``; ``single_file_config`` names the diffusers
     folder or hub id whose configs describe it), or a hub id.
 
     ``image_encoder`` is a local folder or hub id of a transformers ``CLIPVisionModelWithProjection``

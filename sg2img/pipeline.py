@@ -162,7 +162,7 @@ class SceneGraphPipelineMixin:
         scheduler = given["scheduler"]
         # StableDiffusionPipeline.__init__ "repairs" old hub scheduler configs in place: steps_offset
         # becomes 1 and clip_sample False. A preset's or base file's scheduler is exactly what its model
-        # was trained and meant to be sampled with (the pixel-space shapes base clips x0 to [-1, 1]), so
+        # was trained and meant to be sampled with (a pixel-space base may well clip x0 to [-1, 1]), so
         # the pipeline gets a copy and then the scheduler as declared.
         pipe = cls(**{**given, "scheduler": copy.deepcopy(scheduler)}, **kwargs)
         pipe.scheduler = type(scheduler).from_config(scheduler.config)

@@ -111,7 +111,8 @@ class SG2ImgCLI(LightningCLI):
                     init_args=Namespace(refresh_rate=max(1, int(t.log_every_n_steps or 50))),
                 )
             )
-        if not any(c.class_path == self.export_callback for c in callbacks):
+        export_name = self.export_callback.rsplit(".", 1)[-1]  # configs may name it short or in full
+        if not any(c.class_path.rsplit(".", 1)[-1] == export_name for c in callbacks):
             callbacks.append(Namespace(class_path=self.export_callback, init_args=Namespace()))
         t.callbacks = callbacks
 
