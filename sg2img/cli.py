@@ -66,6 +66,36 @@ def _cmd_evaluate_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate_folder(args: argparse.Namespace) -> int:
+    from .metrics import MetricSettings, evaluate_folder, parse_metrics
+
+    if args.samples is None:
+        raise ValueError("give --samples DIR (a folder of images), or a subcommand: shapes, coco")
+    settings = MetricSettings(
+        clip=args.clip,
+        clip_pretrained=args.clip_pretrained,
+        fid_features=args.fid_features,
+        inception=args.inception,
+        fid_size=args.fid_size,
+        detector=args.detector,
+        detector_weights=args.detector_weights,
+        detector_threshold=args.detector_threshold,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    record = evaluate_folder(args.samples, args.refs, parse_metrics(args.metrics), settings)
+    from .evaluate import format_scores
+
+    print(format_scores(record["scores"]))
+    if args.out is not None:
+        from ip_adapter.checkpoint import atomic_write
+
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -185,8 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("evaluate", help="generate and score: `evaluate shapes` (the shapes world)")
-    what = p.add_subparsers(dest="what", required=True)
+    p = sub.add_parser(
+        "evaluate",
+        help="score folders of images (--samples DIR --refs DIR --metrics ...), or generate and score: "
+        "`evaluate shapes` (the shapes world), `evaluate coco` (IP-Adapter's COCO protocol)",
+    )
+    from .metrics import add_arguments as add_metric_arguments
+
+    add_metric_arguments(p)
+    p.set_defaults(func=_cmd_evaluate_folder)
+    what = p.add_subparsers(dest="what", required=False)
     q = what.add_parser(
         "shapes", help="generate from shapes-world test graphs and print object recall and relation accuracy"
     )

@@ -4,8 +4,14 @@ The graphs are the first ``--n`` rows of a split of ``sg2img.data.Shapes`` (or t
 prompt is their caption (``--prompt objects``: the objects only; ``relations``: the relations too;
 ``none``: the empty prompt), and the images go through ``ShapesEvaluator``: object recall, relation
 accuracy and graph accuracy. ``--adapter none`` evaluates the base alone (its text only); a graph reaches
-the model only through an adapter with a graph branch. Image i uses its own generator seeded
-with ``seed + i``: the same settings give the same images and scores.
+the model only through an adapter with a graph branch. An adapter with an image branch gets the graph's
+own rendering as its image prompt (``--image-prompt reference``, the default for such adapters: IP-Adapter's
+image-variation protocol). Image i uses its own generator seeded with ``seed + i``: the same settings give
+the same images and scores.
+
+With ``--out DIR`` the images go to ``DIR`` with ``samples.jsonl`` (one row per saved image: ``file``,
+``prompt``, ``graph``, ``ref``) and the graphs' renderings to ``DIR/refs``: the layout that
+``sg2img evaluate --samples DIR --refs DIR/refs`` scores with any metric.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from PIL import Image
 from .graph import Limits, SceneGraph, load_scene_graphs
 
 PROMPTS = ("objects", "relations", "none")
+IMAGE_PROMPTS = ("auto", "reference", "none")
 RESULT = "shapes-eval.json"
+MANIFEST = "samples.jsonl"  # one row per image of a samples folder (see sg2img.metrics.read_samples)
 
 
 def shapes_rows(args: argparse.Namespace) -> tuple[list[SceneGraph], list[str]]:
@@ -67,10 +75,15 @@ def run_shapes(args: argparse.Namespace) -> dict[str, Any]:
         k = args.num_images
         graphs = [g for g in graphs for _ in range(k)]
         names = [f"{name}-{j:02d}" for name in names for j in range(k)]
+    refs = reference_images(graphs)
     device, dtype = _device_and_dtype(args.device, args.dtype)
     pipe, info = build_pipeline(args, device, dtype)
     pipe.set_progress_bar_config(disable=True)
     use_graph = pipe.sg_adapter is not None and pipe.sg_adapter.config.graph_branch
+    has_image = pipe.sg_adapter is not None and pipe.sg_adapter.config.image_branch
+    use_image = args.image_prompt == "reference" or (args.image_prompt == "auto" and has_image)
+    if use_image and not has_image:
+        raise ValueError("--image-prompt reference needs an adapter with an image branch")
     prompts = [prompt_for(g, args.prompt) for g in graphs]
     images: list[Image.Image] = []
     start = time.perf_counter()
@@ -79,7 +92,9 @@ def run_shapes(args: argparse.Namespace) -> dict[str, Any]:
         out = pipe(
             prompt=prompts[lo:hi],
             scene_graph=graphs[lo:hi] if use_graph else None,
+            ip_adapter_image=refs[lo:hi] if use_image else None,
             sg_scale=args.sg_scale,
+            image_scale=args.image_scale if use_image else 0.0,
             num_inference_steps=args.steps,
             guidance_scale=args.guidance,
             generator=[torch.Generator(device="cpu").manual_seed(args.seed + i) for i in range(lo, hi)],
@@ -95,13 +110,28 @@ def run_shapes(args: argparse.Namespace) -> dict[str, Any]:
             if k not in ("func", "command", "what")
         },
         "graph_branch_used": use_graph,
+        "image_prompt_used": use_image,
         "generation_seconds": round(seconds, 2),
         **info,
         "versions": versions(),
     }
     if args.out is not None:
-        save_outputs(args.out, images, graphs, prompts, names, record, args.save_images)
+        ref_names = [n.rsplit("-", 1)[0] for n in names] if args.num_images > 1 else names
+        save_outputs(args.out, images, graphs, prompts, names, refs, ref_names, record, args.save_images)
     return record
+
+
+def reference_images(graphs: list[SceneGraph]) -> list[Image.Image]:
+    """Each graph rendered by the shapes world (from its boxes): the ground truth, and the image prompt."""
+    from .data.shapes import objects_from_graph, render
+
+    out = []
+    for i, g in enumerate(graphs):
+        try:
+            out.append(render(objects_from_graph(g)))
+        except ValueError as e:
+            raise ValueError(f"graph {i}: {e}") from None
+    return out
 
 
 def save_outputs(
@@ -110,15 +140,17 @@ def save_outputs(
     graphs: list[SceneGraph],
     prompts: list[str],
     names: list[str],
+    refs: list[Image.Image],
+    ref_names: list[str],
     record: dict[str, Any],
     save_images: bool,
 ) -> None:
     from .data.shapes import ShapesEvaluator
     from .drawing import contact_sheet, draw_scene_graph
 
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "refs").mkdir(parents=True, exist_ok=True)
     evaluator = ShapesEvaluator()
-    per_image = []
+    per_image, manifest = [], []
     for i, (img, g, p, name) in enumerate(zip(images, graphs, prompts, names)):
         s = evaluator.score(img, g)
         per_image.append({"name": name, "prompt": p, **s})
@@ -126,6 +158,11 @@ def save_outputs(
             img.save(out / f"{name}.png")
             caption = f"{p or '(empty prompt)'} | relations {s['triples_held']}/{s['triples']}"
             contact_sheet(draw_scene_graph(g, size=256), [img], caption).save(out / f"{name}-sheet.png")
+            ref = f"{ref_names[i]}.png"
+            if not (out / "refs" / ref).is_file():
+                refs[i].save(out / "refs" / ref)
+            manifest.append({"file": f"{name}.png", "prompt": p, "graph": g.to_json(), "ref": ref})
+    (out / MANIFEST).write_text("".join(json.dumps(row) + "\n" for row in manifest))
     (out / RESULT).write_text(json.dumps({**record, "images": per_image}, indent=2) + "\n")
 
 
@@ -152,7 +189,14 @@ def add_shapes_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--num-images", type=int, default=1, help="images per graph (seeds go on counting)")
     p.add_argument("--prompt", choices=PROMPTS, default="objects", help="what the text prompt holds")
+    p.add_argument(
+        "--image-prompt",
+        choices=IMAGE_PROMPTS,
+        default="auto",
+        help="the graph's rendering as image prompt (auto: when the adapter has an image branch)",
+    )
     p.add_argument("--sg-scale", type=float, default=1.0)
+    p.add_argument("--image-scale", type=float, default=1.0)
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")

@@ -123,6 +123,22 @@ def scene_graph(objects: list[ShapeObject]) -> SceneGraph:
     )
 
 
+def objects_from_graph(graph: SceneGraph) -> list[ShapeObject]:
+    """The objects a shapes-world graph describes (shape name, colour attribute, box), to render it again.
+    Raises ``ValueError`` naming the object when one is not a shapes-world object."""
+    out = []
+    for i, o in enumerate(graph.objects):
+        colour = o.attributes[0] if o.attributes else None
+        if o.name not in SHAPES or colour not in PALETTE or o.box is None:
+            raise ValueError(
+                f"objects[{i}] ({o.label!r}, box {o.box}) is not a shapes-world object: it needs a name in "
+                f"{list(SHAPES)}, a colour attribute in {list(PALETTE)} and a box"
+            )
+        x0, y0, x1, y1 = o.box
+        out.append(ShapeObject(o.name, colour, ((x0 + x1) / 2, (y0 + y1) / 2), (x1 - x0) / 2))
+    return out
+
+
 def caption(graph: SceneGraph, relations: bool = False) -> str:
     names = [f"a {o.label}" for o in graph.objects]
     if not relations:
@@ -194,6 +210,7 @@ class Found:
     shape: str
     centre: tuple[float, float]
     pixels: int
+    box: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # the colour's pixels, normalised
 
 
 def _shape_class(box: np.ndarray) -> str:
@@ -229,7 +246,9 @@ class ShapesEvaluator:
                 continue
             ys, xs = np.nonzero(mask)
             box = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
-            out[name] = Found(name, _shape_class(box), ((xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h), count)
+            extent = (xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h)
+            centre = ((xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h)
+            out[name] = Found(name, _shape_class(box), centre, count, tuple(float(v) for v in extent))
         return out
 
     def score(self, image: Image.Image, graph: SceneGraph) -> dict[str, float]:
@@ -278,6 +297,7 @@ __all__ = [
     "ShapesEvaluator",
     "caption",
     "centre_predicate",
+    "objects_from_graph",
     "render",
     "sample_scene",
     "scene_graph",
