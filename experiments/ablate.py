@@ -189,7 +189,7 @@ def log_eval_run(grid: Grid, variant: Variant, run_dir: Path, scores: dict[str, 
         config={"grid": str(grid.path), "variant": variant.name, "configs": grid.base + variant.configs},
         reinit="finish_previous",
     )
-    run.summary.update({k: v for k, v in scores.items() if isinstance(v, (int, float))})
+    run.log({f"eval/{k}": v for k, v in scores.items() if isinstance(v, (int, float))})
     run.finish()
 
 

@@ -66,6 +66,18 @@ def _cmd_evaluate_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate_coco(args: argparse.Namespace) -> int:
+    from .evaluate import COCO_RESULT, format_scores, run_coco
+
+    record = run_coco(args)
+    print(f"model: {record['model']}\nadapter: {record['adapter']}\nCLIP: {record['clip']}")
+    print(format_scores(record["scores"]))
+    paper = record["paper"]["ip_adapter_sd15"]
+    print(f"paper (IP-Adapter SD1.5, Table 1): clip_t {paper['clip_t']:.3f}  clip_i {paper['clip_i']:.3f}")
+    print(f"wrote {args.out / COCO_RESULT} and the images to {args.out / 'samples'}")
+    return 0
+
+
 def _cmd_evaluate_folder(args: argparse.Namespace) -> int:
     from .metrics import MetricSettings, evaluate_folder, parse_metrics
 
@@ -232,6 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_shapes_arguments(q)
     q.set_defaults(func=_cmd_evaluate_shapes)
+    q = what.add_parser(
+        "coco",
+        help="IP-Adapter's protocol: COCO images as image prompts, CLIP-T vs their captions, CLIP-I vs the prompts",
+    )
+    from .evaluate import add_coco_arguments
+
+    add_coco_arguments(q)
+    q.set_defaults(func=_cmd_evaluate_coco)
 
     p = sub.add_parser("demo", help="end-to-end run on the tiny preset (no downloads)")
     p.add_argument("--out", type=Path, default=Path("build/demo"))
@@ -252,6 +272,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         cli_main(["fit", *argv[1:]], BaseModelCLI)
         return 0
+    try:
+        if argv[:2] == ["evaluate", "coco"] and "--config" in argv:  # the protocol file, then the flags
+            from .evaluate import read_protocol
+
+            i = argv.index("--config")
+            if i + 1 >= len(argv):
+                raise ValueError("--config needs a file")
+            argv = ["evaluate", "coco", *read_protocol(Path(argv[i + 1])), *argv[2:i], *argv[i + 2 :]]
+    except ValueError as e:
+        print(f"sg2img evaluate: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

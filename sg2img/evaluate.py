@@ -75,7 +75,7 @@ def run_shapes(args: argparse.Namespace) -> dict[str, Any]:
         k = args.num_images
         graphs = [g for g in graphs for _ in range(k)]
         names = [f"{name}-{j:02d}" for name in names for j in range(k)]
-    refs = reference_images(graphs)
+    refs, not_renderable = reference_images(graphs)
     device, dtype = _device_and_dtype(args.device, args.dtype)
     pipe, info = build_pipeline(args, device, dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -84,6 +84,8 @@ def run_shapes(args: argparse.Namespace) -> dict[str, Any]:
     use_image = args.image_prompt == "reference" or (args.image_prompt == "auto" and has_image)
     if use_image and not has_image:
         raise ValueError("--image-prompt reference needs an adapter with an image branch")
+    if use_image and not_renderable:
+        raise ValueError(f"the image prompt is each graph's rendering, but {not_renderable}")
     prompts = [prompt_for(g, args.prompt) for g in graphs]
     images: list[Image.Image] = []
     start = time.perf_counter()
@@ -121,17 +123,20 @@ def run_shapes(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
-def reference_images(graphs: list[SceneGraph]) -> list[Image.Image]:
-    """Each graph rendered by the shapes world (from its boxes): the ground truth, and the image prompt."""
+def reference_images(graphs: list[SceneGraph]) -> tuple[list[Image.Image | None], str | None]:
+    """Each graph rendered by the shapes world from its boxes (the ground truth and the image prompt), and
+    why not when a graph cannot be (no boxes, say): then its entry is None."""
     from .data.shapes import objects_from_graph, render
 
-    out = []
+    out: list[Image.Image | None] = []
+    why = None
     for i, g in enumerate(graphs):
         try:
             out.append(render(objects_from_graph(g)))
         except ValueError as e:
-            raise ValueError(f"graph {i}: {e}") from None
-    return out
+            out.append(None)
+            why = why or f"graph {i}: {e}"
+    return out, why
 
 
 def save_outputs(
@@ -140,7 +145,7 @@ def save_outputs(
     graphs: list[SceneGraph],
     prompts: list[str],
     names: list[str],
-    refs: list[Image.Image],
+    refs: list[Image.Image | None],
     ref_names: list[str],
     record: dict[str, Any],
     save_images: bool,
@@ -158,12 +163,177 @@ def save_outputs(
             img.save(out / f"{name}.png")
             caption = f"{p or '(empty prompt)'} | relations {s['triples_held']}/{s['triples']}"
             contact_sheet(draw_scene_graph(g, size=256), [img], caption).save(out / f"{name}-sheet.png")
-            ref = f"{ref_names[i]}.png"
-            if not (out / "refs" / ref).is_file():
-                refs[i].save(out / "refs" / ref)
-            manifest.append({"file": f"{name}.png", "prompt": p, "graph": g.to_json(), "ref": ref})
+            row = {"file": f"{name}.png", "prompt": p, "graph": g.to_json()}
+            if (ref := refs[i]) is not None:
+                row["ref"] = f"{ref_names[i]}.png"
+                if not (out / "refs" / row["ref"]).is_file():
+                    ref.save(out / "refs" / row["ref"])
+            manifest.append(row)
     (out / MANIFEST).write_text("".join(json.dumps(row) + "\n" for row in manifest))
     (out / RESULT).write_text(json.dumps({**record, "images": per_image}, indent=2) + "\n")
+
+
+# --- IP-Adapter's COCO protocol ---------------------------------------------------------------------
+PAPER_TABLE_1 = {"clip_t": 0.588, "clip_i": 0.828}  # IP-Adapter (SD1.5, 22M), Table 1 of Ye et al. 2023
+COCO_RESULT = "coco-eval.json"
+COCO_KEYS = (
+    "images", "captions", "n", "model", "adapter", "image_encoder", "single_file_config", "clip",
+    "clip_pretrained", "num_images", "prompt", "steps", "guidance", "image_scale", "seed", "batch_size",
+    "device", "dtype", "out",
+)  # fmt: skip
+
+
+def coco_rows(images: Path, captions: Path, n: int | None) -> list[tuple[str, str]]:
+    """(file name, caption): COCO's images by id, each with its first caption (lowest annotation id)."""
+    try:
+        data = json.loads(Path(captions).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--captions {captions}: cannot read a COCO captions file ({e})") from None
+    if not isinstance(data, dict) or not all(
+        isinstance(data.get(k), list) for k in ("images", "annotations")
+    ):
+        raise ValueError(f"--captions {captions}: a COCO captions file has `images` and `annotations` lists")
+    first: dict[int, tuple[int, str]] = {}
+    for i, a in enumerate(data["annotations"]):
+        try:
+            key, ann_id, text = a["image_id"], a["id"], a["caption"]
+        except (KeyError, TypeError):
+            raise ValueError(
+                f"{captions}: annotations[{i}] needs image_id, id and caption, got {a!r}"
+            ) from None
+        if not isinstance(text, str):
+            raise ValueError(f"{captions}: annotations[{i}].caption must be a string, got {text!r}")
+        if key not in first or ann_id < first[key][0]:
+            first[key] = (ann_id, text.strip())
+    rows = []
+    for i, img in enumerate(
+        sorted(data["images"], key=lambda x: x.get("id", 0) if isinstance(x, dict) else 0)
+    ):
+        if not isinstance(img, dict) or "file_name" not in img or "id" not in img:
+            raise ValueError(f"{captions}: images[{i}] needs id and file_name, got {img!r}")
+        if img["id"] in first:
+            rows.append((img["file_name"], first[img["id"]][1]))
+    rows = rows[:n] if n else rows
+    if not rows:
+        raise ValueError(f"--captions {captions}: no image has a caption")
+    for name, _ in rows:
+        if not (Path(images) / name).is_file():
+            raise ValueError(f"--images {images}: {name} (listed in {captions}) does not exist")
+    return rows
+
+
+def read_protocol(path: Path) -> list[str]:
+    """A protocol YAML (keys: the flags of ``evaluate coco``, with underscores) as command-line flags."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"--config {path}: cannot read ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
+    if unknown := sorted(set(data) - set(COCO_KEYS)):
+        raise ValueError(f"--config {path}: unknown setting(s) {unknown}; known: {', '.join(COCO_KEYS)}")
+    flags = []
+    for k, v in data.items():
+        if v is not None:
+            flags += [f"--{k.replace('_', '-')}", str(v)]
+    return flags
+
+
+def run_coco(args: argparse.Namespace) -> dict[str, Any]:
+    """Generate from COCO images as image prompts, then CLIP-T against their captions and CLIP-I against
+    the prompts themselves; the paper's figures go into the record beside ours."""
+    from .generate import _device_and_dtype, build_pipeline, versions
+    from .metrics import MetricSettings, evaluate_folder, load_clip, open_image
+
+    for name in ("steps", "batch_size", "num_images"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.images is None or args.captions is None or args.clip is None or args.model is None:
+        raise ValueError(
+            "evaluate coco needs --images, --captions, --model and --clip (or a --config naming them)"
+        )
+    if args.adapter is None:
+        raise ValueError("evaluate coco needs --adapter (an IP-Adapter file; `none` for the base alone)")
+    rows = coco_rows(args.images, args.captions, args.n)
+    load_clip(args.clip, args.clip_pretrained)  # fail on a bad CLIP before hours of generation
+    device, dtype = _device_and_dtype(args.device, args.dtype)
+    pipe, info = build_pipeline(args, device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    has_image = pipe.sg_adapter is not None and pipe.sg_adapter.config.image_branch
+    out = Path(args.out)
+    samples = out / "samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    jobs = [(file, cap, k) for file, cap in rows for k in range(args.num_images)]
+    manifest = []
+    start = time.perf_counter()
+    for lo in range(0, len(jobs), args.batch_size):
+        batch = jobs[lo : lo + args.batch_size]
+        refs = [open_image(Path(args.images) / f) for f, _, _ in batch]
+        result = pipe(
+            prompt=[c if args.prompt == "caption" else "" for _, c, _ in batch],
+            ip_adapter_image=refs if has_image else None,
+            image_scale=args.image_scale if has_image else 0.0,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            generator=[
+                torch.Generator(device="cpu").manual_seed(args.seed + i) for i in range(lo, lo + len(batch))
+            ],
+        )
+        for (file, cap, k), img in zip(batch, result.images):
+            name = f"{Path(file).stem}-{k}.png"
+            img.save(samples / name)
+            manifest.append({"file": name, "prompt": cap, "ref": file})
+    seconds = time.perf_counter() - start
+    (samples / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in manifest))
+    settings = MetricSettings(
+        clip=args.clip, clip_pretrained=args.clip_pretrained, batch_size=args.batch_size
+    )
+    scored = evaluate_folder(samples, Path(args.images), ["clip-t", "clip-i"], settings)
+    record = {
+        "scores": scored["scores"],
+        "paper": {"ip_adapter_sd15": PAPER_TABLE_1},
+        "clip": scored["clip"],
+        "settings": {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in COCO_KEYS
+        },
+        "image_prompt_used": has_image,
+        "generation_seconds": round(seconds, 2),
+        **info,
+        "versions": versions(),
+    }
+    (out / COCO_RESULT).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def add_coco_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", type=Path, default=None, help="a protocol YAML (configs/eval/); flags override it"
+    )
+    p.add_argument("--images", type=Path, default=None, help="COCO images (val2017/)")
+    p.add_argument("--captions", type=Path, default=None, help="COCO captions (captions_val2017.json)")
+    p.add_argument("--n", type=int, default=None, help="first n images by id (default: all)")
+    p.add_argument("--model", default=None, help="SD1.5 base: hub id, diffusers folder or single file")
+    p.add_argument("--adapter", default=None, help="IP-Adapter file (official .bin/.safetensors or ours)")
+    p.add_argument("--image-encoder", default=None, help="CLIP vision tower folder/hub id of the adapter")
+    p.add_argument("--single-file-config", default=None)
+    p.add_argument(
+        "--clip", default=None, help="scoring CLIP: open_clip:NAME, hf:ID or a transformers folder"
+    )
+    p.add_argument("--clip-pretrained", default=None)
+    p.add_argument("--num-images", type=int, default=4, help="images per image prompt (the paper: 4)")
+    p.add_argument(
+        "--prompt", choices=("empty", "caption"), default="empty", help="text prompt (the paper: empty)"
+    )
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--image-scale", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
+    p.add_argument("--out", type=Path, default=Path("build/coco-eval"))
 
 
 def format_scores(scores: dict[str, float]) -> str:
@@ -207,4 +377,4 @@ def add_shapes_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-images", action="store_true", help="save every image (default: the first 16)")
 
 
-__all__ = ["PROMPTS", "add_shapes_arguments", "format_scores", "run_shapes"]
+__all__ = ["PROMPTS", "add_coco_arguments", "add_shapes_arguments", "format_scores", "run_coco", "run_shapes"]

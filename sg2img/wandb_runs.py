@@ -44,14 +44,15 @@ def _records(path: Path) -> list[bytes]:
 
 
 def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
-    """``{"history": [row, ...], "config": {...}, "media": [relative paths]}`` of one offline run folder."""
+    """``{"history": [row, ...], "config": {...}, "run": {"name", "group", "job_type"}, "media": [relative
+    paths]}`` of one offline run folder."""
     from wandb.proto import wandb_internal_pb2
 
     run_dir = Path(run_dir)
     logs = sorted(run_dir.glob("run-*.wandb"))
     if not logs:
         raise FileNotFoundError(f"{run_dir}: no run-*.wandb file (not a W&B run folder)")
-    history, config = [], {}
+    history, config, run = [], {}, {}
     for data in _records(logs[0]):
         rec = wandb_internal_pb2.Record()
         rec.ParseFromString(data)
@@ -62,6 +63,10 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
                 key = item.key or "/".join(item.nested_key)
                 row[key] = json.loads(item.value_json)
             history.append(row)
+        elif kind == "run":
+            run = {"name": rec.run.display_name, "group": rec.run.run_group, "job_type": rec.run.job_type}
+            for item in rec.run.config.update:  # the config given to wandb.init
+                config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
         elif kind == "config":
             for item in rec.config.update:
                 key = item.key or "/".join(item.nested_key)
@@ -70,7 +75,7 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
     media = sorted(
         str(p.relative_to(media_root)) for p in media_root.rglob("*") if p.is_file() and "media" in p.parts
     )
-    return {"history": history, "config": config, "media": media}
+    return {"history": history, "config": config, "run": run, "media": media}
 
 
 def offline_runs(save_dir: str | Path) -> list[Path]:

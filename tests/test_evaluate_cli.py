@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from sg2img.cli import main
 
@@ -57,3 +58,51 @@ def test_bad_settings_exit_2_before_any_model_loads(flags, message, capsys, monk
     monkeypatch.setattr("sg2img.generate.build_pipeline", no_model)
     assert evaluate(*flags) == 2
     assert message in capsys.readouterr().err
+
+
+def test_samples_folder_scores_the_same_through_evaluate_samples(tmp_path):
+    out = tmp_path / "eval"
+    assert evaluate("--n", "3", "--num-images", "2", "--save-images", "--out", out) == 0
+    record = json.loads((out / "shapes-eval.json").read_text())
+    assert not record["image_prompt_used"]  # the embedded adapter has no image branch
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in rows][:3] == ["test-00000-00.png", "test-00000-01.png", "test-00001-00.png"]
+    assert rows[1]["ref"] == "test-00000.png" and sorted(p.name for p in (out / "refs").iterdir()) == [
+        "test-00000.png",
+        "test-00001.png",
+        "test-00002.png",
+    ]
+    scores = tmp_path / "scores.json"
+    assert main(["evaluate", "--samples", str(out), "--refs", str(out / "refs"), "--metrics", "shapes",
+                 "--out", str(scores)]) == 0  # fmt: skip
+    assert json.loads(scores.read_text())["scores"] == record["scores"]
+
+
+def test_an_image_branch_adapter_gets_the_graphs_rendering_as_image_prompt(tmp_path, capsys):
+    from sg2img.adapter import SceneGraphAdapter, SGAdapterConfig
+    from sg2img.defaults import embedded_base
+    from sg2img.gnn import gnn_preset
+    from sg2img.models import get_preset
+
+    parts = embedded_base()
+    config = SGAdapterConfig(
+        label_dim=parts.text_encoder.config.hidden_size,
+        image=get_preset("shapes").adapter_config("cls"),
+        gnn=gnn_preset("tiny"),
+    )
+    torch.manual_seed(0)
+    adapter = SceneGraphAdapter(parts.unet, config)
+    with torch.no_grad():  # a visible image branch, so the image prompt changes the result
+        for name, p in adapter.named_parameters():
+            if "image_proj" in name:
+                p.normal_(0, 1)
+    path = adapter.save(tmp_path / "image-graph.safetensors")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert evaluate("--n", "2", "--adapter", path, "--save-images", "--out", a) == 0
+    assert evaluate("--n", "2", "--adapter", path, "--image-prompt", "none", "--save-images", "--out", b) == 0
+    assert json.loads((a / "shapes-eval.json").read_text())["image_prompt_used"]
+    assert not json.loads((b / "shapes-eval.json").read_text())["image_prompt_used"]
+    assert (a / "test-00000.png").read_bytes() != (b / "test-00000.png").read_bytes()
+    capsys.readouterr()
+    assert evaluate("--n", "1", "--image-prompt", "reference") == 2  # the embedded adapter reads no images
+    assert "--image-prompt reference needs an adapter with an image branch" in capsys.readouterr().err

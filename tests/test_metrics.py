@@ -337,3 +337,82 @@ def test_the_cli_writes_the_record(tmp_path, capsys):
     assert "relation_accuracy 1.000" in capsys.readouterr().out
     record = json.loads(out.read_text())
     assert record["scores"]["images"] == 2 and record["metrics"] == ["shapes", "sg-geometry"]
+
+
+# --- IP-Adapter's COCO protocol -------------------------------------------------------------------------
+def fake_coco(root: Path) -> tuple[Path, Path]:
+    images = root / "val2017"
+    images.mkdir(parents=True)
+    source = Shapes("test", num_rows=3)
+    for i in range(3):
+        source.example(i).image.resize((64, 64)).save(images / f"{i + 1:012d}.jpg")
+    captions = {
+        "images": [{"id": i + 1, "file_name": f"{i + 1:012d}.jpg"} for i in (2, 0, 1)],
+        "annotations": [
+            {"id": 20, "image_id": 1, "caption": "a later caption"},
+            {"id": 10, "image_id": 1, "caption": " the first caption "},
+            {"id": 30, "image_id": 2, "caption": "shapes on grey"},
+        ],  # image 3 has no caption: it is left out
+    }
+    path = root / "captions_val2017.json"
+    path.write_text(json.dumps(captions))
+    return images, path
+
+
+def test_coco_protocol_generates_from_image_prompts_and_scores_clip_t_and_clip_i(tmp_path, open_clip_spec):
+    from sg2img.adapter import SceneGraphAdapter, SGAdapterConfig
+    from sg2img.models import build_components, get_preset
+
+    images, captions = fake_coco(tmp_path / "coco")
+    unet = build_components("tiny", seed=0).unet
+    config = SGAdapterConfig(graph_branch=False, image=get_preset("tiny").adapter_config("cls"))
+    adapter = SceneGraphAdapter(unet, config).save(tmp_path / "ip-adapter.safetensors")
+    spec, weights = open_clip_spec
+    protocol = tmp_path / "protocol.yaml"
+    settings = {
+        "images": images, "captions": captions, "model": "tiny", "adapter": adapter, "clip": spec,
+        "clip_pretrained": weights, "num_images": 2, "steps": 50, "out": tmp_path / "out",
+    }  # fmt: skip
+    protocol.write_text("\n".join(f"{k}: {v}" for k, v in settings.items()))
+    assert main(["evaluate", "coco", "--config", str(protocol), "--steps", "2", "--batch-size", "3"]) == 0
+    record = json.loads((tmp_path / "out" / "coco-eval.json").read_text())
+    assert record["settings"]["steps"] == 2  # the flag overrides the protocol file
+    assert record["image_prompt_used"] and record["scores"]["images"] == 4
+    assert record["paper"]["ip_adapter_sd15"] == {"clip_t": 0.588, "clip_i": 0.828}
+    rows = [
+        json.loads(line) for line in (tmp_path / "out" / "samples" / "samples.jsonl").read_text().splitlines()
+    ]
+    assert [(r["ref"], r["prompt"]) for r in rows] == [
+        ("000000000001.jpg", "the first caption"),
+        ("000000000001.jpg", "the first caption"),
+        ("000000000002.jpg", "shapes on grey"),
+        ("000000000002.jpg", "shapes on grey"),
+    ]
+    # the record's scores are those of the folder metrics on the written samples
+    again = evaluate_folder(
+        tmp_path / "out" / "samples",
+        images,
+        ["clip-t", "clip-i"],
+        MetricSettings(clip=spec, clip_pretrained=weights),
+    )
+    assert again["scores"] == record["scores"]
+
+
+def test_the_shipped_protocol_file_reads_and_bad_ones_are_refused(tmp_path, capsys):
+    from sg2img.evaluate import read_protocol
+
+    flags = read_protocol(Path(__file__).parent.parent / "configs" / "eval" / "ip_adapter_coco2017.yaml")
+    assert flags[flags.index("--steps") + 1] == "50" and flags[flags.index("--guidance") + 1] == "7.5"
+    assert flags[flags.index("--num-images") + 1] == "4" and flags[flags.index("--prompt") + 1] == "empty"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("images: x\nstepz: 3\n")
+    assert main(["evaluate", "coco", "--config", str(bad)]) == 2
+    assert "unknown setting(s) ['stepz']" in capsys.readouterr().err
+    images, captions = fake_coco(tmp_path / "coco")
+    (images / "000000000002.jpg").unlink()
+    common = ["--images", str(images), "--model", "tiny", "--adapter", "none", "--clip", "open_clip:x"]
+    assert main(["evaluate", "coco", *common, "--captions", str(captions)]) == 2
+    assert "000000000002.jpg (listed in" in capsys.readouterr().err
+    captions.write_text('{"images": [], "annotations": [{"id": 1}]}')
+    assert main(["evaluate", "coco", *common, "--captions", str(captions)]) == 2
+    assert "annotations[0] needs image_id, id and caption" in capsys.readouterr().err

@@ -19,7 +19,10 @@ from sg2img.training_cli import BaseModelCLI, SG2ImgCLI, wandb_offline
 from sg2img.wandb_runs import offline_runs, read_offline_run
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+# training configs; configs/eval/ holds evaluation protocols (tests/test_metrics.py reads those)
+CONFIGS = sorted(
+    p for p in (ROOT / "configs").rglob("*.yaml") if "eval" not in p.relative_to(ROOT / "configs").parts
+)
 BASE = [str(ROOT / "configs" / "base.yaml"), str(ROOT / "configs" / "model" / "tiny.yaml")]
 
 

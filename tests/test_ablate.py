@@ -1,0 +1,177 @@
+"""experiments/ablate.py: grid files, the stages and their resumption, the results, W&B grouping."""
+
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("ablate", ROOT / "experiments" / "ablate.py")
+ablate = importlib.util.module_from_spec(spec)
+sys.modules["ablate"] = ablate
+spec.loader.exec_module(ablate)
+
+DELTA = "configs/experiments/ablations/injection_concat.yaml"
+
+
+def write_grid(path: Path, **overrides) -> Path:
+    grid = {
+        "name": "test-grid",
+        "base": ["configs/experiments/shapes/graph_decoupled.yaml"],
+        "generate": {"kind": "shapes", "n": 2, "steps": 2},
+        "metrics": ["shapes"],
+        "plot": ["relation_accuracy"],
+        "variants": [{"name": "reference", "configs": []}, {"name": "Concat injection", "configs": [DELTA]}],
+        **overrides,
+    }
+    path.write_text(json.dumps(grid))  # JSON is YAML
+    return path
+
+
+@pytest.mark.parametrize(
+    "grid", sorted((ROOT / "experiments" / "grids").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_every_shipped_grid_loads(grid):
+    g = ablate.load_grid(grid)
+    assert g.variants and len({v.slug for v in g.variants}) == len(g.variants)
+
+
+def test_every_ablation_delta_changes_one_model_setting():
+    import yaml
+
+    for path in sorted((ROOT / "configs" / "experiments" / "ablations").glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        assert list(data) == ["model"], path.name
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"name": ""}, "name must be a non-empty string"),
+        ({"variants": []}, "variants must be a non-empty list"),
+        ({"variants": [{"configs": []}]}, r"variants\[0\] needs a name"),
+        (
+            {"variants": [{"name": "a", "config": []}]},
+            r"variants\[0\] \(a\): unknown field\(s\) \['config'\]",
+        ),
+        ({"variants": [{"name": "A b"}, {"name": "a-b"}]}, r"repeated: \['a-b'\]"),
+        ({"variants": [{"name": "a", "configs": ["nope.yaml"]}]}, r"variants \(a\): config file nope.yaml"),
+        ({"base": "configs/base.yaml"}, "base must be a list of strings"),
+        ({"generate": {"kind": "coco"}}, "generate.kind must be one of"),
+        ({"extra": 1}, r"unknown field\(s\) \['extra'\]"),
+    ],
+)
+def test_bad_grids_name_the_file_and_field(tmp_path, overrides, message):
+    path = write_grid(tmp_path / "g.yaml", **overrides)
+    with pytest.raises(ablate.GridError, match=message) as e:
+        ablate.load_grid(path)
+    assert str(path) in str(e.value)
+
+
+class FakeStages:
+    """Stands in for the subprocesses: writes what each stage would write, and records the commands."""
+
+    def __init__(self, fail_on: str | None = None):
+        self.commands: list[list[str]] = []
+        self.fail_on = fail_on
+
+    def __call__(self, cmd, env=None):
+        self.commands.append(cmd)
+        args = cmd[3:]
+        out = Path(args[args.index("--out") + 1]) if "--out" in args else None
+        if self.fail_on and any(self.fail_on in a for a in args):
+            raise subprocess.CalledProcessError(1, cmd)
+        if args[0] == "fit":
+            root = Path(args[args.index("--trainer.default_root_dir") + 1])
+            assert env == {"WANDB_RUN_GROUP": "test-grid", "WANDB_JOB_TYPE": "fit"}
+            (root / "adapter.safetensors").write_bytes(b"x")
+        elif args[:2] == ["evaluate", "shapes"]:
+            out.mkdir(parents=True)
+            (out / "shapes-eval.json").write_text(json.dumps({"generation_seconds": 1.5}))
+        else:
+            concat = "concat" in str(out)
+            scores = {"images": 2, "object_recall": 0.5, "relation_accuracy": 0.25 if concat else 0.75}
+            out.write_text(json.dumps({"scores": scores}))
+        return 2.0
+
+
+def test_a_grid_runs_every_stage_once_and_resumes(tmp_path, monkeypatch):
+    grid = write_grid(tmp_path / "g.yaml")
+    fake = FakeStages()
+    monkeypatch.setattr(ablate, "run", fake)
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    common = ["--grid", str(grid), "--runs", str(runs), "--results", str(results), "--no-wandb"]
+    assert ablate.main(common) == 0
+    kinds = [c[3] for c in fake.commands]
+    assert kinds == ["fit", "evaluate", "evaluate"] * 2
+    fit = fake.commands[3]
+    assert fit[fit.index("--config", 4) + 1 :].count(DELTA) == 1 and "--ckpt_path" not in fit
+    assert (runs / "concat-injection" / "scores.json").is_file()
+    with open(results / "g.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["variant"], r["relation_accuracy"]) for r in rows] == [
+        ("reference", "0.7500"),
+        ("Concat injection", "0.2500"),
+    ]
+    md = (results / "g.md").read_text()
+    assert "| reference | (base) | 0.500 | 0.750 | 2.0 |" in md and "`injection_concat`" in md
+    assert (results / "g.png").read_bytes()[:4] == b"\x89PNG"
+    # again: nothing to run, the same results
+    fake.commands.clear()
+    assert ablate.main(common) == 0
+    assert fake.commands == []
+    assert "| Concat injection | `injection_concat` | 0.500 | 0.250 |" in (results / "g.md").read_text()
+
+
+def test_a_stopped_fit_resumes_from_its_last_checkpoint_and_a_failure_does_not_stop_the_grid(
+    tmp_path, monkeypatch, capsys
+):
+    grid = write_grid(tmp_path / "g.yaml")
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    (runs / "reference" / "checkpoints").mkdir(parents=True)
+    (runs / "reference" / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    fake = FakeStages(fail_on="concat-injection")
+    monkeypatch.setattr(ablate, "run", fake)
+    common = ["--grid", str(grid), "--runs", str(runs), "--results", str(results), "--no-wandb"]
+    assert ablate.main(common) == 1  # the concat variant failed ...
+    fit = fake.commands[0]
+    assert fit[fit.index("--ckpt_path") + 1] == str(runs / "reference" / "checkpoints" / "last.ckpt")
+    assert "variant 'Concat injection' failed" in capsys.readouterr().out
+    assert "| reference |" in (results / "g.md").read_text()  # ... the finished one is in the table
+    fake.fail_on = None
+    fake.commands.clear()
+    assert ablate.main(common) == 0  # the same command finishes the grid
+    assert [c[3] for c in fake.commands] == ["fit", "evaluate", "evaluate"]
+
+
+def test_evaluations_are_logged_to_wandb_in_the_grids_group(tmp_path, monkeypatch):
+    from sg2img.wandb_runs import read_offline_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    grid = ablate.load_grid(write_grid(tmp_path / "g.yaml"))
+    ablate.log_eval_run(grid, grid.variants[1], tmp_path, {"images": 2, "relation_accuracy": 0.25})
+    (run,) = sorted(tmp_path.glob("wandb/offline-run-*"))
+    logged = read_offline_run(run)
+    assert logged["run"] == {"name": "concat-injection-eval", "group": "test-grid", "job_type": "eval"}
+    assert logged["history"][0]["eval/relation_accuracy"] == 0.25
+    assert logged["config"]["variant"] == "Concat injection"
+
+
+@pytest.mark.slow
+def test_a_tiny_grid_end_to_end(tmp_path):
+    """Fit 2 steps, generate 2 images and score, for two variants, through the real subprocesses."""
+    grid = write_grid(
+        tmp_path / "g.yaml",
+        fit_flags=["--trainer.max_steps", "2", "--data.batch_size", "2", "--trainer.val_check_interval", "2",
+                   "--data.val.init_args.num_rows", "2", "--trainer.callbacks", "[]"],
+    )  # fmt: skip
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    args = ["--grid", str(grid), "--runs", str(runs), "--results", str(results), "--no-wandb"]
+    assert ablate.main(args) == 0
+    for v in ("reference", "concat-injection"):
+        assert (runs / v / "adapter.safetensors").is_file() and (runs / v / "scores.json").is_file()
+    assert len((results / "g.csv").read_text().splitlines()) == 3
