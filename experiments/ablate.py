@@ -22,6 +22,7 @@ Per variant, under ``--runs DIR/<variant>`` (default ``runs/ablations/<grid name
   fit       sg2img fit --config <base...> --config <deltas...> --trainer.default_root_dir RUN
             (resumed from RUN/checkpoints/last.ckpt when a previous fit stopped partway)
   generate  sg2img evaluate shapes --adapter RUN/adapter.safetensors --save-images --out RUN/samples
+            (kind coco: sg2img evaluate coco [--config PROTOCOL] --adapter ... --out RUN/coco)
   score     sg2img evaluate --samples RUN/samples --refs RUN/samples/refs --metrics ... --out RUN/scores.json
 A stage whose result is on disk is not run again, so the same command resumes a stopped grid. The W&B runs
 of a grid share one group (its name): the fits (job type ``fit``) and one ``eval`` run per variant with its
@@ -46,8 +47,13 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-GENERATE_KINDS = ("shapes",)
-FIT_DONE, SAMPLES_DONE, SCORES = "fit-done.json", "shapes-eval.json", "scores.json"
+GENERATE_KINDS = ("shapes", "coco")
+FIT_DONE, SCORES = "fit-done.json", "scores.json"
+# per kind: the command, the folder it writes under RUN, its record (the "done" mark), the samples folder
+KINDS = {
+    "shapes": ("shapes", "samples", "shapes-eval.json", "samples"),
+    "coco": ("coco", "coco", "coco-eval.json", "coco/samples"),
+}
 
 
 class GridError(ValueError):
@@ -119,6 +125,8 @@ def load_grid(path: Path) -> Grid:
     generate = raw.get("generate") or {}
     if not isinstance(generate, dict) or generate.get("kind", "shapes") not in GENERATE_KINDS:
         raise GridError(f"{path}: generate.kind must be one of {list(GENERATE_KINDS)}, got {generate!r}")
+    if generate.get("kind") == "coco" and "images" not in generate and "config" not in generate:
+        raise GridError(f"{path}: generate (kind coco) needs images or a protocol config, got {generate!r}")
     return Grid(
         Path(path),
         name.strip(),
@@ -159,16 +167,39 @@ def fit_command(grid: Grid, variant: Variant, run_dir: Path, extra: list[str]) -
 
 
 def generate_command(grid: Grid, run_dir: Path) -> list[str]:
-    flags = {k: v for k, v in grid.generate.items() if k != "kind"}
-    cmd = ["evaluate", "shapes", "--adapter", str(run_dir / "adapter.safetensors")]
-    for k, v in flags.items():
-        cmd += [f"--{k.replace('_', '-')}", str(v)]
-    return sg2img(*cmd, "--save-images", "--out", str(run_dir / "samples"))
+    kind = grid.generate.get("kind", "shapes")
+    command, folder, _, _ = KINDS[kind]
+    cmd = ["evaluate", command]
+    if "config" in grid.generate:  # a protocol file first (evaluate coco), the grid's flags override it
+        cmd += ["--config", str(grid.generate["config"])]
+    cmd += ["--adapter", str(run_dir / "adapter.safetensors")]
+    for k, v in grid.generate.items():
+        if k not in ("kind", "config"):
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
+    if kind == "shapes":
+        cmd.append("--save-images")
+    return sg2img(*cmd, "--out", str(run_dir / folder))
+
+
+def samples_record(grid: Grid, run_dir: Path) -> Path:
+    _, folder, record, _ = KINDS[grid.generate.get("kind", "shapes")]
+    return run_dir / folder / record
+
+
+def refs_folder(grid: Grid, run_dir: Path) -> str:
+    if grid.generate.get("kind", "shapes") == "shapes":
+        return str(run_dir / "samples" / "refs")
+    if "images" in grid.generate:
+        return str(grid.generate["images"])
+    from sg2img.evaluate import read_protocol
+
+    flags = read_protocol(Path(grid.generate["config"]))
+    return flags[flags.index("--images") + 1]
 
 
 def score_command(grid: Grid, run_dir: Path) -> list[str]:
-    samples = run_dir / "samples"
-    cmd = ["evaluate", "--samples", str(samples), "--refs", str(samples / "refs")]
+    samples = run_dir / KINDS[grid.generate.get("kind", "shapes")][3]
+    cmd = ["evaluate", "--samples", str(samples), "--refs", refs_folder(grid, run_dir)]
     cmd += ["--metrics", ",".join(grid.metrics), *grid.metric_flags, "--out", str(run_dir / SCORES)]
     return sg2img(*cmd)
 
@@ -207,7 +238,7 @@ def run_variant(grid: Grid, variant: Variant, runs: Path, extra_fit: list[str], 
         info = {"fit_command": shown(cmd), "fit_seconds": round(seconds, 1)}
         done.write_text(json.dumps(info, indent=2) + "\n")
         record.update(info)
-    samples = run_dir / "samples" / SAMPLES_DONE
+    samples = samples_record(grid, run_dir)
     if not samples.is_file():
         cmd = generate_command(grid, run_dir)
         run(cmd)

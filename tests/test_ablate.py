@@ -61,7 +61,7 @@ def test_every_ablation_delta_changes_one_model_setting():
         ({"variants": [{"name": "A b"}, {"name": "a-b"}]}, r"repeated: \['a-b'\]"),
         ({"variants": [{"name": "a", "configs": ["nope.yaml"]}]}, r"variants \(a\): config file nope.yaml"),
         ({"base": "configs/base.yaml"}, "base must be a list of strings"),
-        ({"generate": {"kind": "coco"}}, "generate.kind must be one of"),
+        ({"generate": {"kind": "cifar"}}, "generate.kind must be one of"),
         ({"extra": 1}, r"unknown field\(s\) \['extra'\]"),
     ],
 )
@@ -175,3 +175,18 @@ def test_a_tiny_grid_end_to_end(tmp_path):
     for v in ("reference", "concat-injection"):
         assert (runs / v / "adapter.safetensors").is_file() and (runs / v / "scores.json").is_file()
     assert len((results / "g.csv").read_text().splitlines()) == 3
+
+
+def test_a_coco_grid_generates_with_the_protocol_and_scores_against_its_images(tmp_path):
+    grid = ablate.load_grid(ROOT / "experiments" / "grids" / "sd15_image_adapter.yaml")
+    run = tmp_path / "patch-tokens"
+    gen = ablate.generate_command(grid, run)[3:]
+    assert gen[:4] == ["evaluate", "coco", "--config", "configs/eval/ip_adapter_coco2017.yaml"]
+    assert gen[gen.index("--adapter") + 1] == str(run / "adapter.safetensors")
+    assert gen[gen.index("--n") + 1] == "500" and gen[-2:] == ["--out", str(run / "coco")]
+    score = ablate.score_command(grid, run)[3:]
+    assert score[score.index("--samples") + 1] == str(run / "coco" / "samples")
+    assert score[score.index("--refs") + 1] == "data/coco/val2017"  # the protocol's images
+    assert ablate.samples_record(grid, run) == run / "coco" / "coco-eval.json"
+    with pytest.raises(ablate.GridError, match="needs images or a protocol config"):
+        ablate.load_grid(write_grid(tmp_path / "g.yaml", generate={"kind": "coco"}))
