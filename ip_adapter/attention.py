@@ -86,6 +86,11 @@ def layer_grid(latent: tuple[int, int], positions: int) -> tuple[int, int]:
     )
 
 
+def _identity(t: torch.Tensor) -> tuple:
+    """What makes a tensor the same input again within one generation: its storage, view and version."""
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t._version, t.dtype, t.device)
+
+
 def _heads(x: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
     return x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)  # (B, H, S, dh)
 
@@ -118,6 +123,10 @@ class DecoupledAttnProcessor(nn.Module):
         self.layer_name = layer_name
         self.scale: dict[str, float] = {}
         self.recorder: AttentionRecorder | None = None  # set only while attention maps are recorded
+        # While set (DecoupledAttention.caching, one generation): K/V of the constant token sequences (text
+        # and streams), keyed by the tokens' storage and version, so each is projected once, not per step.
+        # Each entry keeps its source tensor alive, so no later tensor can take over its storage and key.
+        self.kv_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         for s in self.stream_names:
             if not s.isidentifier():
                 raise ValueError(f"stream name {s!r} must be a Python identifier")
@@ -164,20 +173,26 @@ class DecoupledAttnProcessor(nn.Module):
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         query = attn.to_q(hidden_states)  # (B, S, inner)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
         query = _heads(query, batch_size, attn.heads)  # (B, H, S, dh)
-        key = _heads(key, batch_size, attn.heads)
-        value = _heads(value, batch_size, attn.heads)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        cache_key = None
+        if encoder_hidden_states is not None and self.kv_cache is not None:
+            cache_key = ("text", *_identity(encoder_hidden_states))
+        if cache_key is not None and cache_key in self.kv_cache:
+            _, key, value = self.kv_cache[cache_key]
+        else:
+            source = encoder_hidden_states
+            if encoder_hidden_states is None:
+                encoder_hidden_states = hidden_states
+            elif attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+            key = _heads(attn.to_k(encoder_hidden_states), batch_size, attn.heads)
+            value = _heads(attn.to_v(encoder_hidden_states), batch_size, attn.heads)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            if cache_key is not None:
+                self.kv_cache[cache_key] = (source, key, value)
         hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
         hidden_states = hidden_states.transpose(1, 2).reshape(
             batch_size, -1, query.shape[1] * query.shape[-1]
@@ -226,11 +241,17 @@ class DecoupledAttnProcessor(nn.Module):
                 )
             tokens = tokens.expand(batch_size, -1, -1)
             mask = None if mask is None else mask.expand(batch_size, -1)
-        tokens = tokens.to(query.dtype)
         if name in self.positional:
             query = query + self._position_query(name, query.shape[2], heads).to(query)
-        key = _heads(to_k(tokens), batch_size, heads)  # (B, H, N, dh)
-        value = _heads(to_v(tokens), batch_size, heads)
+        cache_key = (name, *_identity(tokens), query.dtype) if self.kv_cache is not None else None
+        if cache_key is not None and cache_key in self.kv_cache:
+            _, key, value = self.kv_cache[cache_key]
+        else:
+            source, tokens = tokens, tokens.to(query.dtype)
+            key = _heads(to_k(tokens), batch_size, heads)  # (B, H, N, dh)
+            value = _heads(to_v(tokens), batch_size, heads)
+            if cache_key is not None:
+                self.kv_cache[cache_key] = (source, key, value)
         if mask is None:
             out = F.scaled_dot_product_attention(query, key, value)
         else:
@@ -436,6 +457,21 @@ class DecoupledAttention(nn.Module):
         finally:
             for proc in self.processors():
                 proc.recorder = None
+
+    @contextmanager
+    def caching(self) -> Iterator[None]:
+        """Within the block, each cross-attention layer projects a constant token sequence (the text, each
+        stream) to K/V once and reuses it at every later step. For one generation under ``no_grad``: the
+        cache holds the tensors it was given alive, and it is emptied when the block ends."""
+        if torch.is_grad_enabled():
+            raise RuntimeError("K/V caching is for inference: use it under torch.no_grad()")
+        for proc in self.processors():
+            proc.kv_cache = {}
+        try:
+            yield
+        finally:
+            for proc in self.processors():
+                proc.kv_cache = None
 
     def layers_by_name(self) -> dict[str, DecoupledAttnProcessor]:
         return {p.layer_name: p for p in self.processors()}

@@ -406,7 +406,13 @@ class SceneGraphPipelineMixin:
         output_type = call.get("output_type", "pil")
         if self.vae is None:  # pixel space: the denoised sample is the image
             call["output_type"] = "latent"
-        with hooks:
+        # the text and stream tokens are the same at every step: project them to K/V once per generation
+        caching = (
+            adapter.attention.caching()
+            if adapter is not None and adapter.attention is not None
+            else nullcontext()
+        )
+        with hooks, caching:
             out = super().__call__(**call, return_dict=True)
         images = out.images
         if self.vae is None and output_type != "latent":

@@ -288,3 +288,32 @@ def test_positional_streams_must_be_streams(tiny):
 
     with pytest.raises(ValueError, match=r"positional streams \['ip'\] are not streams"):
         DecoupledAttention(tiny.unet, ["sg"], positional=["ip"])
+
+
+def test_kv_cache_projects_each_constant_sequence_once_and_changes_nothing(
+    tiny, adapter, features, unet_inputs
+):
+    adapter.attach(tiny.unet)
+    kw = streams(adapter, features)
+    latents, _, text = unet_inputs
+    steps = [torch.tensor([900, 500]), torch.tensor([500, 100]), torch.tensor([100, 10])]
+    plain = [run(tiny.unet, (latents, t, text), **kw) for t in steps]
+    calls = {"text": 0, "ip": 0}
+    procs = adapter.attention.processors()
+    module = tiny.unet.get_submodule(procs[0].layer_name)
+    hooks = [
+        module.to_k.register_forward_hook(lambda *a: calls.__setitem__("text", calls["text"] + 1)),
+        procs[0].to_k_ip.register_forward_hook(lambda *a: calls.__setitem__("ip", calls["ip"] + 1)),
+    ]
+    with torch.no_grad(), adapter.attention.caching():
+        cached = [run(tiny.unet, (latents, t, text), **kw) for t in steps]
+        # a new tensor with the same values is another input: projected again, never confused
+        again = run(tiny.unet, (latents, steps[0], text.clone()), **streams(adapter, features))
+    for h in hooks:
+        h.remove()
+    assert all(torch.equal(a, b) for a, b in zip(plain, cached))
+    assert torch.equal(again, plain[0])
+    assert calls == {"text": 2, "ip": 2}  # once per distinct tensor, not once per step
+    assert all(p.kv_cache is None for p in procs)  # emptied when the generation ends
+    with pytest.raises(RuntimeError, match=r"under torch\.no_grad"), adapter.attention.caching():
+        pass
