@@ -143,6 +143,10 @@ class SceneGraphPipelineMixin:
             pipe.use_ddim()
         return pipe
 
+    # K/V of the constant token sequences once per generation (see ip_adapter.attention); False projects
+    # them at every step, as stock diffusers does (the benchmarks' "before")
+    cache_constant_kv: bool = True
+
     def use_ddim(self) -> None:
         """Sample with DDIM (the paper's sampler) on the base's own noise schedule."""
         if not isinstance(self.scheduler, DDIMScheduler):

@@ -310,3 +310,14 @@ def test_attention_maps_cover_each_graph_token_and_change_nothing(files):
     assert all(p.recorder is None for p in pipe.sg_adapter.attention.processors())
     with pytest.raises(ValueError, match="attention_maps need a scene graph"):
         call(pipe, prompt="x", attention_maps=True)
+
+
+def test_cached_kv_of_the_constant_streams_gives_the_same_images(files):
+    pipe = ours(files, "patch")
+    kw = dict(prompt="sheep", ip_adapter_image=reference_image(), scene_graph=GRAPH, num_inference_steps=STEPS,
+              output_type="np")  # fmt: skip
+    cached = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    pipe.cache_constant_kv = False
+    uncached = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    assert np.array_equal(cached, uncached)
+    assert all(p.kv_cache is None for p in pipe.sg_adapter.attention.processors())
