@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, device_record, pick_device, pick_dtype, summarise, table, write  # noqa: E402
+from common import alternate, device_record, pick_device, pick_dtype, summarise, table, write
 
 
 def big_graph():
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             "results": summary,
             "times_s": times,
             "cached_equals_uncached": same,
-        },  # fmt: skip
+        },
         args.out,
     )
     print(f"wrote {out}")

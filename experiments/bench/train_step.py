@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, device_record, pick_device, summarise, table, write  # noqa: E402
+from common import alternate, device_record, pick_device, summarise, table, write
 
 VARIANTS = ("official", "ours", "unet_forward", "gnn+labels")
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     times = alternate(variants, device, args.repeats, args.warmup)
     summary = summarise(times, "official")
     fwd = summary["unet_forward"]["median_s"]
-    for name, s in summary.items():
+    for s in summary.values():
         s["samples_per_s"] = args.batch / s["median_s"]
         s["per_unet_forward"] = s["median_s"] / fwd
     summary["gnn+labels"]["share_of_ours_pct"] = (
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             "results": summary,
             "speedup_ours_vs_official": speedup,
             "times_s": times,
-        },  # fmt: skip
+        },
         args.out,
     )
     print(f"wrote {out}")

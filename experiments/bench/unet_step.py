@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, device_record, pick_device, pick_dtype, summarise, table, write  # noqa: E402
+from common import alternate, device_record, pick_device, pick_dtype, summarise, table, write
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             "results": summary,
             "times_s": times,
             "parity_image4_vs_diffusers": parity,
-        },  # fmt: skip
+        },
         args.out,
     )
     print(f"wrote {out}")
