@@ -176,6 +176,8 @@ class SG2ImgModule(DiffusionSteps, L.LightningModule):
             can place objects (decoupled injection only; see ``ip_adapter.attention``).
         dropout / optimizer: see ``ConditionDropout`` and ``OptimizerConfig``.
         base_dtype: dtype of the frozen base; ``auto`` is bfloat16 on GPU and float32 on CPU.
+        channels_last: keep the UNet's activations in channels-last layout (faster convolutions on GPUs).
+        compile_unet: ``torch.compile`` the UNet (with the adapter's processors attached) before training.
         seed: seeds every random draw of training (see the module docstring).
     """
 
@@ -198,6 +200,8 @@ class SG2ImgModule(DiffusionSteps, L.LightningModule):
         dropout: ConditionDropout = ConditionDropout(),
         optimizer: OptimizerConfig = OptimizerConfig(),
         base_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+        channels_last: bool = False,
+        compile_unet: bool = False,
         seed: int = 0,
     ):
         super().__init__()
@@ -227,6 +231,7 @@ class SG2ImgModule(DiffusionSteps, L.LightningModule):
         self.positional_graph_query = positional_graph_query
         self.dropout, self.optim = dropout, optimizer
         self.base_dtype, self.seed = base_dtype, seed
+        self.channels_last, self.compile_unet = channels_last, compile_unet
         self.unet = self.vae = self.text_encoder = self.image_encoder = self.adapter = None
         self.skips = SkipLog()
 
@@ -282,6 +287,10 @@ class SG2ImgModule(DiffusionSteps, L.LightningModule):
         if source is not None:
             self._load_init_adapter(source)
         self.adapter.attach(self.unet)
+        if self.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if self.compile_unet:
+            self.unet.compile()  # in place: the module (and its state-dict names) stay as they are
         self.labels = LabelEmbedder(self.text_encoder, self.tokenizer)
         for p in self.parameters():
             p.requires_grad_(False)

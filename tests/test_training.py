@@ -249,3 +249,18 @@ def test_sampling_during_training_keeps_the_adapter_fp32_beside_a_half_base():
     assert (
         m.generate(graphs=[graph], prompts=["a sheep"], steps=2, seed=0)[0].tobytes() == images[0].tobytes()
     )
+
+
+def test_channels_last_keeps_the_loss_and_compile_wraps_the_unet_in_place(manifest):
+    plain = make_module()
+    batch = first_batch(plain, manifest)
+    fast = make_module(channels_last=True, compile_unet=True)
+    conv = fast.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert fast.unet._compiled_call_impl is not None  # compiled on first call (not run here: slow on CPU)
+    assert [n for n, _ in fast.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    fast.unet._compiled_call_impl = None  # eager, to compare the numbers
+    g = lambda: plain.step_generator(0)  # noqa: E731
+    torch.testing.assert_close(
+        fast.diffusion_loss(batch, g()), plain.diffusion_loss(batch, g()), rtol=1e-5, atol=1e-6
+    )
