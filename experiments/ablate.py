@@ -166,6 +166,16 @@ def fit_command(grid: Grid, variant: Variant, run_dir: Path, extra: list[str]) -
     return sg2img(*cmd)
 
 
+def trained_on(run_dir: Path) -> dict[str, str]:
+    """The base (and image encoder) a variant was fitted on, from its resolved config: generation uses
+    the same, unless the grid's ``generate`` names them."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+    return {k: str(model[k]) for k in ("base", "image_encoder") if model.get(k) is not None}
+
+
 def generate_command(grid: Grid, run_dir: Path) -> list[str]:
     kind = grid.generate.get("kind", "shapes")
     command, folder, _, _ = KINDS[kind]
@@ -173,6 +183,11 @@ def generate_command(grid: Grid, run_dir: Path) -> list[str]:
     if "config" in grid.generate:  # a protocol file first (evaluate coco), the grid's flags override it
         cmd += ["--config", str(grid.generate["config"])]
     cmd += ["--adapter", str(run_dir / "adapter.safetensors")]
+    trained = trained_on(run_dir)
+    if "model" not in grid.generate and "base" in trained:
+        cmd += ["--model", trained["base"]]
+    if kind == "coco" and "image_encoder" not in grid.generate and "image_encoder" in trained:
+        cmd += ["--image-encoder", trained["image_encoder"]]
     for k, v in grid.generate.items():
         if k not in ("kind", "config"):
             cmd += [f"--{k.replace('_', '-')}", str(v)]

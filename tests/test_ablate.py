@@ -190,3 +190,18 @@ def test_a_coco_grid_generates_with_the_protocol_and_scores_against_its_images(t
     assert ablate.samples_record(grid, run) == run / "coco" / "coco-eval.json"
     with pytest.raises(ablate.GridError, match="needs images or a protocol config"):
         ablate.load_grid(write_grid(tmp_path / "g.yaml", generate={"kind": "coco"}))
+
+
+def test_generation_uses_the_base_the_variant_was_fitted_on(tmp_path):
+    grid = ablate.load_grid(write_grid(tmp_path / "g.yaml"))
+    run = tmp_path / "reference"
+    run.mkdir()
+    assert "--model" not in ablate.generate_command(grid, run)  # not fitted yet: nothing to say
+    (run / "config.yaml").write_text(
+        "model:\n  base: runs/shapes/base/base.safetensors\n  image_encoder: null\n"
+    )
+    cmd = ablate.generate_command(grid, run)
+    assert cmd[cmd.index("--model") + 1] == "runs/shapes/base/base.safetensors"
+    grid.generate["model"] = "embedded"  # the grid's own choice wins
+    cmd = ablate.generate_command(grid, run)
+    assert cmd.count("--model") == 1 and cmd[cmd.index("--model") + 1] == "embedded"
