@@ -86,6 +86,12 @@ def test_evaluator_is_near_chance_on_mismatched_pairs(test_rows):
     m = ev.evaluate(relaid, [e.graph for e in rows])
     assert m["object_recall"] >= 0.99
     assert 0.15 <= m["relation_accuracy"] <= 0.35, m  # four predicates: chance is 1/4
+    # the bootstrap standard error over images: about what the binomial one over the judged triples gives
+    # (within a factor of about two), and none when every image is right
+    judged = m["relations_judged"] * sum(len(e.graph.relationships) for e in rows)
+    binomial = (m["relation_accuracy"] * (1 - m["relation_accuracy"]) / judged) ** 0.5
+    assert 0.5 * binomial < m["relation_accuracy_se"] < 2.5 * binomial, (m, binomial)
+    assert m["object_recall_se"] == 0.0
     shuffled = ev.evaluate([e.image for e in rows], [e.graph for e in rows[1:] + rows[:1]])
     assert shuffled["object_recall"] < 0.4 and shuffled["graph_accuracy"] < 0.05, shuffled
 

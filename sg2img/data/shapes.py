@@ -275,18 +275,39 @@ class ShapesEvaluator:
             "graph_correct": float(objects_ok == n_obj and held == n_rel),
         }
 
-    def evaluate(self, images: list[Image.Image], graphs: list[SceneGraph]) -> dict[str, float]:
+    def evaluate(
+        self, images: list[Image.Image], graphs: list[SceneGraph], resamples: int = 1000
+    ) -> dict[str, float]:
+        """The totals over every image, and for each figure its standard error: the spread over
+        ``resamples`` bootstrap resamples of the images (seeded; triples of one image are not independent,
+        so images are what is resampled)."""
         if len(images) != len(graphs):
             raise ValueError(f"{len(images)} images for {len(graphs)} graphs")
         rows = [self.score(i, g) for i, g in zip(images, graphs)]
-        total = {k: sum(r[k] for r in rows) for k in rows[0]} if rows else {}
-        return {
-            "images": len(rows),
-            "object_recall": total["objects_found"] / max(total["objects"], 1),
-            "relation_accuracy": total["triples_held"] / max(total["triples_judged"], 1),
-            "relations_judged": total["triples_judged"] / max(total["triples"], 1),
-            "graph_accuracy": total["graph_correct"] / len(rows),
-        }
+        if not rows:
+            raise ValueError("no images to evaluate")
+        c = {k: np.array([r[k] for r in rows], dtype=np.float64) for k in rows[0]}
+
+        def figures(w: np.ndarray) -> dict[str, np.ndarray]:  # w: (R, n) weights (counts of each image)
+            total = {k: w @ v for k, v in c.items()}
+            return {
+                "object_recall": total["objects_found"] / np.maximum(total["objects"], 1),
+                "relation_accuracy": total["triples_held"] / np.maximum(total["triples_judged"], 1),
+                "relations_judged": total["triples_judged"] / np.maximum(total["triples"], 1),
+                "graph_accuracy": total["graph_correct"] / len(rows),
+            }
+
+        point = {k: float(v[0]) for k, v in figures(np.ones((1, len(rows)))).items()}
+        out: dict[str, float] = {"images": len(rows), **point}
+        if resamples and len(rows) > 1:
+            rng = np.random.default_rng(0)
+            picks = rng.integers(0, len(rows), size=(resamples, len(rows)))
+            w = np.zeros((resamples, len(rows)))
+            np.add.at(w, (np.arange(resamples)[:, None], picks), 1.0)
+            for k, v in figures(w).items():
+                if k != "relations_judged":
+                    out[f"{k}_se"] = float(v.std(ddof=1))
+        return out
 
 
 __all__ = [
