@@ -312,7 +312,7 @@ def write_results(grid: Grid, records: list[dict], out: Path, command: str) -> d
         lines += [f"  - `{r[k]}`" for k in ("fit_command", "generate_command", "score_command") if r.get(k)]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     paths = {"csv": stem.with_suffix(".csv"), "md": stem.with_suffix(".md")}
-    plot = [m for m in (grid.plot or metrics) if m in metrics]
+    plot = [m for m in (grid.plot or [m for m in metrics if not m.endswith("_se")]) if m in metrics]
     if plot:
         paths["png"] = bar_plot(grid, records, plot, stem.with_suffix(".png"))
     return paths
@@ -329,7 +329,8 @@ def bar_plot(grid: Grid, records: list[dict], metrics: list[str], out: Path) -> 
     for i, r in enumerate(records):
         xs = [j + (i - (len(records) - 1) / 2) * width for j in range(len(metrics))]
         ys = [r["scores"].get(m, 0.0) for m in metrics]
-        bars = ax.bar(xs, ys, width, label=r["variant"])
+        errs = [r["scores"].get(f"{m}_se", 0.0) for m in metrics]  # a standard error, where the metric has one
+        bars = ax.bar(xs, ys, width, yerr=errs, capsize=2, label=r["variant"])
         ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=1)
     ax.set_xticks(range(len(metrics)), [m.replace("_", " ") for m in metrics])
     ax.set_ylim(0, max(1.0, max(r["scores"].get(m, 0.0) for r in records for m in metrics) * 1.15))
