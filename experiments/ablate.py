@@ -329,7 +329,9 @@ def bar_plot(grid: Grid, records: list[dict], metrics: list[str], out: Path) -> 
     for i, r in enumerate(records):
         xs = [j + (i - (len(records) - 1) / 2) * width for j in range(len(metrics))]
         ys = [r["scores"].get(m, 0.0) for m in metrics]
-        errs = [r["scores"].get(f"{m}_se", 0.0) for m in metrics]  # a standard error, where the metric has one
+        errs = [
+            r["scores"].get(f"{m}_se", 0.0) for m in metrics
+        ]  # a standard error, where the metric has one
         bars = ax.bar(xs, ys, width, yerr=errs, capsize=2, label=r["variant"])
         ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=1)
     ax.set_xticks(range(len(metrics)), [m.replace("_", " ") for m in metrics])

@@ -8,8 +8,8 @@ the VAE decode is left out: ``output_type="latent"``), batch 1 with classifier-f
   plain                      no adapter: the text prompt alone (the baseline)
   image4                     + image prompt, 4 tokens (the ViT-H/14 encode and projection once per call)
   image4_uncached            the same, with the K/V of the constant streams projected at every step
-  patch16+graph              + image prompt (16 patch tokens) and a scene graph (11 objects, 20 triples:
-                             32 graph tokens; label embeddings and GNN once per call)
+  patch16+graph              + image prompt (16 patch tokens) and a scene graph (11 objects, 19 triples:
+                             31 graph tokens; label embeddings and GNN once per call)
   patch16+graph_uncached     the same, uncached
 "adapter share" is (variant - plain) / variant: the part of the loop the adapter costs.
 Writes experiments/results/bench/generation[-<latent>]-<device>.json.

@@ -28,6 +28,27 @@ TARGETS = {
 }  # fmt: skip
 
 
+NOTES = [
+    "## Reading these figures",
+    "",
+    "- The `_uncached` rows are the *before* of the K/V cache: there the text and stream tokens are projected "
+    "to K/V at every step, as stock diffusers does; the cached rows project them once per generation "
+    "(`DecoupledAttention.caching`, on by default in the pipeline). The cached image branch can be faster "
+    "than the plain UNet because the text K/V are cached too.",
+    "- Every processor (ours, and the self-attention passthrough) uses `F.scaled_dot_product_attention`; "
+    "attention maps are recomputed beside it only when asked for, so no debug tensor is kept otherwise.",
+    "- Close margins (such as the image branch against diffusers' processor at 64x64) are within "
+    "the spread of single runs; each record keeps every timing (`times_s`) and the min/max.",
+    "- On a CPU, peak memory is the peak RSS of a process running one variant alone; it is dominated by the "
+    "weights, and both variants load every encoder (a cached run could leave the VAE encoder and the image "
+    "tower unloaded).",
+    "- Only CPU records exist so far: no GPU has run these benchmarks. On a GPU, run each command with its GPU "
+    "setting (`unet_step.py` and `generation.py --latent 64` take fp16 by default; `train_step.py "
+    "--resolution 512 --batch 8`), and `model.channels_last` / `model.compile_unet` for training.",
+    "",
+]
+
+
 def device_text(d: dict) -> str:
     return d.get("gpu") or f"{d['cpu']} CPU, {d['cpu_threads']} threads"
 
@@ -85,6 +106,7 @@ def main() -> int:
     ]
     for rec in records:
         lines += section(rec)
+    lines += NOTES
     out = ROOT / "experiments" / "results" / "bench.md"
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
