@@ -141,10 +141,32 @@ class DiffusionSteps:
         else:  # fixed noise for evaluation: comparable across the run
             g = self.step_generator(10**6 + batch_idx, self.global_rank)
         loss = self.diffusion_loss(batch, g)
+        if not bool(torch.isfinite(loss.detach())):
+            return self._nonfinite(loss, batch, batch_idx, stage)
         self.log(
             f"{stage}/loss", loss, prog_bar=True, batch_size=batch.batch_size, sync_dist=stage != "train"
         )
         return loss
+
+    def _nonfinite(self, loss: torch.Tensor, batch: TrainBatch, batch_idx: int, stage: str) -> None:
+        """A NaN or inf loss: with ``nonfinite_loss: skip`` the batch is passed over (no backward, no
+        optimiser step) and counted in ``<stage>/nonfinite_losses``; with ``stop`` the run ends here with
+        this message, before the weights change, so the checkpoints and the exported file on disk stay
+        the last good ones."""
+        where = (
+            f"{stage} step {self.global_step} (batch {batch_idx}, rows {batch.keys[:4]}"
+            f"{' ...' if batch.batch_size > 4 else ''}): loss is {loss.item()}"
+        )
+        if getattr(self, "nonfinite_loss", "stop") == "skip":
+            self.nonfinite_count = getattr(self, "nonfinite_count", 0) + 1
+            self.log(f"{stage}/nonfinite_losses", float(self.nonfinite_count), batch_size=batch.batch_size)
+            log.warning("%s; batch skipped (%d so far)", where, self.nonfinite_count)
+            return None
+        raise FloatingPointError(
+            f"{where}. The run stops here (model.nonfinite_loss: stop), before this batch changes any weight; "
+            "the checkpoints and the exported file on disk are the last good ones. Set "
+            "model.nonfinite_loss: skip to pass over such batches and count them instead."
+        )
 
     def training_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor | None:
         return self._step(batch, batch_idx, "train")
@@ -178,6 +200,8 @@ class SG2ImgModule(DiffusionSteps, L.LightningModule):
         base_dtype: dtype of the frozen base; ``auto`` is bfloat16 on GPU and float32 on CPU.
         channels_last: keep the UNet's activations in channels-last layout (faster convolutions on GPUs).
         compile_unet: ``torch.compile`` the UNet (with the adapter's processors attached) before training.
+        nonfinite_loss: on a NaN or inf loss, ``stop`` (a clear error, nothing of the batch applied) or
+            ``skip`` (the batch is passed over and counted in ``train/nonfinite_losses``).
         seed: seeds every random draw of training (see the module docstring).
     """
 
@@ -202,6 +226,7 @@ class SG2ImgModule(DiffusionSteps, L.LightningModule):
         base_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
         channels_last: bool = False,
         compile_unet: bool = False,
+        nonfinite_loss: Literal["stop", "skip"] = "stop",
         seed: int = 0,
     ):
         super().__init__()
@@ -232,6 +257,9 @@ class SG2ImgModule(DiffusionSteps, L.LightningModule):
         self.dropout, self.optim = dropout, optimizer
         self.base_dtype, self.seed = base_dtype, seed
         self.channels_last, self.compile_unet = channels_last, compile_unet
+        if nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(f"nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}")
+        self.nonfinite_loss = nonfinite_loss
         self.unet = self.vae = self.text_encoder = self.image_encoder = self.adapter = None
         self.skips = SkipLog()
 

@@ -264,3 +264,38 @@ def test_channels_last_keeps_the_loss_and_compile_wraps_the_unet_in_place(manife
     torch.testing.assert_close(
         fast.diffusion_loss(batch, g()), plain.diffusion_loss(batch, g()), rtol=1e-5, atol=1e-6
     )
+
+
+def nan_on(module: SG2ImgModule, calls: set[int]):
+    """Make the loss NaN on the given calls of ``diffusion_loss`` (counting from 0)."""
+    original, count = module.diffusion_loss, [0]
+
+    def loss(batch, generator):
+        out = original(batch, generator)
+        count[0] += 1
+        return out * float("nan") if count[0] - 1 in calls else out
+
+    module.diffusion_loss = loss
+
+
+def test_a_nan_loss_is_skipped_and_counted_or_stops_the_run_before_any_weight_changes(manifest, tmp_path):
+    m = make_module(nonfinite_loss="skip")
+    before = adapter_params(m)
+    nan_on(m, {1})
+    trainer(tmp_path / "skip", max_steps=3).fit(m, datamodule=data_module(manifest))
+    assert m.nonfinite_count == 1
+    after = adapter_params(m)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the good batches trained
+
+    m = make_module()  # nonfinite_loss: stop is the default
+    before = adapter_params(m)
+    nan_on(m, {0})
+    with pytest.raises(
+        FloatingPointError, match=r"train step 0 \(batch 0, rows .*loss is nan.*model.nonfinite_loss: skip"
+    ):
+        trainer(tmp_path / "stop").fit(m, datamodule=data_module(manifest))
+    after = adapter_params(m)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="nonfinite_loss must be 'stop' or 'skip'"):
+        SG2ImgModule(nonfinite_loss="ignore")
