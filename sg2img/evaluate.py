@@ -26,11 +26,11 @@ import torch
 from PIL import Image
 
 from .graph import Limits, SceneGraph, load_scene_graphs
+from .metrics import MANIFEST  # one row per image of a samples folder (see sg2img.metrics.read_samples)
 
 PROMPTS = ("objects", "relations", "none")
 IMAGE_PROMPTS = ("auto", "reference", "none")
 RESULT = "shapes-eval.json"
-MANIFEST = "samples.jsonl"  # one row per image of a samples folder (see sg2img.metrics.read_samples)
 
 
 def shapes_rows(args: argparse.Namespace) -> tuple[list[SceneGraph], list[str]]:
