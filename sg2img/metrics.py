@@ -272,17 +272,17 @@ def load_clip(spec: str, pretrained: str | None = None, device: str | torch.devi
     return _transformers_clip_model(source, device)
 
 
-def clip_t(clip: ClipModel, samples: Sequence[Sample], images: Sequence[Image.Image]) -> dict[str, float]:
+def clip_t(clip: ClipModel, samples: Sequence[Sample], img: torch.Tensor) -> dict[str, float]:
+    """``img``: the samples' normalised CLIP image embeddings (``clip.images``), shared with CLIP-I."""
     _need(samples, "prompt", "clip-t", f"give {MANIFEST} rows a `prompt` or NAME.txt files")
-    img = clip.images(images)
     txt = clip.texts([s.prompt or "" for s in samples])
     cos = (img * txt).sum(-1)
     return {"clip_t": float(cos.mean()), "clip_t_std": float(cos.std()) if len(cos) > 1 else 0.0}
 
 
-def clip_i(clip: ClipModel, samples: Sequence[Sample], images: Sequence[Image.Image]) -> dict[str, float]:
+def clip_i(clip: ClipModel, samples: Sequence[Sample], img: torch.Tensor) -> dict[str, float]:
+    """``img``: the samples' normalised CLIP image embeddings (``clip.images``), shared with CLIP-T."""
     _need(samples, "ref", "clip-i", f"give --refs DIR (and {MANIFEST} `ref` names or same-name images)")
-    img = clip.images(images)
     ref_paths = [s.ref for s in samples]
     unique = list(dict.fromkeys(ref_paths))
     ref_emb = clip.images([open_image(p) for p in unique])
@@ -552,7 +552,8 @@ def evaluate_folder(
     samples = read_samples(samples_dir, refs_dir)
     needs_clip = {"clip-t", "clip-i"} & set(metrics) or ("fid" in metrics and settings.fid_features == "clip")
     if needs_clip and settings.clip is None:
-        raise MetricError(f"{', '.join(m for m in metrics if m.startswith('clip')) or 'fid'} needs --clip")
+        users = [m for m in metrics if m.startswith("clip")] or ["fid"]
+        raise MetricError(f"{', '.join(users)} needs --clip")
     if "fid" in metrics and refs_dir is None:
         raise MetricError("fid needs --refs DIR (the reference images)")
     if "clip-t" in metrics:
@@ -568,12 +569,18 @@ def evaluate_folder(
         )
     images = [open_image(s.path) for s in samples]
     clip = load_clip(settings.clip, settings.clip_pretrained, settings.device) if needs_clip else None
+    # the samples' CLIP embeddings once, for CLIP-T and CLIP-I alike
+    embeds = (
+        clip.images(images, settings.batch_size)
+        if clip is not None and {"clip-t", "clip-i"} & set(metrics)
+        else None
+    )
     scores: dict[str, Any] = {"images": len(images)}
     for name in metrics:
         if name == "clip-t":
-            scores.update(clip_t(clip, samples, images))  # type: ignore[arg-type]
+            scores.update(clip_t(clip, samples, embeds))  # type: ignore[arg-type]
         elif name == "clip-i":
-            scores.update(clip_i(clip, samples, images))  # type: ignore[arg-type]
+            scores.update(clip_i(clip, samples, embeds))  # type: ignore[arg-type]
         elif name == "fid":
             features = fid_extractor(settings.fid_features, settings.inception, clip)
             refs = [open_image(p) for p in image_files(refs_dir)]  # type: ignore[arg-type]
