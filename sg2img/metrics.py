@@ -570,11 +570,7 @@ def evaluate_folder(
     images = [open_image(s.path) for s in samples]
     clip = load_clip(settings.clip, settings.clip_pretrained, settings.device) if needs_clip else None
     # the samples' CLIP embeddings once, for CLIP-T and CLIP-I alike
-    embeds = (
-        clip.images(images, settings.batch_size)
-        if clip is not None and {"clip-t", "clip-i"} & set(metrics)
-        else None
-    )
+    embeds = clip.images(images) if clip is not None and {"clip-t", "clip-i"} & set(metrics) else None
     scores: dict[str, Any] = {"images": len(images)}
     for name in metrics:
         if name == "clip-t":
