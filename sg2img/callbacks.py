@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.cli import SaveConfigCallback
 from PIL import Image, ImageDraw
 
+from .checkpointing import clean_run_folders
 from .drawing import draw_scene_graph
 from .graph import SceneGraph, load_scene_graphs
 
@@ -121,6 +122,12 @@ class AdapterExport(L.Callback):
 
     def path(self, trainer: L.Trainer) -> Path:
         return Path(trainer.default_root_dir) / self.filename
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero:  # a run started again after its process was killed
+            folders = [trainer.default_root_dir, self.path(trainer).parent]
+            folders += [c.dirpath for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
+            clean_run_folders(folders)
 
     def _write(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.is_global_zero:

@@ -33,6 +33,7 @@ from ip_adapter.adapter import IMAGE_PROJ, config_from_file, load_sections
 from ip_adapter.checkpoint import read_adapter_file
 
 from .adapter import SG_ENCODER, SG_STREAM, SceneGraphAdapter, SGAdapterConfig
+from .checkpointing import continue_after_epoch_end
 from .data.records import SkipLog, TrainBatch
 from .gnn import GNNConfig, TokenConfig, drop_graphs, embed_label_batch
 from .graph import SceneGraph
@@ -119,6 +120,9 @@ def diffusion_target(
     raise ValueError(f"unsupported prediction_type {kind!r} in the base's scheduler config")
 
 
+FAULTS_KEY = "sg2img_faults"  # checkpoint entry: skipped rows and non-finite losses so far
+
+
 class DiffusionSteps:
     """The training, validation and test steps shared by the adapter and the base-model modules: the
     per-step seeded generator (fixed noise for evaluation, comparable across a run), skipped-row
@@ -167,6 +171,20 @@ class DiffusionSteps:
             "the checkpoints and the exported file on disk are the last good ones. Set "
             "model.nonfinite_loss: skip to pass over such batches and count them instead."
         )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the run's fault counts go on across a resume: the end-of-run summary covers the whole run
+        checkpoint[FAULTS_KEY] = {
+            "skipped_rows": self.skips.state_dict(),
+            "nonfinite_losses": getattr(self, "nonfinite_count", 0),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        continue_after_epoch_end(checkpoint)  # a resume at an epoch boundary keeps the data order
+        faults = checkpoint.get(FAULTS_KEY)
+        if faults is not None:
+            self.skips.load_state_dict(faults["skipped_rows"])
+            self.nonfinite_count = int(faults["nonfinite_losses"])
 
     def training_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor | None:
         return self._step(batch, batch_idx, "train")

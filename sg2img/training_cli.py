@@ -6,7 +6,8 @@ flags. The defaults fill in what a user would otherwise repeat:
 - the logger is W&B (``WandbLogger``) saving under ``--trainer.default_root_dir``; it runs offline when no
   API key is configured, and honours ``WANDB_MODE``;
 - precision is ``bf16-mixed`` on GPU and ``32-true`` on CPU;
-- ``ModelCheckpoint`` callbacks without a ``dirpath`` write to ``DIR/checkpoints``;
+- ``ModelCheckpoint`` callbacks without a ``dirpath`` write to ``DIR/checkpoints``, atomically
+  (``sg2img.checkpointing.AtomicCheckpointIO``, unless the config names another checkpoint IO plugin);
 - when the output is not a terminal (a log file), the progress bar is tqdm's, updated every
   ``log_every_n_steps`` steps;
 - ``DIR/config.yaml`` is the resolved config and ``DIR/adapter.safetensors`` the latest adapter.
@@ -91,6 +92,12 @@ class SG2ImgCLI(LightningCLI):
                     offline=wandb_offline(),
                 ),
             )
+        plugins = t.plugins if isinstance(t.plugins, list) else [t.plugins] if t.plugins else []
+        if not any("CheckpointIO" in getattr(p, "class_path", str(p)) for p in plugins):
+            plugins.append(
+                Namespace(class_path="sg2img.checkpointing.AtomicCheckpointIO", init_args=Namespace())
+            )
+        t.plugins = plugins
         if t.precision is None:
             t.precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
         callbacks = t.callbacks if isinstance(t.callbacks, list) else [t.callbacks] if t.callbacks else []
@@ -131,6 +138,7 @@ EXPECTED_WARNINGS = (
     r"Total length of .* across ranks is zero",
     r"When using the `ThroughputMonitor`, you need to define a `flops_per_batch`",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"'set_vital' is deprecated",  # torchdata's StatefulDataLoader, on torch versions that retired it
 )
 
 

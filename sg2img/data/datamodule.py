@@ -7,6 +7,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ..tokenizer import clip_tokenizer
 from .records import Preprocess, collate
@@ -72,9 +73,18 @@ class SG2ImgDataModule(L.LightningDataModule):
             if self.trainer is not None:
                 world, rank = self.trainer.world_size, self.trainer.global_rank
             # Seeded, epoch-aware order (Lightning calls set_epoch): a resumed run sees the same batches.
-            kwargs["sampler"] = DistributedSampler(
+            sampler = DistributedSampler(
                 source, num_replicas=world, rank=rank, shuffle=self.shuffle and train, seed=self.seed
             )
+            if train and self.trainer is not None:
+                # Lightning sets the sampler's epoch only after it has made the loader's first iterator, so a
+                # run resumed in epoch e > 0 would draw epoch 0's order for the rest of epoch e.
+                sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
+            kwargs["sampler"] = sampler
+        if train:
+            # Its position within the epoch goes into every checkpoint (Lightning saves a stateful loader's
+            # state): a run resumed mid-epoch continues with the batches it would have had next.
+            return StatefulDataLoader(source, **kwargs)
         return DataLoader(source, **kwargs)
 
     def train_dataloader(self):

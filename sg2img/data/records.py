@@ -170,6 +170,15 @@ class SkipLog:
     def total(self) -> int:
         return sum(self.counts.values())
 
+    def state_dict(self) -> dict[str, Any]:
+        """Plain lists and numbers (a checkpoint loads it with ``weights_only=True``)."""
+        return {"counts": dict(self.counts), "examples": self.examples, "seen": sorted(self.seen)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.counts = Counter(state["counts"])
+        self.examples = {k: list(v) for k, v in state["examples"].items()}
+        self.seen = set(state["seen"])
+
     def summary(self) -> str:
         if not self.total:
             return "skipped rows: none"

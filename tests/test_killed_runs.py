@@ -1,0 +1,163 @@
+"""Runs killed with SIGKILL: atomic writes, the clean-up of what a killed writer left, and a resumed fit
+that ends with the adapter an uninterrupted run ends with."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from datafiles import write_manifest
+from safetensors.torch import load_file
+
+from ip_adapter.checkpoint import PARTIAL_WRITE, atomic_write, remove_partial_writes
+from sg2img.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+
+KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from ip_adapter.checkpoint import atomic_write
+
+def half_then_die(tmp):
+    with open(tmp, "wb") as f:
+        f.write(b"new" * 1000)
+        f.flush()
+        os.fsync(f.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+atomic_write(Path(sys.argv[1]), half_then_die)
+"""
+
+
+def test_a_writer_killed_midway_leaves_the_old_file_and_its_leftover_is_removed(tmp_path):
+    target = tmp_path / "adapter.safetensors"
+    atomic_write(target, lambda tmp: tmp.write_bytes(b"old"))
+    done = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(target)], cwd=ROOT, timeout=120)
+    assert done.returncode == -signal.SIGKILL
+    assert target.read_bytes() == b"old"  # nobody ever sees the half-written file under the real name
+    (leftover,) = [p for p in tmp_path.iterdir() if p != target]
+    assert PARTIAL_WRITE.match(leftover.name)["name"] == "adapter.safetensors"
+    assert leftover.stat().st_size == 3000
+    # a temporary file of a live writer (this process) is kept
+    live = tmp_path / f".last.ckpt.{leftover.name.split('.')[-3].rsplit('-', 1)[0]}-{os.getpid()}.abc.tmp"
+    live.write_bytes(b"in progress")
+    assert remove_partial_writes(tmp_path) == [leftover]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name])
+
+
+def fit_config(tmp_path: Path, workers: int = 0) -> list[str]:
+    """The tiny preset on 8 good and 3 planted bad rows, batch 2 (6 batches an epoch), 10 steps, a
+    checkpoint at every step."""
+    manifest = write_manifest(tmp_path / "data", n=8, bad_rows=True)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"gnn": {"num_layers": 1, "hidden_dim": 16, "mlp_dim": 32}},
+                "data": {
+                    "train": {
+                        "class_path": "sg2img.data.JsonlManifest",
+                        "init_args": {"manifest": str(manifest)},
+                    },
+                    "batch_size": 2,
+                    "num_workers": workers,
+                },
+                "trainer": {
+                    "max_steps": 10,
+                    "logger": False,
+                    "enable_progress_bar": False,
+                    "callbacks": [
+                        {
+                            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                            "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": -1},
+                        }
+                    ],
+                },
+            }
+        )
+    )
+    return ["fit", "--config", str(ROOT / "configs" / "base.yaml"), "--config", str(ROOT / "configs" / "model" / "tiny.yaml"),
+            "--config", str(cfg)]  # fmt: skip
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before {path.name} was written")
+        if time.monotonic() > end:
+            proc.kill()
+            raise AssertionError(f"{path.name} not written in {timeout} s")
+        time.sleep(0.01)
+
+
+def test_a_fit_killed_with_sigkill_resumes_to_the_adapter_of_an_uninterrupted_run(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    args = fit_config(tmp_path, workers=2)  # loader workers: their position is in the checkpoint too
+    straight = tmp_path / "straight"
+    assert main([*args, "--trainer.default_root_dir", str(straight)]) == 0
+    assert "skipped rows: 3" in caplog.text
+
+    killed = tmp_path / "killed"
+    run = [sys.executable, "-m", "sg2img", *args, "--trainer.default_root_dir", str(killed)]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    step = random.Random(0).randint(2, 8)  # mid-epoch in the first or second epoch
+    proc = subprocess.Popen(run, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for(killed / "checkpoints" / f"epoch={(step - 1) // 6}-step={step}.ckpt", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+    # every checkpoint on disk is whole, and loads without unpickling code
+    for ckpt in (killed / "checkpoints").glob("*.ckpt"):
+        assert torch.load(ckpt, weights_only=True)["global_step"] >= 1
+    resumed = subprocess.run(
+        [*run, "--ckpt_path", "last"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restoring states from the checkpoint" in resumed.stderr
+    assert "skipped rows: 3" in resumed.stderr  # the count goes on across the resume
+
+    a, b = load_file(straight / "adapter.safetensors"), load_file(killed / "adapter.safetensors")
+    assert a.keys() == b.keys() and a
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= 1e-6, worst
+    leftovers = [p for d in (killed, killed / "checkpoints") for p in d.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []
+    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> tuple[list[str], Path]:
+    tmp = tmp_path_factory.mktemp("straight")
+    args = fit_config(tmp)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    assert main([*args, "--trainer.default_root_dir", str(tmp / "run")]) == 0
+    return args, tmp / "run"
+
+
+@pytest.mark.parametrize(
+    "step", [3, 6, 7, 10], ids=["mid-epoch-0", "last-batch-of-epoch-0", "mid-epoch-1", "end"]
+)
+def test_resuming_from_a_step_checkpoint_ends_with_the_same_adapter(
+    step, straight_run, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    args, straight = straight_run
+    ckpt = straight / "checkpoints" / f"epoch={(step - 1) // 6}-step={step}.ckpt"
+    out = tmp_path / "resumed"
+    assert main([*args, "--trainer.default_root_dir", str(out), "--ckpt_path", str(ckpt)]) == 0
+    a, b = load_file(straight / "adapter.safetensors"), load_file(out / "adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit-exact here: same process, same order of operations
