@@ -10,6 +10,8 @@ from pathlib import Path
 
 from ip_adapter import CheckpointError
 
+from .errors import ConfigurationError
+
 EXIT_USAGE = 2
 TRAINING_SUBCOMMANDS = ("fit", "validate", "test")  # LightningCLI (see training_cli.py)
 
@@ -262,15 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in TRAINING_SUBCOMMANDS:
-        from .training_cli import cli_main
+    if argv and argv[0] in (*TRAINING_SUBCOMMANDS, "fit-base"):
+        from .training_cli import BaseModelCLI, SG2ImgCLI, cli_main
 
-        cli_main(argv)
-        return 0
-    if argv and argv[0] == "fit-base":
-        from .training_cli import BaseModelCLI, cli_main
-
-        cli_main(["fit", *argv[1:]], BaseModelCLI)
+        try:
+            if argv[0] == "fit-base":
+                cli_main(["fit", *argv[1:]], BaseModelCLI)
+            else:
+                cli_main(argv, SG2ImgCLI)
+        except ConfigurationError as e:  # settings that cannot work together: one message, no traceback
+            print(f"sg2img {argv[0]}: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
         return 0
     try:
         if argv[:2] == ["evaluate", "coco"] and "--config" in argv:  # the protocol file, then the flags

@@ -35,6 +35,7 @@ from ip_adapter.checkpoint import read_adapter_file
 from .adapter import SG_ENCODER, SG_STREAM, SceneGraphAdapter, SGAdapterConfig
 from .checkpointing import continue_after_epoch_end
 from .data.records import SkipLog, TrainBatch
+from .errors import ConfigurationError
 from .gnn import GNNConfig, TokenConfig, drop_graphs, embed_label_batch
 from .graph import SceneGraph
 from .labels import LabelEmbedder
@@ -300,24 +301,33 @@ class SG2ImgModule(DiffusionSteps, L.LightningModule):
         if self.unet is not None:
             return
         parts = load_base(
-            self.base, self.image_encoder_source, self._frozen_dtype(), self.seed, self.single_file_config
+            self.base,
+            self.image_encoder_source,
+            self._frozen_dtype(),
+            self.seed,
+            self.single_file_config,
+            image_encoder_required=self.has_image,
         )
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.image_encoder, self.tokenizer = parts.image_encoder, parts.tokenizer
         self.noise_scheduler = DDPMScheduler.from_config(parts.scheduler.config)
         self.sample_scheduler_config = parts.scheduler.config
-        spec = self.image_encoder.spec
-        image = IPAdapterConfig(
+        width = self.unet.config.cross_attention_dim
+        spec = self.image_encoder.spec if self.image_encoder is not None else None
+        image = IPAdapterConfig(  # without an image encoder (no image branch) the widths are placeholders
             image_tokens=self.image_tokens_kind,
-            cross_attention_dim=self.unet.config.cross_attention_dim,
-            clip_embeddings_dim=spec.projection_dim,
-            clip_hidden_dim=spec.hidden_size,
+            cross_attention_dim=width,
+            clip_embeddings_dim=spec.projection_dim if spec else width,
+            clip_hidden_dim=spec.hidden_size if spec else width,
             num_tokens=self.num_image_tokens,
             resampler=self._resampler_overrides(),
         )
         source = read_adapter_file(self.init_adapter) if self.init_adapter else None
+        image_from = "model.image_encoder and model.image_tokens"
         if source is not None and self.has_image and IMAGE_PROJ in source.prefixes():
             image = config_from_file(source)  # the file decides the image branch's shape
+            image_from = f"model.init_adapter {source.path}"
+        self._check_widths(image, image_from)
         config = SGAdapterConfig(
             label_dim=self.text_encoder.config.hidden_size,
             injection=self.injection,
@@ -343,6 +353,40 @@ class SG2ImgModule(DiffusionSteps, L.LightningModule):
         for _, p in self.trainable_parameters():
             p.requires_grad_(True)
         self.train(self.training)
+
+    def _check_widths(self, image: IPAdapterConfig, image_from: str) -> None:
+        """Every token stream must be as wide as the UNet's cross-attention, and the image branch must take
+        what the image encoder gives: else one message at start-up, not a shape error in the first step."""
+        width = self.unet.config.cross_attention_dim
+        problems = []
+        text = self.text_encoder.config.hidden_size
+        if isinstance(width, int) and text != width:
+            problems.append(
+                f"the base's text encoder makes {text}-wide tokens, but its UNet's cross-attention takes {width} "
+                "(text encoder and UNet come from different models)"
+            )
+        if self.has_image:
+            spec = self.image_encoder.spec
+            encoder = self.image_encoder_source or f"the image encoder of base {self.base}"
+            if isinstance(width, int) and image.cross_attention_dim != width:
+                problems.append(
+                    f"the image branch ({image_from}) makes {image.cross_attention_dim}-wide tokens, but the "
+                    f"UNet's cross-attention takes {width} (an adapter made for another base)"
+                )
+            if image.image_tokens == "cls" and image.clip_embeddings_dim != spec.projection_dim:
+                problems.append(
+                    f"the image branch ({image_from}) takes {image.clip_embeddings_dim}-wide image embeddings, "
+                    f"but {encoder} gives {spec.projection_dim}"
+                )
+            if image.image_tokens == "patch" and image.clip_hidden_dim != spec.hidden_size:
+                problems.append(
+                    f"the image branch ({image_from}) takes {image.clip_hidden_dim}-wide patch tokens, but "
+                    f"{encoder} gives {spec.hidden_size}"
+                )
+        if problems:
+            raise ConfigurationError(
+                f"model (base {self.base}): token widths do not match:\n  - " + "\n  - ".join(problems)
+            )
 
     def _load_init_adapter(self, f) -> None:
         own = self.adapter.adapter_state_dict()
@@ -414,13 +458,23 @@ class SG2ImgModule(DiffusionSteps, L.LightningModule):
         return self
 
     # --- conditioning ---------------------------------------------------------------------------
-    def data_requirements(self) -> dict[str, int]:
-        """What the data pipeline must produce for this base."""
+    def data_requirements(self) -> dict[str, Any]:
+        """What the data pipeline must produce for this model: image sizes, whether rows need scene graphs,
+        and the widths cached encoder outputs must have."""
         self.configure_model()
         side = self.vae.config.sample_size if self.vae is not None else self.unet.config.sample_size
+        spec = self.image_encoder.spec if self.image_encoder is not None else None
+        widths = {"text_embeds": int(self.text_encoder.config.hidden_size)}
+        if self.has_image:
+            widths["image_embeds"] = int(spec.projection_dim)
+            if self.image_tokens_kind == "patch":
+                widths["patch_tokens"] = int(spec.hidden_size)
         return {
             "resolution": int(side),
-            "clip_size": int(self.image_encoder.spec.image_size),
+            # without an image encoder nothing reads the CLIP pixels; any size will do
+            "clip_size": int(spec.image_size) if spec is not None else 224,
+            "graphs": self.has_graph,
+            "widths": widths,
         }
 
     @torch.no_grad()
@@ -451,8 +505,9 @@ class SG2ImgModule(DiffusionSteps, L.LightningModule):
         else:
             dist = self.vae.encode(batch.pixels.to(self.vae.dtype)).latent_dist.parameters
         out = {"latent_dist": dist, "text_embeds": self.encode_text(batch.input_ids)}
-        feats = self.image_encoder(batch.clip_pixels)
-        out["image_embeds"], out["patch_tokens"] = feats.embeds, feats.patch_tokens
+        if self.image_encoder is not None:
+            feats = self.image_encoder(batch.clip_pixels)
+            out["image_embeds"], out["patch_tokens"] = feats.embeds, feats.patch_tokens
         return out
 
     def _latents(self, batch: TrainBatch, generator: torch.Generator) -> torch.Tensor:

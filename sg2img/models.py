@@ -26,6 +26,7 @@ from ip_adapter.image_encoder import (
     VisionTowerSpec,
 )
 
+from .errors import ConfigurationError
 from .tokenizer import clip_tokenizer, write_clip_tokenizer_files
 
 # Stable Diffusion 1.5 (runwayml/stable-diffusion-v1-5) component configs.
@@ -433,6 +434,7 @@ def load_base(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     single_file_config: str | None = None,
+    image_encoder_required: bool = True,
 ) -> Components:
     """A frozen base model, every part in eval mode with ``requires_grad=False``.
 
@@ -443,7 +445,8 @@ def load_base(
 
     ``image_encoder`` is a local folder or hub id of a transformers ``CLIPVisionModelWithProjection``
     (``hub_id:subfolder`` picks a subfolder), or ``open_clip:MODEL[:PRETRAINED]``. Left out, the model
-    folder's ``image_encoder/`` is used, else the preset's tower (tiny) or IP-Adapter's ViT-H/14.
+    folder's ``image_encoder/`` is used, else the preset's tower (tiny) or IP-Adapter's ViT-H/14; with
+    ``image_encoder_required=False`` (no image branch) a base without one is left without one.
     """
     source = str(source)
     if source in PRESETS:
@@ -454,8 +457,19 @@ def load_base(
         parts = load_pipeline_parts(source, single_file_config, dtype)
         if image_encoder is not None:
             parts.image_encoder = load_image_encoder(image_encoder)
-        elif parts.image_encoder is None:
-            parts.image_encoder = load_image_encoder(":".join(IP_ADAPTER_IMAGE_ENCODER))
+        elif parts.image_encoder is None and image_encoder_required:
+            default = ":".join(IP_ADAPTER_IMAGE_ENCODER)
+            try:
+                parts.image_encoder = load_image_encoder(default)
+            except (OSError, ValueError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConfigurationError(
+                    f"model.image_branch is on, but no image encoder is configured: the base {source} has no "
+                    f"image_encoder/ folder, model.image_encoder is not set, and IP-Adapter's ({default}) "
+                    f"could not be loaded ({first}). Set model.image_encoder to a local "
+                    "CLIPVisionModelWithProjection folder or open_clip:MODEL:FILE, or set "
+                    "model.image_branch: false."
+                ) from e
     for m in (parts.unet, parts.vae, parts.text_encoder, parts.image_encoder):
         if m is None:
             continue

@@ -70,6 +70,51 @@ def write_manifest(root: Path, n: int = 8, seed: int = 0, bad_rows: bool = False
     return path
 
 
+# Faults planted among good rows: (what, the JSONL line, the words the skip reason must hold).
+def plant_faults(root: Path, manifest: Path) -> list[tuple[str, str]]:
+    """Append one row of every kind of fault to ``manifest`` (its images under ``root/images``); returns
+    (line, expected reason fragment) for each, in file order."""
+    images = root / "images"
+    good = images / "000.png"
+    data = good.read_bytes()
+    (images / "truncated.png").write_bytes(data[: len(data) // 2])  # a valid header, then nothing
+    (images / "empty.png").write_bytes(b"")
+    (images / "text.jpg").write_bytes(b"<html>404 not found</html>")
+    graph = {"objects": ["circle", "square"], "relationships": [[0, "left of", 1]]}
+    rows = [
+        (json.dumps({"image": "images/truncated.png", "caption": "x", "scene_graph": graph}), "truncated"),
+        (
+            json.dumps({"image": "images/empty.png", "caption": "x", "scene_graph": graph}),
+            "UnidentifiedImageError",
+        ),
+        (
+            json.dumps({"image": "images/text.jpg", "caption": "x", "scene_graph": graph}),
+            "UnidentifiedImageError",
+        ),
+        (json.dumps({"image": "images/gone.png", "caption": "x", "scene_graph": graph}), "FileNotFoundError"),
+        ('{"image": "images/000.png", "caption": "cut off', "not valid JSON"),
+        ('["images/000.png", "x"]', "a row must be a JSON object"),
+        (
+            json.dumps({"image": "images/000.png", "caption": 5, "scene_graph": graph}),
+            "'caption' must be a string",
+        ),
+        (
+            json.dumps(
+                {
+                    "image": "images/000.png",
+                    "scene_graph": {"objects": ["a", "b"], "relationships": [[True, "on", 1]]},
+                }
+            ),
+            "relationships[0][0]",
+        ),
+        (json.dumps({"image": "images/000.png", "scene_graph": {"objects": "circle"}}), "objects"),
+    ]
+    with open(manifest, "a") as f:
+        for line, _ in rows:
+            f.write(line + "\n")
+    return [(line, reason) for line, reason in rows]
+
+
 def write_visual_genome(root: Path) -> Path:
     """Three images in VG's raw JSON layout; image 3 has only tiny objects, image 2 a missing file."""
     images, objects, rels, attrs = [], [], [], []

@@ -65,13 +65,19 @@ def test_manifest_missing_field_and_graph_by_path(tmp_path):
     (tmp_path / "m.jsonl").write_text(
         json.dumps({"image": "a.png", "scene_graph": "g.json"})
         + "\n\n"
-        + json.dumps({"image": "a.png"})
+        + json.dumps({"caption": "a cat", "scene_graph": "g.json"})
+        + "\n"
+        + json.dumps({"image": "a.png", "caption": "a cat on a mat"})
+        + "\n"
+        + json.dumps({"image": 7, "caption": "x"})
         + "\n"
     )
-    first, second = rows(JsonlManifest(tmp_path / "m.jsonl"))
+    first, second, third, fourth = rows(JsonlManifest(tmp_path / "m.jsonl"))
     assert first.graph.triples == [(0, "on", 1)] and first.caption == ""
-    assert isinstance(second, Skipped) and "missing field 'scene_graph'" in second.reason
+    assert isinstance(second, Skipped) and "missing field 'image'" in second.reason
     assert second.key.endswith("m.jsonl:3")  # line numbers count blank lines
+    assert isinstance(third, Example) and third.graph is None  # image-and-caption data
+    assert isinstance(fourth, Skipped) and "field 'image' must be a path string, got int" in fourth.reason
 
 
 def test_missing_manifest_is_a_clear_error(tmp_path):
@@ -220,6 +226,34 @@ def test_skip_log_counts_distinct_rows():
     log.add([Skipped("a", "E: x"), Skipped("c", "F: y")])
     assert log.total == 3 and log.counts["E: x"] == 2
     assert "3" in log.summary() and "F: y" in log.summary()
+
+
+def test_skip_log_groups_rows_that_failed_the_same_way_and_keeps_each_full_reason():
+    log = SkipLog(examples_per_reason=2)
+    log.add(
+        [
+            Skipped("m.jsonl:4", "ValueError: /d/m.jsonl:4: not valid JSON (Expecting value at column 12)"),
+            Skipped("m.jsonl:9", "ValueError: /d/m.jsonl:9: not valid JSON (Expecting value at column 3)"),
+            Skipped("m.jsonl:11", "OSError: /d/images/a b.png: image file is truncated"),
+            Skipped("m.jsonl:12", "UnidentifiedImageError: cannot identify image file '/d/images/x.jpg'"),
+            Skipped("m.jsonl:13", "ValueError: /d/m.jsonl:13: not valid JSON (Expecting value at column 1)"),
+        ]
+    )
+    assert log.counts == {
+        "ValueError: not valid JSON (Expecting value at column N)": 3,
+        "OSError: image file is truncated": 1,
+        "UnidentifiedImageError: cannot identify image file FILE": 1,
+    }
+    text = log.summary()
+    assert text.splitlines()[0] == "skipped rows: 5"
+    assert "e.g. ValueError: /d/m.jsonl:4: not valid JSON (Expecting value at column 12)" in text
+    assert "m.jsonl:13" not in text  # two examples a kind
+    assert "e.g. m.jsonl:11: OSError: /d/images/a b.png: image file is truncated" in text
+    again = SkipLog()
+    again.load_state_dict(log.state_dict())  # what a checkpoint keeps
+    again.add([Skipped("m.jsonl:4", "ValueError: repeated"), Skipped("new", "E: z")])
+    added = ["         1  E: z", "            e.g. new: E: z"]
+    assert again.total == 6 and again.summary().splitlines()[1:] == [*log.summary().splitlines()[1:], *added]
 
 
 def test_cached_rows_missing_index_is_clear(tmp_path):

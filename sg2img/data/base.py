@@ -13,10 +13,16 @@ from .records import Example, Skipped, skipped
 
 
 def open_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image as RGB, so a truncated file fails here, inside the row."""
-    with Image.open(path) as im:
-        im.load()
-        return im.convert("RGB")
+    """Open and fully decode an image as RGB, so a truncated file fails here, inside the row; the error
+    names the file."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except OSError as e:
+        if str(path) in str(e):
+            raise
+        raise OSError(f"{path}: {e}") from e
 
 
 class RowSource(Dataset):

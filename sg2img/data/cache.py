@@ -53,6 +53,8 @@ def write_cache(
     source.transform = Preprocess(need["resolution"], need["clip_size"], module.tokenizer)
     loader = DataLoader(source, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     fields = [f for f in FIELDS if f != "patch_tokens" or patch_tokens]
+    if module.image_encoder is None:  # a graph-only model without an image encoder caches no image features
+        fields = [f for f in fields if f not in ("image_embeds", "patch_tokens")]
     skips = SkipLog()
     shards: list[int] = []
     pending: dict[str, list[torch.Tensor]] = {f: [] for f in fields}
@@ -80,9 +82,9 @@ def write_cache(
             for f in fields:
                 pending[f].append(encoded[f][j : j + 1].cpu())
             meta.append({"key": batch.keys[j], "caption": batch.captions[j]})
-        graphs = batch_graphs(batch)
+        graphs = batch_graphs(batch) if batch.graphs is not None else [None] * batch.batch_size
         for m, g in zip(meta[len(meta) - batch.batch_size :], graphs):
-            m["scene_graph"] = g.to_json()
+            m["scene_graph"] = g.to_json() if g is not None else None
         if len(meta) >= shard_size:
             flush()
     flush()
@@ -161,8 +163,11 @@ class CachedRows(Dataset):
             self._meta[shard] = json.loads(Path(f"{name}.json").read_text())
         m = self._meta[shard][j]
         row: dict[str, Any] = {"key": m["key"], "caption": m["caption"]}
-        row["graph"] = SceneGraph.from_json(
-            m["scene_graph"], source=f"{name}.json", path=f"[{j}].scene_graph"
+        sg = m.get("scene_graph")
+        row["graph"] = (
+            SceneGraph.from_json(sg, source=f"{name}.json", path=f"[{j}].scene_graph")
+            if sg is not None
+            else None
         )
         with safe_open(f"{name}.safetensors", framework="pt") as f:
             for field in self.index["fields"]:

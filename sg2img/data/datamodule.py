@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -9,8 +11,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from ..errors import ConfigurationError
 from ..tokenizer import clip_tokenizer
-from .records import Preprocess, collate
+from .records import Preprocess, SkipLog, Skipped, collate
+
+PROBE_ROWS = 32  # rows of the training data read at start-up to check it suits the model
 
 
 class SG2ImgDataModule(L.LightningDataModule):
@@ -39,15 +44,21 @@ class SG2ImgDataModule(L.LightningDataModule):
         self.resolution, self.clip_size = resolution, clip_size
         self._tokenizer = None
 
+    def requirements(self) -> dict[str, Any]:
+        """The attached model's ``data_requirements()`` ({} without a trainer)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is None or not hasattr(module, "data_requirements"):
+            return {}
+        return module.data_requirements()
+
     def preprocess(self) -> Preprocess:
         resolution, clip_size = self.resolution, self.clip_size
         if resolution is None or clip_size is None:
-            module = self.trainer.lightning_module if self.trainer is not None else None
-            if module is None or not hasattr(module, "data_requirements"):
+            need = self.requirements()
+            if not need:
                 raise ValueError(
                     "set data.resolution and data.clip_size, or attach the data module to a trainer"
                 )
-            need = module.data_requirements()
             resolution = resolution or need["resolution"]
             clip_size = clip_size or need["clip_size"]
         if self._tokenizer is None:
@@ -61,10 +72,13 @@ class SG2ImgDataModule(L.LightningDataModule):
         if hasattr(source, "transform"):
             source.transform = self.preprocess()
         train = stage == "train"
+        need = self.requirements()
+        if train and need:
+            check_source(source, need)
         kwargs: dict[str, Any] = {
             "batch_size": self.batch_size if train else self.val_batch_size,
             "num_workers": self.num_workers,
-            "collate_fn": collate,
+            "collate_fn": partial(collate, require_graph=bool(need.get("graphs"))),
             "pin_memory": self.pin_memory and torch.cuda.is_available(),
             "persistent_workers": self.num_workers > 0,
         }
@@ -95,3 +109,52 @@ class SG2ImgDataModule(L.LightningDataModule):
 
     def test_dataloader(self):
         return self._loader("test")
+
+
+def describe_source(source: Any) -> str:
+    where = next((getattr(source, a) for a in ("manifest", "root", "urls") if hasattr(source, a)), None)
+    return f"{type(source).__name__}({where})" if where is not None else type(source).__name__
+
+
+def check_source(source: Any, need: dict[str, Any], rows: int = PROBE_ROWS) -> None:
+    """Read the first ``rows`` rows of the training source (of a stream such as WebDataset shards: the first
+    it yields) and refuse, in one message, data that cannot train this model: no row readable, no scene
+    graphs for a graph branch, cached encoder outputs of the wrong width."""
+    if isinstance(source, IterableDataset):
+        probed = list(itertools.islice(iter(source), rows))
+    else:
+        probed = [source[i] for i in range(min(rows, len(source)))]
+    n = len(probed)
+    if n == 0:
+        raise ConfigurationError(f"data.train: {describe_source(source)} has no rows")
+    good = [r for r in probed if not isinstance(r, Skipped)]
+    name = describe_source(source)
+    if not good:
+        log = SkipLog()
+        log.add([r for r in probed if isinstance(r, Skipped)])
+        raise ConfigurationError(
+            f"data.train: none of the first {n} rows of {name} can be read (wrong paths or image_root?)\n"
+            + log.summary()
+        )
+    if need.get("graphs") and all(r["graph"] is None for r in good):
+        raise ConfigurationError(
+            f"model.graph_branch is on, but data.train has no scene graphs: none of the first {len(good)} "
+            f"readable rows of {name} has one. Give the rows a scene_graph, or train without the graph "
+            "branch (model.graph_branch: false; configs/experiments/ablations/graph_off.yaml)."
+        )
+    for field, width in need.get("widths", {}).items():
+        row = good[0]
+        if field not in row or row[field] is None:
+            if field == "patch_tokens" and "image_embeds" in row:
+                raise ConfigurationError(
+                    f"model.image_tokens is patch, but the encoder cache {name} holds no patch tokens: "
+                    "rebuild it with `sg2img cache` for this model"
+                )
+            continue
+        got = int(row[field].shape[-1])
+        if got != width:
+            raise ConfigurationError(
+                f"data.train: the encoder cache {name} holds {got}-wide {field}, but this model's encoders "
+                f"give {width}: the cache was made with another base or image encoder (rebuild it with "
+                "`sg2img cache` for this model)"
+            )

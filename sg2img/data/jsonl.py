@@ -3,7 +3,9 @@
     {"image": "images/0001.jpg", "caption": "a sheep on grass", "scene_graph": {...} | "graphs/0001.json"}
 
 ``image`` (and a ``scene_graph`` given as a path) are relative to ``image_root`` (default: the manifest's
-folder). ``scene_graph`` is sg2im's JSON or the extended form; ``caption`` may be empty.
+folder). ``scene_graph`` is sg2im's JSON or the extended form; ``caption`` may be empty. A row without a
+``scene_graph`` (or with ``null``) is image-and-caption data: a model with a graph branch skips it, and
+refuses at start-up a manifest whose first rows have none.
 """
 
 from __future__ import annotations
@@ -48,14 +50,19 @@ class JsonlManifest(RowSource):
             raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(row, dict):
             raise ValueError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
-        for name in ("image", "scene_graph"):
-            if name not in row:
-                raise ValueError(f"{where}: missing field {name!r}")
+        if "image" not in row:
+            raise ValueError(f"{where}: missing field 'image'")
+        if not isinstance(row["image"], str):
+            raise ValueError(
+                f"{where}: field 'image' must be a path string, got {type(row['image']).__name__}"
+            )
         caption = row.get("caption", "")
         if not isinstance(caption, str):
             raise ValueError(f"{where}: field 'caption' must be a string, got {type(caption).__name__}")
-        sg = row["scene_graph"]
-        if isinstance(sg, str):
+        sg = row.get("scene_graph")
+        if sg is None:  # image-and-caption data: fine for a model without a graph branch
+            graph = None
+        elif isinstance(sg, str):
             graphs = load_scene_graphs(self.image_root / sg)
             if len(graphs) != 1:
                 raise SceneGraphError(f"expected one graph, found {len(graphs)}", str(self.image_root / sg))

@@ -12,6 +12,7 @@ markers, the training module counts and logs them, and a long run never ends on 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,7 @@ class Example:
     key: str
     image: Image.Image
     caption: str
-    graph: SceneGraph
+    graph: SceneGraph | None  # None: a row without a scene graph (image-and-caption data)
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,8 @@ class TrainBatch:
 
     keys: list[str]
     captions: list[str]
-    graphs: Batch  # obj_label/pred_label index into ``labels``; edge_index, box, has_box
+    graphs: Batch | None  # obj_label/pred_label index into ``labels``; edge_index, box, has_box. None:
+    # some rows have no scene graph (allowed only when the model has no graph branch)
     labels: list[str]
     pixels: torch.Tensor | None = None  # (B, 3, H, W) in [-1, 1]
     clip_pixels: torch.Tensor | None = None  # (B, 3, S, S), CLIP-normalised
@@ -125,13 +127,27 @@ TENSOR_FIELDS = (
 )
 
 
-def collate(rows: list[dict[str, Any] | Skipped]) -> TrainBatch:
-    """Rows (dicts from ``Preprocess`` or a cache) and ``Skipped`` markers -> one ``TrainBatch``."""
+NO_GRAPH = "no scene graph, and the model's graph branch is on"
+
+
+def collate(rows: list[dict[str, Any] | Skipped], require_graph: bool = False) -> TrainBatch:
+    """Rows (dicts from ``Preprocess`` or a cache) and ``Skipped`` markers -> one ``TrainBatch``. With
+    ``require_graph`` (a model with a graph branch) a row without a scene graph becomes a ``Skipped``."""
+    rows = [
+        Skipped(r["key"], NO_GRAPH)
+        if require_graph and not isinstance(r, Skipped) and r["graph"] is None
+        else r
+        for r in rows
+    ]
     good = [r for r in rows if not isinstance(r, Skipped)]
     bad = [r for r in rows if isinstance(r, Skipped)]
     if not good:  # every row was skipped: an empty batch the trainer counts and passes over
         return TrainBatch(keys=[], captions=[], graphs=Batch(), labels=[], skipped=bad)
-    graphs, labels = graphs_to_label_batch([r["graph"] for r in good])
+    graphs: Batch | None
+    if any(r["graph"] is None for r in good):
+        graphs, labels = None, []
+    else:
+        graphs, labels = graphs_to_label_batch([r["graph"] for r in good])
     tensors = {
         name: torch.stack([r[name] for r in good]) if good and name in good[0] else None
         for name in TENSOR_FIELDS
@@ -146,13 +162,25 @@ def collate(rows: list[dict[str, Any] | Skipped]) -> TrainBatch:
     )
 
 
+def reason_kind(reason: str) -> str:
+    """A skip reason without what names one row (paths, ``file:line:`` prefixes, numbers), so that rows
+    that failed the same way are counted together: ``ValueError: not valid JSON (... column N)``."""
+    kind, _, msg = reason.partition(": ")
+    msg = re.sub(
+        r"^(?:[^:'\"]*[/\\][^:'\"]*(?::\d+)?: )+", "", msg
+    )  # leading "…/m.jsonl:12: ", "…/a b.png: "
+    msg = re.sub(r"'[^']*[/\\][^']*'", "FILE", msg)  # quoted paths
+    msg = re.sub(r"\d+", "N", msg)
+    return f"{kind}: {msg}" if msg else kind
+
+
 class SkipLog:
-    """Distinct skipped rows by reason, with a few example keys each, for the end-of-run summary. A row met
-    again in a later epoch is counted once."""
+    """Distinct skipped rows counted by kind of failure (``reason_kind``), with a few example rows and their
+    full reasons each, for the end-of-run summary. A row met again in a later epoch is counted once."""
 
     def __init__(self, examples_per_reason: int = 3):
         self.counts: Counter[str] = Counter()
-        self.examples: dict[str, list[str]] = {}
+        self.examples: dict[str, list[str]] = {}  # kind -> ["key: full reason", ...]
         self.seen: set[str] = set()
         self.k = examples_per_reason
 
@@ -161,10 +189,11 @@ class SkipLog:
             if r.key in self.seen:
                 continue
             self.seen.add(r.key)
-            self.counts[r.reason] += 1
-            keys = self.examples.setdefault(r.reason, [])
-            if len(keys) < self.k:
-                keys.append(r.key)
+            kind = reason_kind(r.reason)
+            self.counts[kind] += 1
+            shown = self.examples.setdefault(kind, [])
+            if len(shown) < self.k:
+                shown.append(r.reason if r.key in r.reason else f"{r.key}: {r.reason}")
 
     @property
     def total(self) -> int:
@@ -183,6 +212,7 @@ class SkipLog:
         if not self.total:
             return "skipped rows: none"
         lines = [f"skipped rows: {self.total}"]
-        for reason, n in self.counts.most_common():
-            lines.append(f"  {n:>8}  {reason}  (e.g. {', '.join(self.examples[reason])})")
+        for kind, n in self.counts.most_common():
+            lines.append(f"  {n:>8}  {kind}")
+            lines.extend(f"            e.g. {example}" for example in self.examples[kind])
         return "\n".join(lines)

@@ -68,9 +68,10 @@ class WebDatasetShards(IterableDataset):
             im.load()
             image = im.convert("RGB")
         record = json.loads(sample["json"])
-        if not isinstance(record, dict) or "scene_graph" not in record:
-            raise ValueError(f"{key}.json: missing field 'scene_graph'")
-        graph = SceneGraph.from_json(record["scene_graph"], source=f"{key}.json", path="scene_graph")
+        if not isinstance(record, dict):
+            raise ValueError(f"{key}.json: must be a JSON object, got {type(record).__name__}")
+        sg = record.get("scene_graph")  # absent: image-and-caption data (a graph branch skips the row)
+        graph = SceneGraph.from_json(sg, source=f"{key}.json", path="scene_graph") if sg is not None else None
         return Example(key=key, image=image, caption=str(record.get("caption", "")), graph=graph)
 
     def __iter__(self) -> Iterator[Any]:
@@ -96,7 +97,9 @@ def write_shards(
                 continue
             buf = io.BytesIO()
             ex.image.save(buf, format="PNG")
-            record = {"caption": ex.caption, "scene_graph": ex.graph.to_json(), "key": ex.key}
+            record = {"caption": ex.caption, "key": ex.key}
+            if ex.graph is not None:
+                record["scene_graph"] = ex.graph.to_json()
             sink.write({"__key__": f"{i:09d}", "png": buf.getvalue(), "json": json.dumps(record).encode()})
             if sink.fname not in written:
                 written.append(sink.fname)

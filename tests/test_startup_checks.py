@@ -1,0 +1,204 @@
+"""Settings that cannot work together stop the run at start-up with one message, before any step."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from datafiles import write_manifest
+from diffusers import UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from sg2img.adapter import SceneGraphAdapter, SGAdapterConfig
+from sg2img.cli import main
+from sg2img.data import JsonlManifest, SG2ImgDataModule
+from sg2img.data.datamodule import check_source
+from sg2img.errors import ConfigurationError
+from sg2img.gnn import GNNConfig
+from sg2img.lit_module import SG2ImgModule
+from sg2img.models import TINY_TEXT, TINY_UNET, get_preset, save_tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL_GNN = GNNConfig(layer="triplet", num_layers=1, hidden_dim=16, mlp_dim=32)
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+def graphless_manifest(root: Path, with_graph_every: int = 0) -> Path:
+    """``write_manifest``'s rows with their scene graphs taken out (all, or all but every k-th)."""
+    path = write_manifest(root, n=6)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for i, row in enumerate(rows):
+        if not with_graph_every or i % with_graph_every:
+            del row["scene_graph"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def fit(tmp_path: Path, manifest: Path, *extra: str) -> list[str]:
+    data = tmp_path / "data.yaml"
+    data.write_text(
+        yaml.safe_dump(
+            {"data": {"train": {"class_path": "sg2img.data.JsonlManifest", "init_args": {"manifest": str(manifest)}},
+                      "batch_size": 3, "num_workers": 0},
+             "model": {"gnn": {"num_layers": 1, "hidden_dim": 16, "mlp_dim": 32}},
+             "trainer": {"enable_progress_bar": False, "max_steps": 2}}
+        )
+    )  # fmt: skip
+    configs = [ROOT / "configs" / "base.yaml", ROOT / "configs" / "model" / "tiny.yaml", data]
+    return ["fit", *(a for c in configs for a in ("--config", str(c))),
+            "--trainer.default_root_dir", str(tmp_path / "run"), *extra]  # fmt: skip
+
+
+def test_graph_branch_on_data_without_graphs_stops_at_start_up(tmp_path, capsys):
+    manifest = graphless_manifest(tmp_path / "d")
+    assert main(fit(tmp_path, manifest)) == 2
+    err = capsys.readouterr().err
+    assert "sg2img fit: error: model.graph_branch is on, but data.train has no scene graphs" in err
+    assert "none of the first 6 readable rows of JsonlManifest(" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "adapter.safetensors").exists()  # not one step ran
+
+
+def test_image_and_caption_data_trains_an_adapter_without_the_graph_branch(tmp_path):
+    manifest = graphless_manifest(tmp_path / "d")
+    assert main(fit(tmp_path, manifest, "--model.graph_branch", "false")) == 0
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2
+
+
+def test_rows_without_a_graph_are_skipped_and_counted_when_some_have_one(tmp_path, caplog):
+    manifest = graphless_manifest(tmp_path / "d", with_graph_every=2)  # rows 0, 2, 4 keep theirs
+    assert main(fit(tmp_path, manifest)) == 0
+    assert "skipped rows: 3" in caplog.text
+    assert "no scene graph, and the model's graph branch is on" in caplog.text
+
+
+def test_no_readable_row_stops_at_start_up(tmp_path, capsys):
+    manifest = write_manifest(tmp_path / "d", n=4)
+    shutil.rmtree(tmp_path / "d" / "images")  # e.g. a wrong image_root
+    assert main(fit(tmp_path, manifest)) == 2
+    err = capsys.readouterr().err
+    assert "none of the first 4 rows of JsonlManifest(" in err and "can be read" in err
+    assert "FileNotFoundError" in err and "000.png" in err  # the summary names the files
+
+
+def tiny_folder(tmp_path: Path) -> Path:
+    return save_tiny_model(tmp_path / "base")
+
+
+def test_a_text_encoder_of_another_width_than_the_unet_is_one_message(tmp_path):
+    base = tiny_folder(tmp_path)
+    narrow = CLIPTextModel(CLIPTextConfig(**{**TINY_TEXT, "hidden_size": 32, "projection_dim": 32}))
+    shutil.rmtree(base / "text_encoder")
+    narrow.save_pretrained(base / "text_encoder")
+    with pytest.raises(ConfigurationError) as e:
+        SG2ImgModule(base=str(base), gnn=SMALL_GNN).configure_model()
+    assert "token widths do not match" in str(e.value)
+    assert "text encoder makes 32-wide tokens, but its UNet's cross-attention takes 48" in str(e.value)
+
+
+def test_an_init_adapter_for_another_unet_width_is_one_message_naming_the_file(tmp_path):
+    # an adapter file made for a UNet whose cross-attention takes 64
+    other = UNet2DConditionModel(**{**TINY_UNET, "cross_attention_dim": 64})
+    image = get_preset("tiny").adapter_config("cls")
+    image = type(image).from_dict({**json.loads(image.to_json()), "cross_attention_dim": 64})
+    wide = SceneGraphAdapter(other, SGAdapterConfig(label_dim=48, image=image, graph_branch=False))
+    wide.save(tmp_path / "wide.safetensors")
+    with pytest.raises(ConfigurationError) as e:
+        SG2ImgModule(init_adapter=str(tmp_path / "wide.safetensors"), gnn=SMALL_GNN).configure_model()
+    msg = str(e.value)
+    assert (
+        f"the image branch (model.init_adapter {tmp_path / 'wide.safetensors'}) makes 64-wide tokens" in msg
+    )
+    assert "the UNet's cross-attention takes 48" in msg
+
+
+def test_an_image_encoder_narrower_than_the_init_adapter_expects_is_one_message(tmp_path):
+    m = SG2ImgModule(gnn=SMALL_GNN, graph_branch=False)
+    m.configure_model()
+    m.adapter.save(tmp_path / "adapter.safetensors")
+    tower = get_preset("tiny").image_encoder
+    vision = CLIPVisionConfig(
+        hidden_size=tower.hidden_size, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        image_size=tower.image_size, patch_size=tower.patch_size, projection_dim=32,
+    )  # fmt: skip
+    CLIPVisionModelWithProjection(vision).save_pretrained(tmp_path / "vision")
+    with pytest.raises(ConfigurationError) as e:
+        SG2ImgModule(
+            image_encoder=str(tmp_path / "vision"),
+            init_adapter=str(tmp_path / "adapter.safetensors"),
+            gnn=SMALL_GNN,
+            graph_branch=False,
+        ).configure_model()
+    expected = f"takes {tower.projection_dim}-wide image embeddings, but {tmp_path / 'vision'} gives 32"
+    assert expected in str(e.value)
+
+
+def test_an_image_branch_without_an_image_encoder_is_one_message(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # IP-Adapter's default encoder cannot be fetched
+    base = tiny_folder(tmp_path)  # made like SD1.5's folder, which has no image encoder
+    shutil.rmtree(base / "image_encoder")
+    index = json.loads((base / "model_index.json").read_text())
+    (base / "model_index.json").write_text(json.dumps({**index, "image_encoder": [None, None]}))
+    manifest = write_manifest(tmp_path / "d", n=3)
+    assert main(fit(tmp_path, manifest, "--model.base", str(base))) == 2
+    err = capsys.readouterr().err
+    assert "sg2img fit: error: model.image_branch is on, but no image encoder is configured" in err
+    assert f"the base {base} has no image_encoder/ folder" in err and "model.image_encoder" in err
+    assert "Traceback" not in err
+    # a graph-only adapter needs no image encoder: the same base trains it
+    m = SG2ImgModule(base=str(base), image_branch=False, gnn=SMALL_GNN)
+    m.configure_model()
+    assert m.image_encoder is None and m.adapter.image_proj is None
+
+
+class _CachedRows(torch.utils.data.Dataset):
+    def __init__(self, **widths: int):
+        self.widths = widths
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> dict:
+        from sg2img.graph import SceneGraph
+
+        row = {"key": str(i), "caption": "", "graph": SceneGraph.from_names(["a"], [])}
+        return {**row, **{k: torch.zeros(3, w) for k, w in self.widths.items()}}
+
+
+def test_a_cache_made_with_other_encoders_is_refused_at_start_up():
+    need = {"graphs": True, "widths": {"text_embeds": 48, "image_embeds": 48, "patch_tokens": 40}}
+    with pytest.raises(
+        ConfigurationError, match="holds 32-wide text_embeds, but this model's encoders give 48"
+    ):
+        check_source(_CachedRows(text_embeds=32, image_embeds=48, patch_tokens=40), need)
+    with pytest.raises(ConfigurationError, match="holds no patch tokens"):
+        check_source(_CachedRows(text_embeds=48, image_embeds=48), need)
+    check_source(_CachedRows(text_embeds=48, image_embeds=48, patch_tokens=40), need)  # fits
+
+
+def test_the_data_module_reads_the_models_requirements(tmp_path):
+    manifest = graphless_manifest(tmp_path / "d")
+    dm = SG2ImgDataModule(train=JsonlManifest(manifest))
+    assert dm.requirements() == {}  # no trainer: nothing to check against
+
+
+def test_graphless_webdataset_shards_are_refused_for_a_graph_branch(tmp_path):
+    from sg2img.data import Preprocess, WebDatasetShards, write_shards
+    from sg2img.tokenizer import clip_tokenizer
+
+    examples = [JsonlManifest(graphless_manifest(tmp_path / "d"))[i] for i in range(6)]
+    assert all(e.graph is None for e in examples)
+    shards = write_shards(examples, tmp_path / "shards" / "s-%06d.tar", max_count=3)
+    stream = WebDatasetShards(shards, shuffle_buffer=0)
+    stream.transform = Preprocess(32, 24, clip_tokenizer())
+    with pytest.raises(ConfigurationError, match="none of the first 6 readable rows of WebDatasetShards"):
+        check_source(stream, {"graphs": True})
+    check_source(stream, {"graphs": False})  # an image-only adapter trains on them
