@@ -161,3 +161,19 @@ def test_resuming_from_a_step_checkpoint_ends_with_the_same_adapter(
     assert main([*args, "--trainer.default_root_dir", str(out), "--ckpt_path", str(ckpt)]) == 0
     a, b = load_file(straight / "adapter.safetensors"), load_file(out / "adapter.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit-exact here: same process, same order of operations
+
+
+def test_the_fit_command_writes_checkpoints_atomically_unless_told_otherwise(tmp_path, monkeypatch):
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from sg2img.checkpointing import AtomicCheckpointIO
+    from sg2img.training_cli import SG2ImgCLI
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    args = [*fit_config(tmp_path)[1:], "--trainer.default_root_dir", str(tmp_path / "run")]
+    cli = SG2ImgCLI(args=args, run=False)
+    assert type(cli.trainer.strategy.checkpoint_io) is AtomicCheckpointIO
+    own = SG2ImgCLI(
+        args=[*args, "--trainer.plugins=lightning.pytorch.plugins.io.TorchCheckpointIO"], run=False
+    )
+    assert type(own.trainer.strategy.checkpoint_io) is TorchCheckpointIO  # a configured one is kept
