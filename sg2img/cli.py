@@ -10,9 +10,10 @@ from pathlib import Path
 
 from ip_adapter import CheckpointError
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, NonFiniteLossError
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1  # a run that stopped itself (a non-finite loss)
 TRAINING_SUBCOMMANDS = ("fit", "validate", "test")  # LightningCLI (see training_cli.py)
 
 
@@ -275,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigurationError as e:  # settings that cannot work together: one message, no traceback
             print(f"sg2img {argv[0]}: error: {e}", file=sys.stderr)
             return EXIT_USAGE
+        except NonFiniteLossError as e:  # the run stopped itself; what is on disk is the last good state
+            print(f"sg2img {argv[0]}: stopped: {e}", file=sys.stderr)
+            return EXIT_FAILED
         return 0
     try:
         if argv[:2] == ["evaluate", "coco"] and "--config" in argv:  # the protocol file, then the flags

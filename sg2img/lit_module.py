@@ -35,7 +35,7 @@ from ip_adapter.checkpoint import read_adapter_file
 from .adapter import SG_ENCODER, SG_STREAM, SceneGraphAdapter, SGAdapterConfig
 from .checkpointing import continue_after_epoch_end
 from .data.records import SkipLog, TrainBatch
-from .errors import ConfigurationError
+from .errors import ConfigurationError, NonFiniteLossError
 from .gnn import GNNConfig, TokenConfig, drop_graphs, embed_label_batch
 from .graph import SceneGraph
 from .labels import LabelEmbedder
@@ -167,7 +167,7 @@ class DiffusionSteps:
             self.log(f"{stage}/nonfinite_losses", float(self.nonfinite_count), batch_size=batch.batch_size)
             log.warning("%s; batch skipped (%d so far)", where, self.nonfinite_count)
             return None
-        raise FloatingPointError(
+        raise NonFiniteLossError(
             f"{where}. The run stops here (model.nonfinite_loss: stop), before this batch changes any weight; "
             "the checkpoints and the exported file on disk are the last good ones. Set "
             "model.nonfinite_loss: skip to pass over such batches and count them instead."

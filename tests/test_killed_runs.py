@@ -177,3 +177,30 @@ def test_the_fit_command_writes_checkpoints_atomically_unless_told_otherwise(tmp
         args=[*args, "--trainer.plugins=lightning.pytorch.plugins.io.TorchCheckpointIO"], run=False
     )
     assert type(own.trainer.strategy.checkpoint_io) is TorchCheckpointIO  # a configured one is kept
+
+
+def test_a_nan_loss_stops_the_fit_command_with_the_last_good_checkpoint_on_disk(
+    tmp_path, monkeypatch, capsys
+):
+    from sg2img.lit_module import SG2ImgModule
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    original = SG2ImgModule.diffusion_loss
+
+    def nan_at_step_4(self, batch, generator):
+        loss = original(self, batch, generator)
+        return loss * float("nan") if self.global_step == 4 else loss
+
+    monkeypatch.setattr(SG2ImgModule, "diffusion_loss", nan_at_step_4)
+    root = tmp_path / "run"
+    assert main([*fit_config(tmp_path), "--trainer.default_root_dir", str(root)]) == 1
+    err = capsys.readouterr().err
+    assert "sg2img fit: stopped: train step 4 (batch 4, rows" in err and "loss is nan" in err
+    assert "Traceback" not in err
+    last = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 4  # the last good state: after step 3, nothing of the NaN batch
+    saved = load_file(root / "adapter.safetensors")
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    weights = {k.removeprefix("adapter."): v for k, v in last["state_dict"].items()}
+    shared = saved.keys() & weights.keys()
+    assert len(shared) > len(saved) // 2 and all(torch.equal(saved[k], weights[k]) for k in shared)
