@@ -30,61 +30,34 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the fixture writers the test suite plants faults with
 
-from datafiles import plant_faults, write_manifest  # noqa: E402
+from datafiles import plant_faults, tiny_fit_args, write_manifest  # noqa: E402
 
 from ip_adapter.checkpoint import PARTIAL_WRITE  # noqa: E402
 
 STEP_FILE = re.compile(r"step=(\d+)")
 
 
-def write_run_config(work: Path, args: argparse.Namespace) -> tuple[Path, int]:
+def write_run_config(work: Path, args: argparse.Namespace) -> tuple[list[str], int]:
+    """The data (good rows, then every kind of planted fault) and the ``sg2img fit`` arguments."""
     data = work / "data"
     manifest = write_manifest(data, n=args.rows, seed=args.seed, bad_rows=True)
     faults = 3 + len(plant_faults(data, manifest))
-    cfg = work / "run.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"gnn": {"num_layers": 2, "hidden_dim": 32, "mlp_dim": 64}},
-                "data": {
-                    "train": {
-                        "class_path": "sg2img.data.JsonlManifest",
-                        "init_args": {"manifest": str(manifest)},
-                    },
-                    "batch_size": args.batch_size,
-                    "num_workers": args.workers,
-                },
-                "trainer": {
-                    "max_steps": args.steps,
-                    "enable_progress_bar": False,
-                    "callbacks": [
-                        {
-                            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                            "init_args": {
-                                "every_n_train_steps": args.every,
-                                "save_last": True,
-                                "save_top_k": 1,
-                            },
-                        }
-                    ],
-                },
-            }
-        )
-    )
-    return cfg, faults
+    fit = tiny_fit_args(
+        work / "run.yaml", manifest, batch_size=args.batch_size, workers=args.workers,
+        gnn={"num_layers": 2, "hidden_dim": 32, "mlp_dim": 64}, checkpoint_every=args.every, keep=1,
+        max_steps=args.steps,
+    )  # fmt: skip
+    return fit, faults
 
 
-def command(cfg: Path, root: Path) -> list[str]:
-    configs = [ROOT / "configs" / "base.yaml", ROOT / "configs" / "model" / "tiny.yaml", cfg]
-    return [sys.executable, "-m", "sg2img", "fit", *(a for c in configs for a in ("--config", str(c))),
-            "--trainer.default_root_dir", str(root)]  # fmt: skip
+def command(fit: list[str], root: Path) -> list[str]:
+    return [sys.executable, "-m", "sg2img", *fit, "--trainer.default_root_dir", str(root)]
 
 
 def audit(root: Path) -> dict:
@@ -132,14 +105,14 @@ def main(argv: list[str] | None = None) -> int:
 
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
-    cfg, faults = write_run_config(args.work, args)
+    fit, faults = write_run_config(args.work, args)
     env = {**os.environ, "WANDB_MODE": "disabled"}
 
     t0 = time.monotonic()
     log = args.work / "straight.log"
     with open(log, "w") as err:
         proc = subprocess.Popen(
-            command(cfg, args.work / "straight"), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err
+            command(fit, args.work / "straight"), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err
         )
         first = args.work / "straight" / "checkpoints"
         while proc.poll() is None and not (first.is_dir() and any(first.iterdir())):
@@ -157,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rng = random.Random(args.seed)
     root = args.work / "killed"
-    run = [*command(cfg, root), "--ckpt_path", "last"]
+    run = [*command(fit, root), "--ckpt_path", "last"]
     kills: list[dict] = []
     finished_before_kill = False
     while len(kills) < args.kills:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
+import yaml
 from PIL import Image, ImageDraw
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 220)}
@@ -233,3 +235,40 @@ def write_laion_sg(root: Path) -> Path:
 def _mk(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+SMALL_GNN = {"num_layers": 1, "hidden_dim": 16, "mlp_dim": 32}
+
+
+def tiny_fit_args(
+    cfg: Path,
+    manifest: Path,
+    *,
+    batch_size: int,
+    workers: int = 0,
+    gnn: dict[str, int] | None = None,
+    checkpoint_every: int | None = None,
+    keep: int = -1,
+    **trainer: Any,
+) -> list[str]:
+    """Write ``cfg``: a fit on the tiny preset over a JSONL ``manifest`` (``trainer``: Trainer settings;
+    ``checkpoint_every``: a ModelCheckpoint every N steps keeping ``keep`` besides last.ckpt). Returns the
+    ``sg2img fit`` arguments for base.yaml, model/tiny.yaml and ``cfg``."""
+    settings: dict[str, Any] = {"enable_progress_bar": False, **trainer}
+    if checkpoint_every is not None:
+        settings["callbacks"] = [
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"every_n_train_steps": checkpoint_every, "save_last": True, "save_top_k": keep},
+            }
+        ]
+    data = {"class_path": "sg2img.data.JsonlManifest", "init_args": {"manifest": str(manifest)}}
+    config = {
+        "model": {"gnn": gnn or SMALL_GNN},
+        "data": {"train": data, "batch_size": batch_size, "num_workers": workers},
+        "trainer": settings,
+    }
+    cfg.write_text(yaml.safe_dump(config))
+    files = [CONFIGS / "base.yaml", CONFIGS / "model" / "tiny.yaml", cfg]
+    return ["fit", *(a for f in files for a in ("--config", str(f)))]

@@ -3,42 +3,22 @@ counts it once, logs the count, and ends with a summary that names every one."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import yaml
-from datafiles import plant_faults, write_manifest
+from datafiles import plant_faults, tiny_fit_args, write_manifest
 
 from sg2img.cli import main
 from sg2img.wandb_runs import offline_runs, read_offline_run
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_planted_faults_are_skipped_counted_once_and_summarised(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("WANDB_MODE", "offline")
     manifest = write_manifest(tmp_path / "data", n=8, bad_rows=True)  # 3 bad rows among the first 8
     planted = plant_faults(tmp_path / "data", manifest)  # 9 more, one of each kind
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"gnn": {"num_layers": 1, "hidden_dim": 16, "mlp_dim": 32}},
-                "data": {
-                    "train": {
-                        "class_path": "sg2img.data.JsonlManifest",
-                        "init_args": {"manifest": str(manifest)},
-                    },
-                    "batch_size": 4,
-                    "num_workers": 2,
-                },
-                # 20 rows, 5 batches an epoch: 3 epochs, every bad row met three times
-                "trainer": {"max_steps": 15, "log_every_n_steps": 1, "enable_progress_bar": False},
-            }
-        )
-    )
     root = tmp_path / "run"
-    args = ["fit", "--config", str(ROOT / "configs" / "base.yaml"), "--config", str(ROOT / "configs" / "model" / "tiny.yaml"),
-            "--config", str(cfg), "--trainer.default_root_dir", str(root)]  # fmt: skip
+    # 20 rows, 5 batches an epoch: 3 epochs, every bad row met three times
+    args = tiny_fit_args(
+        tmp_path / "run.yaml", manifest, batch_size=4, workers=2, max_steps=15, log_every_n_steps=1
+    )
+    args += ["--trainer.default_root_dir", str(root)]
     assert main(args) == 0
 
     summary = caplog.text[caplog.text.index("skipped rows: ") :]

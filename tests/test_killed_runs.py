@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from datafiles import write_manifest
+from datafiles import tiny_fit_args, write_manifest
 from safetensors.torch import load_file
 
 from ip_adapter.checkpoint import PARTIAL_WRITE, atomic_write, remove_partial_writes
@@ -59,35 +58,10 @@ def fit_config(tmp_path: Path, workers: int = 0) -> list[str]:
     """The tiny preset on 8 good and 3 planted bad rows, batch 2 (6 batches an epoch), 10 steps, a
     checkpoint at every step."""
     manifest = write_manifest(tmp_path / "data", n=8, bad_rows=True)
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"gnn": {"num_layers": 1, "hidden_dim": 16, "mlp_dim": 32}},
-                "data": {
-                    "train": {
-                        "class_path": "sg2img.data.JsonlManifest",
-                        "init_args": {"manifest": str(manifest)},
-                    },
-                    "batch_size": 2,
-                    "num_workers": workers,
-                },
-                "trainer": {
-                    "max_steps": 10,
-                    "logger": False,
-                    "enable_progress_bar": False,
-                    "callbacks": [
-                        {
-                            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                            "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": -1},
-                        }
-                    ],
-                },
-            }
-        )
-    )
-    return ["fit", "--config", str(ROOT / "configs" / "base.yaml"), "--config", str(ROOT / "configs" / "model" / "tiny.yaml"),
-            "--config", str(cfg)]  # fmt: skip
+    return tiny_fit_args(
+        tmp_path / "run.yaml", manifest, batch_size=2, workers=workers, checkpoint_every=1, max_steps=10,
+        logger=False,
+    )  # fmt: skip
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:

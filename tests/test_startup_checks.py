@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from datafiles import write_manifest
+from datafiles import tiny_fit_args, write_manifest
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -22,7 +21,6 @@ from sg2img.gnn import GNNConfig
 from sg2img.lit_module import SG2ImgModule
 from sg2img.models import TINY_TEXT, TINY_UNET, get_preset, save_tiny_model
 
-ROOT = Path(__file__).resolve().parent.parent
 SMALL_GNN = GNNConfig(layer="triplet", num_layers=1, hidden_dim=16, mlp_dim=32)
 
 
@@ -43,18 +41,8 @@ def graphless_manifest(root: Path, with_graph_every: int = 0) -> Path:
 
 
 def fit(tmp_path: Path, manifest: Path, *extra: str) -> list[str]:
-    data = tmp_path / "data.yaml"
-    data.write_text(
-        yaml.safe_dump(
-            {"data": {"train": {"class_path": "sg2img.data.JsonlManifest", "init_args": {"manifest": str(manifest)}},
-                      "batch_size": 3, "num_workers": 0},
-             "model": {"gnn": {"num_layers": 1, "hidden_dim": 16, "mlp_dim": 32}},
-             "trainer": {"enable_progress_bar": False, "max_steps": 2}}
-        )
-    )  # fmt: skip
-    configs = [ROOT / "configs" / "base.yaml", ROOT / "configs" / "model" / "tiny.yaml", data]
-    return ["fit", *(a for c in configs for a in ("--config", str(c))),
-            "--trainer.default_root_dir", str(tmp_path / "run"), *extra]  # fmt: skip
+    args = tiny_fit_args(tmp_path / "run.yaml", manifest, batch_size=3, max_steps=2)
+    return [*args, "--trainer.default_root_dir", str(tmp_path / "run"), *extra]
 
 
 def test_graph_branch_on_data_without_graphs_stops_at_start_up(tmp_path, capsys):
