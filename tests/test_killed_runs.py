@@ -117,8 +117,9 @@ def test_a_fit_killed_with_sigkill_resumes_to_the_adapter_of_an_uninterrupted_ru
 def straight_run(tmp_path_factory) -> tuple[list[str], Path]:
     tmp = tmp_path_factory.mktemp("straight")
     args = fit_config(tmp)
-    os.environ.setdefault("WANDB_MODE", "disabled")
-    assert main([*args, "--trainer.default_root_dir", str(tmp / "run")]) == 0
+    with pytest.MonkeyPatch.context() as mp:  # as the resumed runs have it, and only for this run
+        mp.setenv("WANDB_MODE", "disabled")
+        assert main([*args, "--trainer.default_root_dir", str(tmp / "run")]) == 0
     return args, tmp / "run"
 
 

@@ -166,9 +166,8 @@ def reason_kind(reason: str) -> str:
     """A skip reason without what names one row (paths, ``file:line:`` prefixes, numbers), so that rows
     that failed the same way are counted together: ``ValueError: not valid JSON (... column N)``."""
     kind, _, msg = reason.partition(": ")
-    msg = re.sub(
-        r"^(?:[^:'\"]*[/\\][^:'\"]*(?::\d+)?: )+", "", msg
-    )  # leading "…/m.jsonl:12: ", "…/a b.png: "
+    # leading "…/m.jsonl:12: ", "…/a b.png: "
+    msg = re.sub(r"^(?:[^:'\"]*[/\\][^:'\"]*(?::\d+)?: )+", "", msg)
     msg = re.sub(r"'[^']*[/\\][^']*'", "FILE", msg)  # quoted paths
     msg = re.sub(r"\d+", "N", msg)
     return f"{kind}: {msg}" if msg else kind
