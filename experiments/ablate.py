@@ -223,7 +223,7 @@ def log_eval_run(grid: Grid, variant: Variant, run_dir: Path, scores: dict[str, 
     """One W&B run per variant's evaluation, in the grid's group (offline unless W&B can authenticate)."""
     import wandb
 
-    from sg2img.training_cli import wandb_offline
+    from sg2img.training_cli import wandb_mode
 
     run = wandb.init(
         project=os.environ.get("WANDB_PROJECT", "sg2img"),
@@ -231,7 +231,7 @@ def log_eval_run(grid: Grid, variant: Variant, run_dir: Path, scores: dict[str, 
         job_type="eval",
         name=f"{variant.slug}-eval",
         dir=str(run_dir),
-        mode="offline" if wandb_offline() else "online",
+        mode=wandb_mode(),
         config={"grid": str(grid.path), "variant": variant.name, "configs": grid.base + variant.configs},
         reinit="finish_previous",
     )

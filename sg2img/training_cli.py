@@ -37,18 +37,26 @@ from .lit_module import SG2ImgModule
 SUBCOMMANDS = ("fit", "validate", "test")
 
 
-def wandb_offline() -> bool:
-    """Offline unless W&B can authenticate; ``WANDB_MODE`` decides when set."""
+def wandb_mode() -> str:
+    """``online``, ``offline`` or ``disabled``: ``WANDB_MODE`` when set, else online only when W&B can
+    authenticate. Every run passes it to ``wandb.init`` itself: wandb reads its environment once per process
+    (later changes are ignored once a session started), so a second fit in the same process would
+    otherwise inherit the first one's mode."""
     mode = os.environ.get("WANDB_MODE")
     if mode:
-        return mode in ("offline", "dryrun", "disabled")
+        return {"dryrun": "offline", "run": "online"}.get(mode, mode)
     if os.environ.get("WANDB_API_KEY"):
-        return False
+        return "online"
     try:
         host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
-        return netrc.netrc().authenticators(host) is None
+        return "offline" if netrc.netrc().authenticators(host) is None else "online"
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return True
+        return "offline"
+
+
+def wandb_offline() -> bool:
+    """Whether runs stay on this machine (offline or disabled)."""
+    return wandb_mode() != "online"
 
 
 class SG2ImgCLI(LightningCLI):
@@ -90,6 +98,7 @@ class SG2ImgCLI(LightningCLI):
                     name=root.name,
                     save_dir=str(root),
                     offline=wandb_offline(),
+                    mode=wandb_mode(),
                 ),
             )
         plugins = t.plugins if isinstance(t.plugins, list) else [t.plugins] if t.plugins else []
