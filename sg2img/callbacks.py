@@ -152,6 +152,16 @@ class BaseExport(AdapterExport):
         pl_module.export_base(out)
 
 
+class ClipExport(AdapterExport):
+    """Keeps ``DIR/clip.safetensors`` (a tiny-CLIP file) current, as ``AdapterExport`` does."""
+
+    def __init__(self, filename: str = "clip.safetensors"):
+        super().__init__(filename)
+
+    def export(self, pl_module, out: Path) -> None:
+        pl_module.export(out)
+
+
 class SaveRunConfig(SaveConfigCallback):
     """Writes the resolved config to ``DIR/config.yaml`` (``--trainer.default_root_dir DIR``) and logs it
     as the run's hyperparameters (the W&B run config)."""

@@ -265,12 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in (*TRAINING_SUBCOMMANDS, "fit-base"):
-        from .training_cli import BaseModelCLI, SG2ImgCLI, cli_main
+    if argv and argv[0] in (*TRAINING_SUBCOMMANDS, "fit-base", "fit-clip"):
+        from .training_cli import BaseModelCLI, ClipCLI, SG2ImgCLI, cli_main
 
         try:
             if argv[0] == "fit-base":
                 cli_main(["fit", *argv[1:]], BaseModelCLI)
+            elif argv[0] == "fit-clip":
+                cli_main(["fit", *argv[1:]], ClipCLI)
             else:
                 cli_main(argv, SG2ImgCLI)
         except ConfigurationError as e:  # settings that cannot work together: one message, no traceback

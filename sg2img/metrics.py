@@ -259,9 +259,41 @@ def _transformers_clip_model(source: str, device: torch.device) -> ClipModel:
     )
 
 
+def _tiny_clip_model(path: Path, device: torch.device) -> ClipModel:
+    from ip_adapter.checkpoint import CheckpointError
+
+    from .tiny_clip import encode_text, load_tiny_clip
+    from .tokenizer import clip_tokenizer
+
+    try:
+        model, config = load_tiny_clip(path)
+    except CheckpointError as e:
+        raise MetricError(f"--clip {path}: {e}") from None
+    model = model.to(device)
+    tokenizer = clip_tokenizer()
+
+    def text(t: list[str]) -> torch.Tensor:
+        ids = tokenizer(t, padding="max_length", truncation=True, max_length=config.context_length,
+                        return_tensors="pt").input_ids  # fmt: skip
+        return encode_text(model, ids.to(device))
+
+    return ClipModel(
+        model.encode_image, text, config.image_size, OPENAI_MEAN, OPENAI_STD, device, f"tiny-clip:{path}"
+    )
+
+
 def load_clip(spec: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> ClipModel:
-    """``open_clip:NAME`` (+ ``pretrained``), ``hf:PATH_OR_ID``, or a local transformers folder."""
+    """``open_clip:NAME`` (+ ``pretrained``), ``hf:PATH_OR_ID``, a local transformers folder, a tiny-CLIP
+    file (``sg2img fit-clip``), or ``shapes``: the shapes world's shipped tiny CLIP."""
     device = torch.device(device)
+    if spec == "shapes":
+        from .tiny_clip import EMBEDDED_CLIP, tiny_clip_path
+
+        spec = str(tiny_clip_path(EMBEDDED_CLIP))
+    if spec.endswith(".safetensors"):
+        if not Path(spec).is_file():
+            raise MetricError(f"--clip {spec}: no such tiny-CLIP file")
+        return _tiny_clip_model(Path(spec), device)
     if spec.startswith("open_clip:"):
         return _open_clip_model(spec.split(":", 1)[1], pretrained, device)
     source = spec.split(":", 1)[1] if spec.startswith("hf:") else spec
@@ -607,7 +639,11 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--samples", type=P, default=None, help="a folder of generated images")
     p.add_argument("--refs", type=P, default=None, help="reference images (CLIP-I pairs, FID's real set)")
     p.add_argument("--metrics", default="clip-t,clip-i", help=f"comma-separated: {', '.join(METRICS)}")
-    p.add_argument("--clip", default=None, help="open_clip:NAME, hf:PATH_OR_ID or a transformers folder")
+    p.add_argument(
+        "--clip",
+        default=None,
+        help="open_clip:NAME, hf:PATH_OR_ID, a transformers folder, a tiny-CLIP file, or shapes (the shipped one)",
+    )
     p.add_argument("--clip-pretrained", default=None, help="open_clip weights file (or tag)")
     p.add_argument("--fid-features", default="inception", help="inception, clip or module:pkg.mod:factory")
     p.add_argument("--inception", default=None, help="torch-fidelity Inception-v3 weights file (for fid)")

@@ -13,7 +13,8 @@ flags. The defaults fill in what a user would otherwise repeat:
 - ``DIR/config.yaml`` is the resolved config and ``DIR/adapter.safetensors`` the latest adapter.
 
 ``sg2img fit-base`` is the same over ``BaseModelModule`` (a small base trained from scratch, such as the
-shapes world's); it keeps ``DIR/base.safetensors`` current instead.
+shapes world's); it keeps ``DIR/base.safetensors`` current instead. ``sg2img fit-clip`` trains the shapes
+world's tiny CLIP (``TinyClipModule``) and keeps ``DIR/clip.safetensors`` current.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .base_training import BaseModelModule
 from .callbacks import SaveRunConfig
 from .data.datamodule import SG2ImgDataModule
 from .lit_module import SG2ImgModule
+from .tiny_clip import TinyClipModule
 
 SUBCOMMANDS = ("fit", "validate", "test")
 
@@ -138,6 +140,13 @@ class BaseModelCLI(SG2ImgCLI):
 
     model_class = BaseModelModule
     export_callback = "sg2img.callbacks.BaseExport"
+
+
+class ClipCLI(SG2ImgCLI):
+    """``sg2img fit-clip``: trains the shapes world's tiny CLIP (``TinyClipModule``)."""
+
+    model_class = TinyClipModule
+    export_callback = "sg2img.callbacks.ClipExport"
 
 
 # Lightning notices that are expected here: the frozen base is in eval mode on purpose, a run may have no

@@ -15,7 +15,7 @@ from datafiles import write_manifest
 from sg2img.adapter import SceneGraphAdapter
 from sg2img.cli import main
 from sg2img.models import build_components
-from sg2img.training_cli import BaseModelCLI, SG2ImgCLI, wandb_offline
+from sg2img.training_cli import BaseModelCLI, ClipCLI, SG2ImgCLI, wandb_offline
 from sg2img.wandb_runs import offline_runs, read_offline_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,15 +129,18 @@ def test_cache_command_then_fit_from_the_cache(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT / "configs")) for p in CONFIGS])
 def test_every_config_parses(path, tmp_path):
-    base_model = "sg2img fit-base" in path.read_text()  # a base-model config: fit-base, composed alone
-    args = [] if base_model else ["--config", str(ROOT / "configs" / "base.yaml")]
+    text = path.read_text()
+    base_model = "sg2img fit-base" in text  # a base-model config: fit-base, composed alone
+    clip_model = "sg2img fit-clip" in text  # the tiny CLIP's config: fit-clip, composed alone
+    args = [] if base_model or clip_model else ["--config", str(ROOT / "configs" / "base.yaml")]
     args += ["--config", str(path), "--trainer.default_root_dir", str(tmp_path)]
     needs_hardware = "strategy" in path.parts  # FSDP/DeepSpeed need GPUs or the optional extra
-    cli_class = BaseModelCLI if base_model else SG2ImgCLI
+    cli_class = BaseModelCLI if base_model else ClipCLI if clip_model else SG2ImgCLI
     cli = cli_class(args=args, run=False, instantiate=not needs_hardware)
     assert cli.config.trainer.default_root_dir == str(tmp_path)
     if not needs_hardware:
-        assert (cli.model.preset_name if base_model else cli.model.base) and cli.datamodule.batch_size > 0
+        model = cli.model.preset_name if base_model else cli.model.config if clip_model else cli.model.base
+        assert model and cli.datamodule.batch_size > 0
 
 
 def test_wandb_mode_is_honoured(monkeypatch):

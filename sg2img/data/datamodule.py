@@ -60,7 +60,7 @@ class SG2ImgDataModule(L.LightningDataModule):
                     "set data.resolution and data.clip_size, or attach the data module to a trainer"
                 )
             resolution = resolution or need["resolution"]
-            clip_size = clip_size or need["clip_size"]
+            clip_size = clip_size or need.get("clip_size")  # None: the model reads no CLIP pixels
         if self._tokenizer is None:
             self._tokenizer = clip_tokenizer()
         return Preprocess(resolution, clip_size, self._tokenizer)

@@ -86,14 +86,15 @@ class TrainBatch:
 
 
 class Preprocess:
-    """Row -> tensors. ``resolution``: the target image side; ``clip_size``: the CLIP tower's input side."""
+    """Row -> tensors. ``resolution``: the target image side; ``clip_size``: the CLIP tower's input side
+    (None: the model reads no CLIP pixels, and none are made)."""
 
-    def __init__(self, resolution: int, clip_size: int, tokenizer, max_length: int = 77):
+    def __init__(self, resolution: int, clip_size: int | None, tokenizer, max_length: int = 77):
         from ip_adapter.image_encoder import clip_image_processor
 
         self.resolution, self.clip_size = resolution, clip_size
         self.tokenizer, self.max_length = tokenizer, max_length
-        self.clip_processor = clip_image_processor(clip_size)
+        self.clip_processor = clip_image_processor(clip_size) if clip_size else None
 
     def target_pixels(self, image: Image.Image) -> torch.Tensor:
         x = TF.pil_to_tensor(image.convert("RGB"))
@@ -105,15 +106,17 @@ class Preprocess:
         ids = self.tokenizer(
             ex.caption, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         ).input_ids[0]
-        clip = self.clip_processor(images=ex.image.convert("RGB"), return_tensors="pt").pixel_values[0]
-        return {
+        row = {
             "key": ex.key,
             "caption": ex.caption,
             "graph": ex.graph,
             "pixels": self.target_pixels(ex.image),
-            "clip_pixels": clip,
             "input_ids": ids,
         }
+        if self.clip_processor is not None:
+            rgb = ex.image.convert("RGB")
+            row["clip_pixels"] = self.clip_processor(images=rgb, return_tensors="pt").pixel_values[0]
+        return row
 
 
 TENSOR_FIELDS = (
