@@ -13,6 +13,8 @@ checkpoint and at the end of fit, loadable everywhere a base is accepted (``--mo
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel, compute_snr
 from PIL import Image
 
@@ -38,6 +40,11 @@ class BaseModelModule(DiffusionSteps, L.LightningModule):
 
     Args:
         preset: the architecture (``sg2img.models.PRESETS``, e.g. ``shapes``), built with random weights.
+        unet: UNet config entries that replace the preset's (``block_out_channels``, ``down_block_types``,
+            ...), to try another size; the base file records the config that was used.
+        clip: a tiny-CLIP file (``sg2img fit-clip``; ``embedded``: the shipped one) whose towers become the
+            base's text encoder (frozen, read as SD reads CLIP) and image encoder, in place of the preset's
+            random ones.
         init: a base file to start from instead (its UNet trains on; a resumed run uses ``--ckpt_path``).
         caption_dropout: probability of training on the empty prompt (classifier-free guidance).
         lr / weight_decay / warmup_steps: AdamW, linear warm-up then constant.
@@ -51,6 +58,8 @@ class BaseModelModule(DiffusionSteps, L.LightningModule):
     def __init__(
         self,
         preset: str = "shapes",
+        unet: dict[str, Any] | None = None,
+        clip: str | None = None,
         init: str | None = None,
         caption_dropout: float = 0.1,
         lr: float = 1e-3,
@@ -65,8 +74,13 @@ class BaseModelModule(DiffusionSteps, L.LightningModule):
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        self.preset_name, self.init = preset, init
+        self.preset_name, self.init, self.clip = preset, init, clip
         self.preset = get_preset(preset)
+        if unet:
+            unknown = sorted(set(unet) - set(inspect.signature(UNet2DConditionModel.__init__).parameters))
+            if unknown:
+                raise ValueError(f"model.unet: unknown UNet2DConditionModel setting(s) {unknown}")
+            self.preset = dataclasses.replace(self.preset, unet={**self.preset.unet, **unet})
         self.caption_dropout, self.lr, self.weight_decay = caption_dropout, lr, weight_decay
         if snr_gamma is not None and snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be positive (or null), got {snr_gamma}")
@@ -84,7 +98,21 @@ class BaseModelModule(DiffusionSteps, L.LightningModule):
     def configure_model(self) -> None:
         if self.unet is not None:
             return
+        if self.clip and not self.init:
+            from .tiny_clip import load_tiny_clip
+
+            _, config = load_tiny_clip(self.clip)  # the towers' configs go into the preset, and the base file
+            self.preset = dataclasses.replace(
+                self.preset, text_encoder=config.text_config(), image_encoder=config.vision_spec()
+            )
         parts = load_base(self.init) if self.init else build_components(self.preset, seed=self.seed)
+        if self.clip and not self.init:
+            from ip_adapter.image_encoder import TransformersImageEncoder
+
+            from .tiny_clip import transformers_towers
+
+            text, vision = transformers_towers(self.clip)
+            parts.text_encoder, parts.image_encoder = text, TransformersImageEncoder(vision)
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.image_encoder, self.tokenizer = parts.image_encoder, parts.tokenizer
         self.noise_scheduler = ddpm_scheduler(self.preset)
@@ -163,7 +191,7 @@ class BaseModelModule(DiffusionSteps, L.LightningModule):
     def data_requirements(self) -> dict[str, int]:
         self.configure_model()
         side = self.vae.config.sample_size if self.vae is not None else self.unet.config.sample_size
-        return {"resolution": int(side), "clip_size": int(self.preset.image_encoder.image_size)}
+        return {"resolution": int(side), "clip_size": None}  # a base reads text, not CLIP pixels
 
     @torch.no_grad()
     def _text(self, input_ids: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,16 @@ from .errors import ConfigurationError, NonFiniteLossError
 from .gnn import GNNConfig, TokenConfig, drop_graphs, embed_label_batch
 from .graph import SceneGraph
 from .labels import LabelEmbedder
-from .models import PRESETS, get_preset, load_base, read_preset_from_folder
+from .models import (
+    EMBEDDED,
+    EMBEDDED_BASE_FILE,
+    PRESETS,
+    base_file_preset,
+    get_preset,
+    is_base_file,
+    load_base,
+    read_preset_from_folder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -292,6 +301,9 @@ class SG2ImgModule(DiffusionSteps, L.LightningModule):
     def _resampler_overrides(self) -> dict[str, Any]:
         if self.base in PRESETS:
             return dict(get_preset(self.base).resampler)
+        base_file = EMBEDDED_BASE_FILE if self.base == EMBEDDED else Path(self.base)
+        if is_base_file(base_file):  # a small trained base records the Resampler size that suits it
+            return dict(base_file_preset(base_file).resampler)
         if Path(self.base).is_dir():
             return dict(read_preset_from_folder(self.base).resampler)
         return {}

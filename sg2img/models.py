@@ -331,13 +331,17 @@ def is_base_file(path: str | Path) -> bool:
         return False
 
 
-def convert_base_file(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16) -> Path:
-    """Rewrite a base file with its floating weights stored as ``dtype`` (fp16 halves a shipped file)."""
+def base_file_preset(path: str | Path) -> Preset:
+    """The Preset a base file records (no weights read)."""
     from safetensors import safe_open
 
-    with safe_open(str(src), framework="pt") as f:
-        preset = preset_from_json((f.metadata() or {}).get("preset", ""), str(src))
-    return save_base_file(read_base_file(src), preset, dst, dtype=dtype)
+    with safe_open(str(path), framework="pt") as f:
+        return preset_from_json((f.metadata() or {}).get("preset", ""), str(path))
+
+
+def convert_base_file(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Rewrite a base file with its floating weights stored as ``dtype`` (fp16 halves a shipped file)."""
+    return save_base_file(read_base_file(src), base_file_preset(src), dst, dtype=dtype)
 
 
 def read_base_file(path: str | Path, dtype: torch.dtype = torch.float32) -> Components:
@@ -570,6 +574,7 @@ __all__ = [
     "Components",
     "ModelNotFoundError",
     "Preset",
+    "base_file_preset",
     "build_components",
     "build_on_meta",
     "convert_base_file",

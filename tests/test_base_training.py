@@ -211,3 +211,11 @@ def test_caption_relations_share_is_drawn_per_row_and_fixed():
     ]
     with pytest.raises(ValueError, match="caption_relations"):
         Shapes("train", caption_relations=1.5)
+
+
+def test_a_patch_adapter_on_a_base_file_gets_the_resampler_its_preset_records(tmp_path):
+    path = save_base_file(build_components("shapes"), PRESETS["shapes"], tmp_path / "base.safetensors")
+    m = SG2ImgModule(base=str(path), image_tokens="patch", graph_branch=False)
+    m.configure_model()
+    assert PRESETS["shapes"].resampler == {"heads": 2}
+    assert m.adapter.config.image.resampler_config().heads == 2  # not SD1.5's 12 heads at width 48

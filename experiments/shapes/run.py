@@ -1,25 +1,30 @@
 """The shapes-world experiment, end to end, with this package's own commands.
 
-    python experiments/shapes/run.py                 # quick preset (2-core CPU, about 30 min per model)
-    python experiments/shapes/run.py --full          # full preset (GPU)
-    python experiments/shapes/run.py --from evaluate # only re-evaluate the models in place
+    python experiments/shapes/run.py                     # every stage (2-core CPU)
+    python experiments/shapes/run.py --to ship-base      # the miniature SD1.5 + CLIP only: tiny CLIP, base
+    python experiments/shapes/run.py --from evaluate     # only re-evaluate the models in place
 
-Stages (each prints the command it runs):
-  base      sg2img fit-base --config configs/experiments/shapes/base.yaml [quick]
-  ship-base the EMA base, stored fp16, becomes sg2img/assets/shapes-base.safetensors (`--model embedded`)
-  decoupled sg2img fit --config configs/experiments/shapes/graph_decoupled.yaml [quick] (on the shipped base)
-  concat    sg2img fit --config configs/experiments/shapes/graph_concat.yaml [quick]
-  boxes     sg2img fit --config .../graph_decoupled.yaml --config .../graph_decoupled_boxes.yaml [quick]
-            (a diagnostic: the decoupled adapter whose GNN also reads the boxes, i.e. is given the layout)
+Stages (each prints the command it runs and records its wall-clock time):
+  clip       sg2img fit-clip --config configs/experiments/shapes/clip.yaml (the world's tiny CLIP)
+  clip-eval  held-out retrieval of the tiny CLIP: image -> its caption vs one differing only in a binding
+             or a relation (experiments/shapes/clip_retrieval.py)
+  ship-clip  the tiny CLIP, stored fp16, becomes sg2img/assets/shapes-clip.safetensors (`clip: embedded`)
+  base       sg2img fit-base --config configs/experiments/shapes/base.yaml (reads the shipped tiny CLIP)
+  ship-base  the EMA base, stored fp16, becomes sg2img/assets/shapes-base.safetensors (`--model embedded`)
+  image-cls  sg2img fit ... image_cls.yaml [quick]: IP-Adapter's image branch (4 tokens) on the new base
+  image-patch sg2img fit ... image_patch.yaml [quick]: the Plus variant (Resampler over patch tokens)
+  decoupled  sg2img fit --config configs/experiments/shapes/graph_decoupled.yaml [quick] (on the shipped base)
+  concat     sg2img fit --config configs/experiments/shapes/graph_concat.yaml [quick]
+  boxes      sg2img fit --config .../graph_decoupled.yaml --config .../graph_decoupled_boxes.yaml [quick]
   positional sg2img fit --config .../graph_decoupled.yaml --config .../graph_decoupled_positional.yaml [quick]
-            (the decoupled adapter with a learned position term in the graph branch's query)
-  ship      the decoupled adapter becomes sg2img/assets/shapes-adapter.safetensors
-  evaluate  sg2img evaluate shapes for: text only, relations in the caption, graph decoupled, graph concat,
-            graph decoupled with boxes, graph decoupled with the positional query
-  table     experiments/results/shapes.md from the evaluation records
+  ship       the decoupled adapter becomes sg2img/assets/shapes-adapter.safetensors
+  evaluate   sg2img evaluate shapes for every row of the table (``ROWS``)
+  table      experiments/results/shapes/table.md from the evaluation records
 
-``--runs DIR`` (default ``runs/shapes``) holds the training runs, ``--eval DIR`` (default
-``build/shapes-eval``) the evaluation records and contact sheets.
+The evaluation records (``shapes-eval.json``, small) and the run log with each stage's time are copied to
+``experiments/results/shapes/`` (``--records``), which is what the table is made from. ``--runs DIR``
+(default ``runs/shapes``) holds the training runs, ``--eval DIR`` (default ``build/shapes-eval``) the
+images and contact sheets.
 """
 
 from __future__ import annotations
@@ -33,18 +38,50 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = "configs/experiments/shapes"
 ASSETS = ROOT / "sg2img" / "assets"
-STAGES = ("base", "ship-base", "decoupled", "concat", "boxes", "positional", "ship", "evaluate", "table")
-ROWS = (  # name, adapter run (None: the base alone), prompt
-    ("text only (objects in the caption)", None, "objects"),
-    ("text with the relations in the caption", None, "relations"),
-    ("graph branch, decoupled", "graph_decoupled", "objects"),
-    ("graph branch, concat", "graph_concat", "objects"),
-    ("graph branch, decoupled, GNN given the boxes (diagnostic)", "graph_decoupled_boxes", "objects"),
-    ("graph branch, decoupled, positional graph query", "graph_decoupled_positional", "objects"),
+STAGES = (
+    "clip",
+    "clip-eval",
+    "ship-clip",
+    "base",
+    "ship-base",
+    "image-cls",
+    "image-patch",
+    "decoupled",
+    "concat",
+    "boxes",
+    "positional",
+    "ship",
+    "evaluate",
+    "table",
 )
+TRAINING = {  # stage -> (configs, run name, base model?); [quick] is added to the adapters
+    "clip": (["clip"], "clip", "clip"),
+    "base": (["base"], "base", "base"),
+    "image-cls": (["graph_decoupled", "image_cls"], "image_cls", None),
+    "image-patch": (["graph_decoupled", "image_patch"], "image_patch", None),
+    "decoupled": (["graph_decoupled"], "graph_decoupled", None),
+    "concat": (["graph_concat"], "graph_concat", None),
+    "boxes": (["graph_decoupled", "graph_decoupled_boxes"], "graph_decoupled_boxes", None),
+    "positional": (["graph_decoupled", "graph_decoupled_positional"], "graph_decoupled_positional", None),
+}
+ROWS = (  # name, adapter run (None: the base alone), text prompt, image prompt
+    ("text only (objects in the caption)", None, "objects", "none"),
+    ("text with the relations in the caption", None, "relations", "none"),
+    ("image branch, CLS (4 tokens), image prompt only", "image_cls", "none", "reference"),
+    ("image branch, patch (Resampler), image prompt only", "image_patch", "none", "reference"),
+    ("image branch, CLS (4 tokens), image + objects prompt", "image_cls", "objects", "reference"),
+    ("image branch, patch (Resampler), image + objects prompt", "image_patch", "objects", "reference"),
+    ("graph branch, decoupled", "graph_decoupled", "objects", "none"),
+    ("graph branch, concat", "graph_concat", "objects", "none"),
+    ("graph branch, decoupled, GNN given the boxes (diagnostic)", "graph_decoupled_boxes", "objects", "none"),
+    ("graph branch, decoupled, positional graph query", "graph_decoupled_positional", "objects", "none"),
+)
+RECORDS = ROOT / "experiments" / "results" / "shapes"
 
 
 def sg2img(*args: str) -> list[str]:
@@ -61,84 +98,107 @@ def run(cmd: list[str], log: dict) -> float:
     return seconds
 
 
+def row_dir(adapter: str | None, prompt: str, image: str) -> str:
+    name = adapter or "base"
+    return f"{name}-{prompt}" if adapter is None or adapter.startswith("image") else name
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--full", action="store_true", help="the full (GPU) preset instead of the quick one")
-    ap.add_argument("--from", dest="start", choices=STAGES, default="base", help="first stage to run")
+    ap.add_argument("--full", action="store_true", help="the full (GPU) preset for the adapters")
+    ap.add_argument("--from", dest="start", choices=STAGES, default=STAGES[0], help="first stage to run")
+    ap.add_argument("--to", dest="stop", choices=STAGES, default=STAGES[-1], help="last stage to run")
     ap.add_argument("--runs", type=Path, default=Path("runs/shapes"))
     ap.add_argument("--eval", type=Path, default=Path("build/shapes-eval"))
+    ap.add_argument("--records", type=Path, default=RECORDS, help="where the small result records go")
     ap.add_argument("--n", type=int, default=500, help="test rows to evaluate (the whole test split: 500)")
     ap.add_argument("--steps", type=int, default=25, help="DDIM steps when evaluating")
     ap.add_argument("--guidance", type=float, default=5.0, help="guidance scale when evaluating")
     args = ap.parse_args(argv)
     preset = [] if args.full else ["--config", f"{CONFIGS}/quick.yaml"]
-    stages = STAGES[STAGES.index(args.start) :]
-    log_path = args.eval / "run-log.json"
-    log: dict = json.loads(log_path.read_text()) if log_path.is_file() and args.start != "base" else {}
+    stages = STAGES[STAGES.index(args.start) : STAGES.index(args.stop) + 1]
+    args.records.mkdir(parents=True, exist_ok=True)
+    log_path = args.records / "run-log.json"
+    log: dict = json.loads(log_path.read_text()) if log_path.is_file() else {}
     log["preset"] = "full" if args.full else "quick"
     args.eval.mkdir(parents=True, exist_ok=True)
 
-    def train(configs: str | list[str], name: str, base: bool = False) -> None:
-        cmd = ["fit-base"] if base else ["fit"]
-        for config in [configs] if isinstance(configs, str) else configs:
-            cmd += ["--config", f"{CONFIGS}/{config}.yaml"]
-        cmd += preset
-        cmd += ["--trainer.default_root_dir", str(args.runs / name)]
-        log.setdefault("training_seconds", {})[name] = round(run(sg2img(*cmd), log), 1)
+    def save_log() -> None:
+        log_path.write_text(json.dumps(log, indent=2) + "\n")
 
-    if "base" in stages:
-        train("base", "base", base=True)
-    if "ship-base" in stages:
-        from sg2img.models import convert_base_file
+    for stage in stages:
+        if stage in TRAINING:
+            configs, name, kind = TRAINING[stage]
+            cmd = {"clip": ["fit-clip"], "base": ["fit-base"]}.get(kind, ["fit"])
+            for config in configs:
+                cmd += ["--config", f"{CONFIGS}/{config}.yaml"]
+            cmd += [] if kind else preset
+            cmd += ["--trainer.default_root_dir", str(args.runs / name)]
+            log.setdefault("training_seconds", {})[name] = round(run(sg2img(*cmd), log), 1)
+        elif stage == "clip-eval":
+            out = args.records / "clip-retrieval.json"
+            clip = args.runs / "clip" / "clip.safetensors"
+            run([sys.executable, "experiments/shapes/clip_retrieval.py", str(clip), "--out", str(out)], log)
+        elif stage == "ship-clip":
+            from sg2img.tiny_clip import load_tiny_clip, save_tiny_clip
 
-        convert_base_file(args.runs / "base" / "base.safetensors", ASSETS / "shapes-base.safetensors")
-        print(
-            f"shipped {args.runs / 'base' / 'base.safetensors'} -> {ASSETS / 'shapes-base.safetensors'} (fp16)"
-        )
-    if "decoupled" in stages:
-        train("graph_decoupled", "graph_decoupled")
-    if "concat" in stages:
-        train("graph_concat", "graph_concat")
-    if "boxes" in stages:
-        train(["graph_decoupled", "graph_decoupled_boxes"], "graph_decoupled_boxes")
-    if "positional" in stages:
-        train(["graph_decoupled", "graph_decoupled_positional"], "graph_decoupled_positional")
-    if "ship" in stages:
-        shutil.copyfile(
-            args.runs / "graph_decoupled" / "adapter.safetensors", ASSETS / "shapes-adapter.safetensors"
-        )
-        print(f"shipped the decoupled adapter -> {ASSETS / 'shapes-adapter.safetensors'}")
-    if "evaluate" in stages:
-        for _, adapter, prompt in ROWS:
-            out = args.eval / (adapter or f"base-{prompt}")
-            cmd = ["evaluate", "shapes", "--model", "embedded", "--prompt", prompt, "--n", str(args.n)]
-            cmd += ["--steps", str(args.steps), "--guidance", str(args.guidance), "--out", str(out)]
-            if adapter is None:
-                path = "none"
-            elif adapter == "graph_decoupled":  # what ships (a copy of the run's adapter)
-                path = str(ASSETS.relative_to(ROOT) / "shapes-adapter.safetensors")
-            else:
-                path = str(args.runs / adapter / "adapter.safetensors")
-            run(sg2img(*cmd, "--adapter", path), log)
-    log_path.write_text(json.dumps(log, indent=2) + "\n")
-    if "table" in stages:
-        write_table(args, log)
+            model, config = load_tiny_clip(args.runs / "clip" / "clip.safetensors")
+            save_tiny_clip(model, config, ASSETS / "shapes-clip.safetensors", dtype=torch.float16)
+            print(
+                f"shipped {args.runs / 'clip' / 'clip.safetensors'} -> {ASSETS / 'shapes-clip.safetensors'} (fp16)"
+            )
+        elif stage == "ship-base":
+            from sg2img.models import convert_base_file
+
+            convert_base_file(args.runs / "base" / "base.safetensors", ASSETS / "shapes-base.safetensors")
+            print(
+                f"shipped {args.runs / 'base' / 'base.safetensors'} -> {ASSETS / 'shapes-base.safetensors'} (fp16)"
+            )
+        elif stage == "ship":
+            src = args.runs / "graph_decoupled" / "adapter.safetensors"
+            shutil.copyfile(src, ASSETS / "shapes-adapter.safetensors")
+            print(f"shipped the decoupled adapter -> {ASSETS / 'shapes-adapter.safetensors'}")
+        elif stage == "evaluate":
+            for _, adapter, prompt, image in ROWS:
+                out = args.eval / row_dir(adapter, prompt, image)
+                cmd = ["evaluate", "shapes", "--model", "embedded", "--prompt", prompt, "--n", str(args.n)]
+                cmd += ["--steps", str(args.steps), "--guidance", str(args.guidance), "--out", str(out)]
+                if adapter is None:
+                    path = "none"
+                elif adapter == "graph_decoupled":  # what ships (a copy of the run's adapter)
+                    path = str(ASSETS.relative_to(ROOT) / "shapes-adapter.safetensors")
+                else:
+                    path = str(args.runs / adapter / "adapter.safetensors")
+                if adapter is not None and not Path(path).is_file():
+                    print(f"skipped {row_dir(adapter, prompt, image)}: no {path}")
+                    continue
+                run(sg2img(*cmd, "--adapter", path, "--image-prompt", image), log)
+                shutil.copyfile(
+                    out / "shapes-eval.json", args.records / f"{row_dir(adapter, prompt, image)}.json"
+                )
+        elif stage == "table":
+            write_table(args)
+        save_log()
     return 0
 
 
-def write_table(args: argparse.Namespace, log: dict) -> Path:
+def write_table(args: argparse.Namespace) -> Path:
+    """The results table from the committed evaluation records (a row whose record is missing is left out)."""
     lines = [
-        "| model | prompt | object recall | relation accuracy | triples judged | graph accuracy |",
-        "|---|---|---|---|---|---|",
+        "| model | text prompt | image prompt | object recall | relation accuracy | triples judged | graph accuracy |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, adapter, prompt in ROWS:
-        rec = json.loads((args.eval / (adapter or f"base-{prompt}") / "shapes-eval.json").read_text())
-        s = rec["scores"]
+    for name, adapter, prompt, image in ROWS:
+        path = args.records / f"{row_dir(adapter, prompt, image)}.json"
+        if not path.is_file():
+            continue
+        s = json.loads(path.read_text())["scores"]
         lines.append(
-            f"| {name} | {prompt} | {s['object_recall']:.3f} | {s['relation_accuracy']:.3f} | "
-            f"{s['relations_judged']:.3f} | {s['graph_accuracy']:.3f} |"
+            f"| {name} | {prompt} | {image} | {s['object_recall']:.3f} ± {s['object_recall_se']:.3f} | "
+            f"{s['relation_accuracy']:.3f} ± {s['relation_accuracy_se']:.3f} | {s['relations_judged']:.3f} | "
+            f"{s['graph_accuracy']:.3f} ± {s['graph_accuracy_se']:.3f} |"
         )
-    out = args.eval / "table.md"
+    out = args.records / "table.md"
     out.write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines))
     return out
