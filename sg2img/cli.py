@@ -1,4 +1,6 @@
-"""The ``sg2img`` command line."""
+"""The ``sg2img`` command line. Training runs through LightningCLI (each has its own --help): ``sg2img
+fit|validate|test --config ...`` (an adapter), ``sg2img fit-base`` (a small base from scratch) and ``sg2img
+fit-clip`` (the shapes world's tiny CLIP)."""
 
 from __future__ import annotations
 

@@ -185,18 +185,24 @@ def main(argv: list[str] | None = None) -> int:
 def write_table(args: argparse.Namespace) -> Path:
     """The results table from the committed evaluation records (a row whose record is missing is left out)."""
     lines = [
-        "| model | text prompt | image prompt | object recall | relation accuracy | triples judged | graph accuracy |",
-        "|---|---|---|---|---|---|---|",
+        "| model | text prompt | image prompt | object recall | relation accuracy | triples judged | "
+        "graph accuracy | CLIP-T | CLIP-I |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, adapter, prompt, image in ROWS:
         path = args.records / f"{row_dir(adapter, prompt, image)}.json"
         if not path.is_file():
             continue
-        s = json.loads(path.read_text())["scores"]
+        record = json.loads(path.read_text())
+        s, c = record["scores"], record.get("clip_scores", {})
+
+        def clip(key: str, c=c, n=s["images"]) -> str:  # mean ± standard error over the images
+            return f"{c[key]:.3f} ± {c[key + '_std'] / n**0.5:.3f}" if key in c else "–"
+
         lines.append(
             f"| {name} | {prompt} | {image} | {s['object_recall']:.3f} ± {s['object_recall_se']:.3f} | "
             f"{s['relation_accuracy']:.3f} ± {s['relation_accuracy_se']:.3f} | {s['relations_judged']:.3f} | "
-            f"{s['graph_accuracy']:.3f} ± {s['graph_accuracy_se']:.3f} |"
+            f"{s['graph_accuracy']:.3f} ± {s['graph_accuracy_se']:.3f} | {clip('clip_t')} | {clip('clip_i')} |"
         )
     out = args.records / "table.md"
     out.write_text("\n".join(lines) + "\n")
