@@ -31,6 +31,7 @@ lint: setup
 
 demo: setup
 	$(BIN)/sg2img demo --out $(DEMO)
+	$(BIN)/sg2img evaluate shapes --graphs data/examples/shapes-world.json --num-images 4 --adapter none --out $(DEMO)/shapes-base
 	$(BIN)/sg2img evaluate shapes --graphs data/examples/shapes-world.json --num-images 4 --out $(DEMO)/shapes
 	$(BIN)/sg2img generate --graph data/examples/shapes.json --prompt "a red circle, a blue square and a green triangle" \
 		--num-images 2 --steps 25 --guidance 5 --attention-maps --out $(DEMO)/generate

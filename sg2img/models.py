@@ -116,8 +116,22 @@ TINY_TEXT = {
 
 
 # The shapes world's base (sg2img.data.shapes): a pixel-space model at 32 px (no VAE: the UNet denoises
-# RGB directly), cross-attention at 16 and 8 px (and the mid block), the tiny text encoder. A cosine
+# RGB directly), cross-attention at 16 and 8 px (and the mid block). Its text and image encoders have the
+# sizes of the world's tiny CLIP (sg2img.tiny_clip.TinyClipConfig, whose trained towers a shapes base
+# reads): a causal text tower of width 48 with exact GELU, and a ViT on 32 px with 4 px patches. A cosine
 # schedule suits pixels.
+SHAPES_TEXT = {
+    "hidden_size": 48,
+    "intermediate_size": 192,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "vocab_size": 49408,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 64,
+}
+SHAPES_VIT = VisionTowerSpec(64, 4, 4, 4, 32, 64, 256)
 SHAPES_UNET = {
     "sample_size": 32,
     "in_channels": 3,
@@ -170,7 +184,7 @@ PRESETS: dict[str, Preset] = {
     "sd15": Preset("sd15", SD15_UNET, SD15_VAE, SD15_TEXT, VIT_H_14),
     "tiny": Preset("tiny", TINY_UNET, TINY_VAE, TINY_TEXT, TINY_VIT, resampler={"heads": 2}),
     "shapes": Preset(
-        "shapes", SHAPES_UNET, None, TINY_TEXT, TINY_VIT, scheduler=SHAPES_DDIM, resampler={"heads": 2}
+        "shapes", SHAPES_UNET, None, SHAPES_TEXT, SHAPES_VIT, scheduler=SHAPES_DDIM, resampler={"heads": 2}
     ),
 }
 

@@ -80,14 +80,14 @@ def test_samples_folder_scores_the_same_through_evaluate_samples(tmp_path):
 
 def test_an_image_branch_adapter_gets_the_graphs_rendering_as_image_prompt(tmp_path, capsys):
     from sg2img.adapter import SceneGraphAdapter, SGAdapterConfig
-    from sg2img.defaults import embedded_base
+    from sg2img.defaults import EMBEDDED_BASE_FILE, embedded_base
     from sg2img.gnn import gnn_preset
-    from sg2img.models import get_preset
+    from sg2img.models import base_file_preset
 
     parts = embedded_base()
     config = SGAdapterConfig(
         label_dim=parts.text_encoder.config.hidden_size,
-        image=get_preset("shapes").adapter_config("cls"),
+        image=base_file_preset(EMBEDDED_BASE_FILE).adapter_config("cls"),  # the shipped base's image tower
         gnn=gnn_preset("tiny"),
     )
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ from sg2img.base_training import BaseModelModule
 from sg2img.cli import main
 from sg2img.data import Shapes
 from sg2img.data.records import Preprocess, collate
-from sg2img.models import read_base_file
+from sg2img.models import PRESETS, read_base_file
 from sg2img.tiny_clip import (
     TinyClipConfig,
     TinyClipModule,
@@ -107,6 +107,13 @@ def test_the_towers_convert_to_transformers_with_equal_outputs():
         torch.testing.assert_close(vision(pixels).embeds, model.encode_image(pixels), rtol=0, atol=1e-5)
     assert vision.spec == SMALL.vision_spec()
     assert CLIPTextConfig(**SMALL.text_config()).hidden_act == "gelu"  # open_clip's exact GELU
+
+
+def test_the_default_tiny_clip_has_the_sizes_of_the_shapes_preset():
+    preset = PRESETS["shapes"]
+    config = TinyClipConfig()
+    assert config.text_config() == preset.text_encoder and config.vision_spec() == preset.image_encoder
+    assert config.text_width == preset.unet["cross_attention_dim"]
 
 
 def test_the_file_round_trips_and_a_wrong_file_is_one_error(tmp_path):
