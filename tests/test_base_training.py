@@ -126,6 +126,42 @@ def test_the_embedded_base_is_a_shipped_trained_base_file():
     assert parts.vae is None and parts.unet.config.sample_size == 32
     fresh = build_components("shapes", seed=0)
     assert not torch.equal(parts.unet.conv_in.weight, fresh.unet.conv_in.weight)  # trained, not the seed
+    # only training gives this: on fixed probes (test rows, their captions, fixed noise at mid noise) the
+    # shipped UNet predicts the noise far better than the same architecture at its seed
+    source = Shapes("test", num_rows=8)
+    rows = [source.example(i) for i in range(8)]
+    x0 = torch.stack(
+        [torch.from_numpy(np.asarray(r.image)).permute(2, 0, 1).float() / 127.5 - 1 for r in rows]
+    )
+    ids = parts.tokenizer([r.caption for r in rows], padding="max_length", max_length=77, return_tensors="pt")
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    t = torch.full((8,), 500)
+    from sg2img.models import ddpm_scheduler
+
+    noisy = ddpm_scheduler("shapes").add_noise(x0, noise, t)
+    with torch.no_grad():
+        text = parts.text_encoder(input_ids=ids.input_ids)[0]
+        trained = (parts.unet(noisy, t, text).sample - noise).square().mean()
+        seed = (
+            (fresh.unet(noisy, t, fresh.text_encoder(input_ids=ids.input_ids)[0]).sample - noise)
+            .square()
+            .mean()
+        )
+    assert trained < 0.2 * seed, (float(trained), float(seed))
+
+
+def test_the_embedded_base_reads_the_shipped_tiny_clip():
+    from sg2img.tiny_clip import transformers_towers
+
+    parts = load_base("embedded")
+    text, vision = transformers_towers("embedded")
+    ids = parts.tokenizer(
+        ["a red circle and a blue square"], padding="max_length", max_length=77, return_tensors="pt"
+    )
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(parts.text_encoder(input_ids=ids.input_ids)[0], text(input_ids=ids.input_ids)[0])
+        assert torch.equal(parts.image_encoder(pixels).embeds, vision(pixel_values=pixels).image_embeds)
 
 
 # --- training a base ----------------------------------------------------------------------------

@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=500, help="test rows to evaluate (the whole test split: 500)")
     ap.add_argument("--steps", type=int, default=25, help="DDIM steps when evaluating")
     ap.add_argument("--guidance", type=float, default=5.0, help="guidance scale when evaluating")
+    ap.add_argument("--rows", default=None, help="evaluate only these rows (comma-separated record names)")
     args = ap.parse_args(argv)
+    only = set(args.rows.split(",")) if args.rows else None
     preset = [] if args.full else ["--config", f"{CONFIGS}/quick.yaml"]
     stages = STAGES[STAGES.index(args.start) : STAGES.index(args.stop) + 1]
     args.records.mkdir(parents=True, exist_ok=True)
@@ -160,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"shipped the decoupled adapter -> {ASSETS / 'shapes-adapter.safetensors'}")
         elif stage == "evaluate":
             for _, adapter, prompt, image in ROWS:
+                if only is not None and row_dir(adapter, prompt, image) not in only:
+                    continue
                 out = args.eval / row_dir(adapter, prompt, image)
                 cmd = ["evaluate", "shapes", "--model", "embedded", "--prompt", prompt, "--n", str(args.n)]
                 cmd += ["--steps", str(args.steps), "--guidance", str(args.guidance), "--out", str(out)]
@@ -172,10 +176,18 @@ def main(argv: list[str] | None = None) -> int:
                 if adapter is not None and not Path(path).is_file():
                     print(f"skipped {row_dir(adapter, prompt, image)}: no {path}")
                     continue
-                run(sg2img(*cmd, "--adapter", path, "--image-prompt", image), log)
-                shutil.copyfile(
-                    out / "shapes-eval.json", args.records / f"{row_dir(adapter, prompt, image)}.json"
-                )
+                run(sg2img(*cmd, "--adapter", path, "--image-prompt", image, "--save-images"), log)
+                record = json.loads((out / "shapes-eval.json").read_text())
+                record.pop("images", None)  # the per-image rows stay in build/; the record keeps the totals
+                # CLIP-T against the text prompt and CLIP-I against the prompt image (the graph's rendering),
+                # both with the world's tiny CLIP
+                metrics = "clip-i" if prompt == "none" else "clip-t,clip-i"
+                scores = out / "clip-scores.json"
+                run(sg2img("evaluate", "--samples", str(out), "--refs", str(out / "refs"), "--metrics", metrics,
+                           "--clip", "shapes", "--out", str(scores)), log)  # fmt: skip
+                record["clip_scores"] = json.loads(scores.read_text())
+                name = row_dir(adapter, prompt, image)
+                (args.records / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
         elif stage == "table":
             write_table(args)
         save_log()
@@ -194,7 +206,7 @@ def write_table(args: argparse.Namespace) -> Path:
         if not path.is_file():
             continue
         record = json.loads(path.read_text())
-        s, c = record["scores"], record.get("clip_scores", {})
+        s, c = record["scores"], record.get("clip_scores", {}).get("scores", {})
 
         def clip(key: str, c=c, n=s["images"]) -> str:  # mean ± standard error over the images
             return f"{c[key]:.3f} ± {c[key + '_std'] / n**0.5:.3f}" if key in c else "–"
