@@ -96,9 +96,9 @@ def test_fit_leaves_config_adapter_checkpoint_and_wandb_run(tmp_path, monkeypatc
 def test_each_fit_in_one_process_uses_the_wandb_mode_set_when_it_starts(tmp_path, monkeypatch):
     # wandb reads WANDB_MODE once per process: without the mode passed to every run, a disabled fit would
     # leave the next fit of the same process (a test worker, a notebook, a sweep) without its offline run
-    for mode, writes_run in (("disabled", False), ("offline", True), ("disabled", False)):
+    for i, (mode, writes_run) in enumerate((("disabled", False), ("offline", True), ("disabled", False))):
         monkeypatch.setenv("WANDB_MODE", mode)
-        root = tmp_path / mode / str(writes_run)
+        root = tmp_path / f"{i}-{mode}"
         assert main(fit_args(tmp_path, root, "--trainer.max_steps", "1")) == 0
         assert len(offline_runs(root)) == int(writes_run), mode
 

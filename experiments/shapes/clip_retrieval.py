@@ -44,12 +44,41 @@ def scores(model: torch.nn.Module, n: int) -> dict[str, dict[str, float]]:
     return out
 
 
+def markdown_table(record: dict) -> str:
+    """The record as the results table (``python clip_retrieval.py --table RECORD.json`` rewrites it)."""
+    what = {
+        "batch": f"all {record['n']} captions",
+        "binding": "own vs colours swapped",
+        "relation": "own vs one relation reversed",
+    }
+    lines = [
+        f"Tiny CLIP `{record['clip']}`, first {record['n']} test rows; top-1 accuracy ± binomial standard error:",
+        "",
+        "| captions | choice between | rows | trained | random init (chance, measured) |",
+        "|---|---|---|---|---|",
+    ]
+    for key, v in record["trained"].items():
+        r = record["random_init"][key]
+        captions, kind = key.split("/")
+        lines.append(
+            f"| {captions} | {what[kind]} | {v['n']} | {v['accuracy']:.3f} ± {v['se']:.3f} | "
+            f"{r['accuracy']:.3f} ± {r['se']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("clip", type=Path, help="a tiny-CLIP file (sg2img fit-clip)")
+    ap.add_argument("clip", type=Path, nargs="?", help="a tiny-CLIP file (sg2img fit-clip)")
+    ap.add_argument("--table", type=Path, default=None, help="only rewrite RECORD.md from RECORD.json")
     ap.add_argument("--n", type=int, default=500, help="test rows (the whole test split: 500)")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = ap.parse_args(argv)
+    if args.table is not None:
+        args.table.with_suffix(".md").write_text(markdown_table(json.loads(args.table.read_text())))
+        return 0
+    if args.clip is None:
+        ap.error("give a tiny-CLIP file, or --table RECORD.json")
     model, config = load_tiny_clip(args.clip)
     record = {
         "clip": str(args.clip),
@@ -57,15 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         "trained": scores(model, args.n),
         "random_init": scores(build_tiny_clip(config, seed=0).eval(), args.n),
     }
-    print(f"{'captions/kind':<22} {'trained':>16} {'random init':>16}")
-    for key, v in record["trained"].items():
-        r = record["random_init"][key]
-        print(
-            f"{key:<22} {v['accuracy']:.3f} ± {v['se']:.3f}  {r['accuracy']:.3f} ± {r['se']:.3f}  (n={v['n']})"
-        )
+    table = markdown_table(record)
+    print(table)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(table)
     return 0
 
 
