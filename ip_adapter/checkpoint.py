@@ -104,6 +104,21 @@ def read_adapter_file(path: str | os.PathLike) -> AdapterFile:
     return AdapterFile(tensors, {}, str(p))
 
 
+def read_formatted_file(path: str | os.PathLike, fmt: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file whose metadata ``format`` must be ``fmt``; one
+    ``CheckpointError`` naming the file when it cannot be read or is of another format."""
+    p = Path(path)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{p}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+    if meta.get("format") != fmt:
+        raise CheckpointError(f"{p}: metadata 'format' is {meta.get('format')!r}, not {fmt!r}")
+    return meta, tensors
+
+
 def write_adapter_file(
     path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> Path:

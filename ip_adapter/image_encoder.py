@@ -236,6 +236,32 @@ def _spec_from_open_clip(visual: nn.Module) -> VisionTowerSpec:
     )
 
 
+_BLOCK_PAIRS = {  # open_clip residual block -> transformers CLIP encoder layer
+    "attn.out_proj": "self_attn.out_proj",
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
+
+
+def open_clip_blocks_to_transformers(
+    sd: dict[str, torch.Tensor], num_layers: int, dst: str
+) -> dict[str, torch.Tensor]:
+    """The weights of an open_clip ``transformer.resblocks.*`` stack (text or vision) under the names of a
+    transformers CLIP encoder at ``dst`` (``vision_model.encoder.layers``, ``text_model.encoder.layers``): the
+    fused in-projection is split into q, k and v."""
+    out: dict[str, torch.Tensor] = {}
+    for i in range(num_layers):
+        src, to = f"transformer.resblocks.{i}.", f"{dst}.{i}."
+        weights, biases = sd[src + "attn.in_proj_weight"].chunk(3), sd[src + "attn.in_proj_bias"].chunk(3)
+        for qkv, w, b in zip(("q", "k", "v"), weights, biases):
+            out[f"{to}self_attn.{qkv}_proj.weight"], out[f"{to}self_attn.{qkv}_proj.bias"] = w, b
+        for a, b in _BLOCK_PAIRS.items():
+            out[f"{to}{b}.weight"], out[f"{to}{b}.bias"] = sd[f"{src}{a}.weight"], sd[f"{src}{a}.bias"]
+    return out
+
+
 def open_clip_to_transformers(visual: nn.Module) -> CLIPVisionModelWithProjection:
     """Convert an open_clip ``VisionTransformer`` to an equivalent ``CLIPVisionModelWithProjection``.
 
@@ -267,25 +293,7 @@ def open_clip_to_transformers(visual: nn.Module) -> CLIPVisionModelWithProjectio
         "vision_model.post_layernorm.bias": sd["ln_post.bias"],
         "visual_projection.weight": sd["proj"].t().contiguous(),  # x @ proj  ==  Linear(weight=proj.T)
     }
-    for i in range(spec.num_layers):
-        src, dst = f"transformer.resblocks.{i}.", f"vision_model.encoder.layers.{i}."
-        for qkv, w, b in zip(
-            ("q", "k", "v"),
-            sd[src + "attn.in_proj_weight"].chunk(3),
-            sd[src + "attn.in_proj_bias"].chunk(3),
-        ):
-            out[f"{dst}self_attn.{qkv}_proj.weight"] = w
-            out[f"{dst}self_attn.{qkv}_proj.bias"] = b
-        pairs = {
-            "attn.out_proj": "self_attn.out_proj",
-            "ln_1": "layer_norm1",
-            "ln_2": "layer_norm2",
-            "mlp.c_fc": "mlp.fc1",
-            "mlp.c_proj": "mlp.fc2",
-        }
-        for a, b in pairs.items():
-            out[f"{dst}{b}.weight"] = sd[f"{src}{a}.weight"]
-            out[f"{dst}{b}.bias"] = sd[f"{src}{a}.bias"]
+    out.update(open_clip_blocks_to_transformers(sd, spec.num_layers, "vision_model.encoder.layers"))
     model = CLIPVisionModelWithProjection(spec.transformers_config())
     result = model.load_state_dict(out, strict=False)
     # position_ids is a non-persistent buffer in recent transformers and a persistent one in older ones.

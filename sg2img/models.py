@@ -360,19 +360,10 @@ def convert_base_file(src: str | Path, dst: str | Path, dtype: torch.dtype = tor
 
 def read_base_file(path: str | Path, dtype: torch.dtype = torch.float32) -> Components:
     """The parts a base file holds, in eval mode, frozen, as ``dtype``."""
-    from safetensors import SafetensorError, safe_open
-
-    from ip_adapter.checkpoint import CheckpointError, check_state_dict
+    from ip_adapter.checkpoint import check_state_dict, read_formatted_file
 
     p = Path(path)
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{p}: not a readable safetensors file (truncated or corrupt?): {e}") from e
-    if meta.get("format") != BASE_FILE_FORMAT:
-        raise CheckpointError(f"{p}: metadata 'format' is {meta.get('format')!r}, not {BASE_FILE_FORMAT!r}")
+    meta, tensors = read_formatted_file(p, BASE_FILE_FORMAT)
     preset = preset_from_json(meta.get("preset", ""), str(p))
     with torch.random.fork_rng(devices=[]):  # building must not move the caller's random stream
         parts = build_components(preset, image_backend="transformers")

@@ -33,6 +33,7 @@ from ip_adapter.image_encoder import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     VisionTowerSpec,
+    open_clip_blocks_to_transformers,
     open_clip_to_transformers,
 )
 
@@ -344,19 +345,10 @@ def tiny_clip_path(path: str | Path) -> Path:
 
 def load_tiny_clip(path: str | Path) -> tuple[torch.nn.Module, TinyClipConfig]:
     """The open_clip model of a tiny-CLIP file (or ``embedded``; eval mode, frozen, fp32) and its config."""
-    from safetensors import SafetensorError, safe_open
-
-    from ip_adapter.checkpoint import CheckpointError
+    from ip_adapter.checkpoint import CheckpointError, read_formatted_file
 
     p = tiny_clip_path(path)
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{p}: not a readable safetensors file: {e}") from e
-    if meta.get("format") != TINY_CLIP_FORMAT:
-        raise CheckpointError(f"{p}: metadata 'format' is {meta.get('format')!r}, not {TINY_CLIP_FORMAT!r}")
+    meta, tensors = read_formatted_file(p, TINY_CLIP_FORMAT)
     try:
         config = TinyClipConfig(**json.loads(meta["config"]))
     except (KeyError, TypeError, ValueError) as e:
@@ -376,21 +368,7 @@ def text_tower_to_transformers(model: torch.nn.Module, config: TinyClipConfig) -
         "text_model.final_layer_norm.weight": sd["ln_final.weight"],
         "text_model.final_layer_norm.bias": sd["ln_final.bias"],
     }
-    for i in range(config.text_layers):
-        src, dst = f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
-        weights = sd[src + "attn.in_proj_weight"].chunk(3)
-        biases = sd[src + "attn.in_proj_bias"].chunk(3)
-        for qkv, w, b in zip(("q", "k", "v"), weights, biases):
-            out[f"{dst}self_attn.{qkv}_proj.weight"], out[f"{dst}self_attn.{qkv}_proj.bias"] = w, b
-        pairs = {
-            "attn.out_proj": "self_attn.out_proj",
-            "ln_1": "layer_norm1",
-            "ln_2": "layer_norm2",
-            "mlp.c_fc": "mlp.fc1",
-            "mlp.c_proj": "mlp.fc2",
-        }
-        for a, b in pairs.items():
-            out[f"{dst}{b}.weight"], out[f"{dst}{b}.bias"] = sd[f"{src}{a}.weight"], sd[f"{src}{a}.bias"]
+    out.update(open_clip_blocks_to_transformers(sd, config.text_layers, "text_model.encoder.layers"))
     text = CLIPTextModel(CLIPTextConfig(**config.text_config()))
     if not any(k.startswith("text_model.") for k in text.state_dict()):  # transformers >= 5 flattens it
         out = {k.removeprefix("text_model."): v for k, v in out.items()}
