@@ -48,6 +48,9 @@ class BaseModelModule(DiffusionSteps, L.LightningModule):
         init: a base file to start from instead (its UNet trains on; a resumed run uses ``--ckpt_path``).
         caption_dropout: probability of training on the empty prompt (classifier-free guidance).
         lr / weight_decay / warmup_steps: AdamW, linear warm-up then constant.
+        text_lr: train the text encoder together with the UNet, at this learning rate (None: frozen, as
+            SD's CLIP text encoder is). Its trained (EMA) weights go into the base file, which every later
+            stage reads frozen; the image encoder stays the tiny CLIP's vision tower either way.
         ema_decay: the EMA's decay (0 turns it off: the raw weights are exported).
         snr_gamma: Min-SNR loss weighting (Hang et al. 2023, diffusers' ``compute_snr``): each timestep's
             loss is weighted by min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v-prediction), which
@@ -67,6 +70,7 @@ class BaseModelModule(DiffusionSteps, L.LightningModule):
         warmup_steps: int = 100,
         ema_decay: float = 0.999,
         snr_gamma: float | None = 5.0,
+        text_lr: float | None = None,
         seed: int = 0,
     ):
         super().__init__()
@@ -84,6 +88,11 @@ class BaseModelModule(DiffusionSteps, L.LightningModule):
         self.caption_dropout, self.lr, self.weight_decay = caption_dropout, lr, weight_decay
         if snr_gamma is not None and snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be positive (or null), got {snr_gamma}")
+        if text_lr is not None and text_lr <= 0:
+            raise ValueError(
+                f"text_lr must be positive (or null: the text encoder stays frozen), got {text_lr}"
+            )
+        self.text_lr = text_lr
         self.warmup_steps, self.ema_decay, self.snr_gamma, self.seed = (
             warmup_steps,
             ema_decay,
@@ -120,23 +129,37 @@ class BaseModelModule(DiffusionSteps, L.LightningModule):
         for m in (self.vae, self.text_encoder, self.image_encoder):
             if m is not None:
                 m.requires_grad_(False)
-        self.unet.requires_grad_(True)
+        for m in self.trained_modules().values():
+            m.requires_grad_(True)
         if self.ema_decay:
-            self.ema = EMAModel(self.unet.parameters(), decay=self.ema_decay, use_ema_warmup=True)
+            self.ema = EMAModel(self._trained_parameters(), decay=self.ema_decay, use_ema_warmup=True)
         self.train(self.training)
+
+    @property
+    def trained_names(self) -> tuple[str, ...]:
+        """What this run trains, by attribute name: the UNet, and the text encoder when ``text_lr`` is set."""
+        return ("unet", "text_encoder") if self.text_lr is not None else ("unet",)
+
+    def trained_modules(self) -> dict[str, torch.nn.Module]:
+        return {name: getattr(self, name) for name in self.trained_names}
+
+    def _trained_parameters(
+        self, modules: dict[str, torch.nn.Module] | None = None
+    ) -> list[torch.nn.Parameter]:
+        return [p for m in (modules or self.trained_modules()).values() for p in m.parameters()]
 
     def parts(self, ema: bool = True) -> Components:
         """The model as it stands (with the EMA weights when ``ema``), sharing nothing with training."""
         import copy
 
         self.configure_model()
-        unet = copy.deepcopy(self.unet).eval().requires_grad_(False)
+        copies = {k: copy.deepcopy(m).eval().requires_grad_(False) for k, m in self.trained_modules().items()}
         if ema and self.ema is not None:
-            self.ema.copy_to(unet.parameters())
+            self.ema.copy_to(self._trained_parameters(copies))
         return Components(
-            unet=unet,
+            unet=copies["unet"],
             vae=self.vae,
-            text_encoder=self.text_encoder,
+            text_encoder=copies.get("text_encoder", self.text_encoder),
             tokenizer=self.tokenizer,
             scheduler=DDIMScheduler.from_config(self.sample_scheduler_config),
             image_encoder=self.image_encoder,
@@ -149,23 +172,25 @@ class BaseModelModule(DiffusionSteps, L.LightningModule):
     def train(self, mode: bool = True) -> BaseModelModule:
         super().train(mode)
         for m in (self.vae, self.text_encoder, self.image_encoder):
-            if m is not None:
+            if m is not None and m not in self.trained_modules().values():
                 m.eval()
         return self
 
-    # --- checkpoints: the UNet and its EMA, not the frozen parts ---------------------------------
+    # --- checkpoints: the trained modules and their EMA, not the frozen parts ---------------------
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         full = super().state_dict(*args, **kwargs)
         prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
-        return type(full)((k, v) for k, v in full.items() if k[len(prefix) :].startswith("unet."))
+        trained = tuple(f"{name}." for name in self.trained_names)
+        return type(full)((k, v) for k, v in full.items() if k[len(prefix) :].startswith(trained))
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
         self.configure_model()
-        expected = {f"unet.{k}" for k in self.unet.state_dict()}
+        expected = {f"{name}.{k}" for name, m in self.trained_modules().items() for k in m.state_dict()}
         if strict and expected != set(state_dict):
             missing, unexpected = expected - set(state_dict), set(state_dict) - expected
             raise RuntimeError(
-                f"the checkpoint does not hold this base's UNet: {len(missing)} missing (e.g. "
+                f"the checkpoint does not hold what this run trains ({', '.join(self.trained_modules())}): "
+                f"{len(missing)} missing (e.g. "
                 f"{sorted(missing)[:3]}), {len(unexpected)} unexpected (e.g. {sorted(unexpected)[:3]})"
             )
         return super().load_state_dict(state_dict, strict=False, assign=assign)
@@ -193,7 +218,6 @@ class BaseModelModule(DiffusionSteps, L.LightningModule):
         side = self.vae.config.sample_size if self.vae is not None else self.unet.config.sample_size
         return {"resolution": int(side), "clip_size": None}  # a base reads text, not CLIP pixels
 
-    @torch.no_grad()
     def _text(self, input_ids: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
         ids = input_ids.to(self.device)
         if bool(drop.any()):
@@ -201,7 +225,8 @@ class BaseModelModule(DiffusionSteps, L.LightningModule):
                 "", padding="max_length", max_length=ids.shape[1], return_tensors="pt"
             ).input_ids.to(self.device)
             ids = torch.where(drop[:, None], empty, ids)
-        return self.text_encoder(input_ids=ids)[0]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_lr is not None):
+            return self.text_encoder(input_ids=ids)[0]
 
     @torch.no_grad()
     def _clean(self, batch: TrainBatch, generator: torch.Generator) -> torch.Tensor:
@@ -233,10 +258,13 @@ class BaseModelModule(DiffusionSteps, L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:
-            self.ema.step(self.unet.parameters())
+            self.ema.step(self._trained_parameters())
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.unet.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        groups = [{"params": list(self.unet.parameters()), "lr": self.lr}]
+        if self.text_lr is not None:
+            groups.append({"params": list(self.text_encoder.parameters()), "lr": self.text_lr})
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
         warmup = max(1, self.warmup_steps)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -141,7 +141,7 @@ SHAPES_UNET = {
     "block_out_channels": [32, 64, 64],
     "layers_per_block": 1,
     "cross_attention_dim": 48,
-    "attention_head_dim": 8,
+    "attention_head_dim": 2,
     "norm_num_groups": 8,
 }
 # DDIM as diffusers expects it for SD (no x0 clipping, steps_offset 1); on the shapes base, clipping x0 to

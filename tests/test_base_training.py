@@ -155,17 +155,15 @@ def test_the_embedded_base_reads_the_shipped_tiny_clip():
 
     parts = load_base("embedded")
     text, vision = transformers_towers("embedded")
-    ids = parts.tokenizer(
-        ["a red circle and a blue square"], padding="max_length", max_length=77, return_tensors="pt"
-    )
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(parts.text_encoder(input_ids=ids.input_ids)[0], text(input_ids=ids.input_ids)[0])
+    with torch.no_grad():  # the image branch reads the tiny CLIP's vision tower, exactly
         assert torch.equal(parts.image_encoder(pixels).embeds, vision(pixel_values=pixels).image_embeds)
+    # the text encoder is the tiny CLIP's text tower trained on with the UNet (base.yaml's text_lr)
+    assert parts.text_encoder.config.to_diff_dict() == text.config.to_diff_dict()
 
 
 # --- training a base ----------------------------------------------------------------------------
-def test_fit_base_trains_every_unet_weight_and_exports_the_ema(tmp_path):
+def test_fit_base_trains_the_unet_and_exports_the_ema(tmp_path):
     m = small_base(ema_decay=0.9, lr=1e-3)
     frozen = copy.deepcopy(m.text_encoder.state_dict())
     before = copy.deepcopy(m.unet.state_dict())
@@ -179,6 +177,27 @@ def test_fit_base_trains_every_unet_weight_and_exports_the_ema(tmp_path):
     ema = m.parts(ema=True).unet.conv_in.weight
     torch.testing.assert_close(exported.unet.conv_in.weight, ema, atol=1e-3, rtol=1e-3)
     assert not torch.allclose(ema, m.unet.conv_in.weight)  # the EMA, not the raw weights
+
+
+def test_text_lr_trains_the_text_encoder_with_the_unet_and_the_base_file_holds_its_ema(tmp_path):
+    m = small_base(ema_decay=0.9, lr=1e-3, text_lr=1e-3)
+    text_before = copy.deepcopy(m.text_encoder.state_dict())
+    image_before = copy.deepcopy(m.image_encoder.state_dict())
+    trainer(tmp_path, max_steps=3, callbacks=[BaseExport()]).fit(m, shapes_data())
+    text_after = m.text_encoder.state_dict()
+    changed = [k for k in text_before if not torch.equal(text_before[k], text_after[k])]
+    assert len(changed) > 0.5 * len(text_before)
+    assert all(torch.equal(image_before[k], v) for k, v in m.image_encoder.state_dict().items())
+    keys = set(m.state_dict())  # checkpoints hold what trains: the UNet and the text encoder
+    assert keys == {f"unet.{k}" for k in m.unet.state_dict()} | {f"text_encoder.{k}" for k in text_after}
+    assert m.text_encoder.training  # it trains, so its dropout and norms follow the module's mode
+    exported = read_base_file(tmp_path / "base.safetensors")
+    key = next(k for k in text_after if k.endswith("final_layer_norm.weight"))
+    ema = m.parts(ema=True).text_encoder.state_dict()[key]
+    torch.testing.assert_close(exported.text_encoder.state_dict()[key], ema)
+    assert not torch.equal(ema, text_after[key])  # the EMA, not the raw weights
+    with pytest.raises(ValueError, match="text_lr must be positive"):
+        BaseModelModule(text_lr=0.0)
 
 
 def test_fit_base_resumes_with_its_ema(tmp_path):
