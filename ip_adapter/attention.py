@@ -7,6 +7,11 @@ Every cross-attention layer keeps its frozen text attention and gains one branch
 with the same query Q, new ``to_k_{s}``/``to_v_{s}`` weights (initialised as copies of the layer's
 ``to_k``/``to_v``), and the sum taken before the shared ``to_out``.
 
+A stream's tokens may be *confined to regions*: with ``Stream.regions`` each token has a box on the image,
+and a query sees the token only if its cell of the layer's grid overlaps that box (a token whose box is the
+whole image, (0, 0, 1, 1), is seen everywhere). A query that sees no token of the stream gets nothing from
+it. This is how a scene graph's object tokens act where their object is.
+
 A stream may also be *positional*: its branch then adds a learned encoding of each query's place on the
 latent grid to Q (``Q + P_s(x, y)``, Fourier features through a zero-initialised linear layer), so its
 tokens can say *where* as well as *what*. The frozen UNet's queries carry little absolute position, so a
@@ -40,13 +45,16 @@ Scale = float | Sequence[float] | Mapping
 class Stream:
     """One extra token stream for the decoupled branches.
 
-    tokens: (B, N, cross_attention_dim).
-    mask:   (B, N) bool key-padding mask, True where a token is real; None means all real.
-            A sample whose mask is all False contributes exactly zero.
+    tokens:  (B, N, cross_attention_dim).
+    mask:    (B, N) bool key-padding mask, True where a token is real; None means all real.
+             A sample whose mask is all False contributes exactly zero.
+    regions: (B, N, 4) boxes (x0, y0, x1, y1) in [0, 1] of the image: each token is seen only by the queries
+             whose grid cell overlaps its box; (0, 0, 1, 1) is seen everywhere. None: no confinement.
     """
 
     tokens: torch.Tensor
     mask: torch.Tensor | None = None
+    regions: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.tokens.ndim != 3:
@@ -59,6 +67,11 @@ class Stream:
                     f"stream mask shape {tuple(self.mask.shape)} does not match tokens (B, N) = "
                     f"{tuple(self.tokens.shape[:2])}"
                 )
+        if self.regions is not None and tuple(self.regions.shape) != (*self.tokens.shape[:2], 4):
+            raise ValueError(
+                f"stream regions shape {tuple(self.regions.shape)} is not (B, N, 4) = "
+                f"{(*self.tokens.shape[:2], 4)}"
+            )
 
 
 def fourier_positions(height: int, width: int, frequencies: int) -> torch.Tensor:
@@ -69,6 +82,19 @@ def fourier_positions(height: int, width: int, frequencies: int) -> torch.Tensor
     f = (2.0 ** torch.arange(frequencies, dtype=torch.float32)) * torch.pi
     ang = torch.cat([x.reshape(-1, 1) * f, y.reshape(-1, 1) * f], dim=1)  # (S, 2F)
     return torch.cat([ang.sin(), ang.cos()], dim=1)
+
+
+def region_mask(regions: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, height * width, N) bool: which grid cells (row-major) overlap each token's box. ``regions`` is
+    (B, N, 4) of (x0, y0, x1, y1) in [0, 1]; a cell [i/w, (i+1)/w) x [j/h, (j+1)/h) overlaps a box when the
+    two intervals overlap on both axes, so every box of positive area reaches at least one cell."""
+    xs = torch.arange(width, device=regions.device, dtype=regions.dtype)
+    ys = torch.arange(height, device=regions.device, dtype=regions.dtype)
+    x0, y0, x1, y1 = (regions[..., k, None] for k in range(4))  # (B, N, 1)
+    in_x = ((xs + 1) / width > x0) & (xs / width < x1)  # (B, N, w)
+    in_y = ((ys + 1) / height > y0) & (ys / height < y1)  # (B, N, h)
+    cells = in_y[..., :, None] & in_x[..., None, :]  # (B, N, h, w)
+    return cells.flatten(2).transpose(1, 2)
 
 
 def layer_grid(latent: tuple[int, int], positions: int) -> tuple[int, int]:
@@ -243,6 +269,14 @@ class DecoupledAttnProcessor(nn.Module):
             mask = None if mask is None else mask.expand(batch_size, -1)
         if name in self.positional:
             query = query + self._position_query(name, query.shape[2], heads).to(query)
+        if stream.regions is not None:
+            regions = stream.regions
+            if regions.shape[0] != batch_size:
+                regions = regions.expand(batch_size, -1, -1)
+            visible = region_mask(regions.float(), *self._grid(name, query.shape[2]))  # (B, S, N)
+            if mask is None:
+                mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+            mask = mask[:, None, :] & visible
         cache_key = (name, *_identity(tokens), query.dtype) if self.kv_cache is not None else None
         if cache_key is not None and cache_key in self.kv_cache:
             _, key, value = self.kv_cache[cache_key]
@@ -254,30 +288,35 @@ class DecoupledAttnProcessor(nn.Module):
                 self.kv_cache[cache_key] = (source, key, value)
         if mask is None:
             out = F.scaled_dot_product_attention(query, key, value)
+            seen = None
         else:
-            # A sample with no real token would softmax over nothing (NaN); let it attend to its
-            # padding and zero its output instead, so an empty stream contributes exactly 0.
-            empty = ~mask.any(dim=-1)  # (B,)
-            attend = (mask | empty[:, None])[:, None, None, :]  # (B, 1, 1, N)
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attend)
-            out = out.masked_fill(empty[:, None, None, None], 0.0)
+            # A sample (or, with regions, a query) with no visible token would softmax over nothing (NaN);
+            # let it attend to every token and zero its output instead, so it gets exactly 0.
+            mask = mask if mask.ndim == 3 else mask[:, None, :]  # (B, S or 1, N)
+            empty = ~mask.any(dim=-1, keepdim=True)  # (B, S or 1, 1)
+            seen = mask | empty
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=seen[:, None])
+            out = out.masked_fill(empty[:, None], 0.0)
         if self.recorder is not None and self.recorder.stream == name:
-            self.recorder.add(query, key, None if mask is None else (mask | empty[:, None]))
+            self.recorder.add(query, key, seen)
         return out.transpose(1, 2).reshape(batch_size, -1, out.shape[1] * out.shape[-1]).to(query.dtype)
+
+    def _grid(self, name: str, positions: int) -> tuple[int, int]:
+        """This layer's (h, w) query grid: from the UNet input's size, else a square."""
+        if self.latent_grid is not None:
+            return layer_grid(self.latent_grid, positions)
+        side = round(positions**0.5)
+        if side * side != positions:
+            raise ValueError(
+                f"{self.layer_name}: stream {name!r} needs the query grid, but this processor was not told the "
+                f"UNet's input size (attach it with DecoupledAttention.attach) and {positions} positions "
+                "are not a square"
+            )
+        return side, side
 
     def _position_query(self, name: str, positions: int, heads: int) -> torch.Tensor:
         """(1, heads, positions, dh): the learned position term of stream ``name``'s query."""
-        if self.latent_grid is None:
-            side = round(positions**0.5)
-            if side * side != positions:
-                raise ValueError(
-                    f"{self.layer_name}: stream {name!r} is positional but this processor was not told the "
-                    f"UNet's input size (attach it with DecoupledAttention.attach) and {positions} positions "
-                    "are not a square"
-                )
-            h, w = side, side
-        else:
-            h, w = layer_grid(self.latent_grid, positions)
+        h, w = self._grid(name, positions)
         pos = getattr(self, f"pos_{name}")
         feats = fourier_positions(h, w, self.frequencies).to(pos.weight)
         return _heads(pos(feats)[None], 1, heads)
@@ -302,8 +341,8 @@ class AttentionRecorder:
     def add(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> None:
         q, k = query[self.rows].float(), key[self.rows].float()  # (B, H, S, dh), (B, H, N, dh)
         scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5  # (B, H, S, N)
-        if mask is not None:
-            scores = scores.masked_fill(~mask[self.rows][:, None, None, :], float("-inf"))
+        if mask is not None:  # (B, 1 or S, N): which tokens each query may see
+            scores = scores.masked_fill(~mask[self.rows][:, None], float("-inf"))
         probs = scores.softmax(-1).mean(1)  # (B, S, N)
         h, w = self.latent_size
         factor = round((h * w / probs.shape[1]) ** 0.5)  # this layer's downsampling of the latent grid
@@ -413,15 +452,15 @@ class DecoupledAttention(nn.Module):
         procs = {name: ours.get(str(idx), passthrough) for idx, name in enumerate(self._all_processor_names)}
         unet.set_attn_processor(procs)
         DecoupledAttention._remove_grid_hook(unet)
-        if self.positional:  # positional branches need the input's (h, w) to place each layer's queries
-            processors = [p for p in self.processors() if p.positional]
+        # positional branches and confined tokens need the input's (h, w) to place each layer's queries
+        processors = self.processors()
 
-            def tell_grid(module, args, kwargs):
-                sample = args[0] if args else kwargs["sample"]
-                for proc in processors:
-                    proc.latent_grid = tuple(sample.shape[-2:])
+        def tell_grid(module, args, kwargs):
+            sample = args[0] if args else kwargs["sample"]
+            for proc in processors:
+                proc.latent_grid = tuple(sample.shape[-2:])
 
-            unet._decoupled_grid_hook = unet.register_forward_pre_hook(tell_grid, with_kwargs=True)
+        unet._decoupled_grid_hook = unet.register_forward_pre_hook(tell_grid, with_kwargs=True)
 
     @staticmethod
     def _remove_grid_hook(unet: nn.Module) -> None:

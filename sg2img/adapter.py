@@ -35,7 +35,7 @@ from ip_adapter.attention import DecoupledAttention, Scale
 from ip_adapter.checkpoint import CONFIG_KEY, CheckpointError, read_adapter_file, write_adapter_file
 from ip_adapter.image_encoder import ImageFeatures
 
-from .gnn import GNNConfig, SceneGraphEncoder, TokenConfig
+from .gnn import GNNConfig, GraphTokens, SceneGraphEncoder, TokenConfig
 
 SG_STREAM = "sg"
 SG_ENCODER = "sg_encoder"
@@ -67,6 +67,11 @@ class SGAdapterConfig:
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, cls(**value))
+        if self.tokens.confine_objects and self.injection != "decoupled":
+            raise ValueError(
+                "tokens.confine_objects needs injection: decoupled (concat shares the text's attention, which "
+                "has no per-query mask); give concat the layout with gnn.boxes_after_gnn instead"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,26 +114,27 @@ class SceneGraphAdapter(nn.Module):
         x = features.embeds if self.config.image.image_tokens == "cls" else features.patch_tokens
         return self.image_proj(x)  # (B, N, C)
 
-    def graph_tokens(self, graphs: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def graph_tokens(self, graphs: Batch) -> GraphTokens:
         if self.sg_encoder is None:
             raise ValueError("this adapter has no graph branch (graph_branch: false)")
-        return self.sg_encoder(graphs)  # (B, L, C), (B, L)
+        return self.sg_encoder(graphs)  # tokens (B, L, C), mask (B, L), regions, layout
 
     def unet_kwargs(
         self,
         text_embeds: torch.Tensor,
         image_features: ImageFeatures | None = None,
-        graphs: Batch | None = None,
+        graphs: Batch | GraphTokens | None = None,
     ) -> dict[str, Any]:
-        """The conditioning arguments of ``unet(latents, t, **kwargs)`` for either injection."""
+        """The conditioning arguments of ``unet(latents, t, **kwargs)`` for either injection; ``graphs`` is a
+        graph batch or what ``graph_tokens`` made of one."""
         img = None if image_features is None else self.image_tokens(image_features)
-        sg = None if graphs is None else self.graph_tokens(graphs)
+        sg = graphs if graphs is None or isinstance(graphs, GraphTokens) else self.graph_tokens(graphs)
         if self.config.injection == "decoupled":
             streams = {}
             if img is not None:
                 streams[IMAGE_STREAM] = Stream(img)
             if sg is not None:
-                streams[SG_STREAM] = Stream(*sg)
+                streams[SG_STREAM] = Stream(sg.tokens, sg.mask, sg.regions)
             return {"encoder_hidden_states": text_embeds, "cross_attention_kwargs": {"streams": streams}}
         parts, masks = (
             [text_embeds],
@@ -138,8 +144,8 @@ class SceneGraphAdapter(nn.Module):
             parts.append(img.to(text_embeds.dtype))
             masks.append(torch.ones(img.shape[:2], dtype=torch.bool, device=img.device))
         if sg is not None:
-            parts.append(sg[0].to(text_embeds.dtype))
-            masks.append(sg[1])
+            parts.append(sg.tokens.to(text_embeds.dtype))
+            masks.append(sg.mask)
         if len(parts) == 1:
             return {"encoder_hidden_states": text_embeds}
         return {"encoder_hidden_states": torch.cat(parts, 1), "encoder_attention_mask": torch.cat(masks, 1)}

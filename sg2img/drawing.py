@@ -67,6 +67,28 @@ def save_scene_graph_drawing(sg: SceneGraph, path: str | Path, **kwargs) -> Path
     return p
 
 
+def draw_layout(
+    sg: SceneGraph, boxes: list[tuple[float, float, float, float]], size: int = 256, title: str = "layout"
+) -> Image.Image:
+    """The layout the graph branch used: each object's box (x0, y0, x1, y1 in [0, 1]) outlined in its
+    colour (the object's first attribute when matplotlib knows it as a colour, else a cycle), with its
+    index and label; a given box is drawn solid, and the caption says where the boxes came from."""
+    from matplotlib.colors import is_color_like, to_hex
+    from PIL import ImageDraw
+
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    for i, (o, box) in enumerate(zip(sg.objects, boxes)):
+        colour = o.attributes[0] if o.attributes and is_color_like(o.attributes[0]) else cycle[i % len(cycle)]
+        x0, y0, x1, y1 = (round(v * (size - 1)) for v in box)
+        width = 3 if o.box is not None else 2
+        draw.rectangle((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)), outline=to_hex(colour), width=width)
+        draw.text((x0 + 4, y0 + 3), f"{i}: {o.label}", fill="black")
+    draw.text((4, size - 14), title, fill="gray")
+    return img
+
+
 def _caption_strip(text: str, width: int, height: int = 22) -> Image.Image:
     from PIL import ImageDraw
 
@@ -76,13 +98,19 @@ def _caption_strip(text: str, width: int, height: int = 22) -> Image.Image:
 
 
 def contact_sheet(
-    drawing: Image.Image | None, images: list[Image.Image], caption: str = "", panel: int = 256
+    drawing: Image.Image | None,
+    images: list[Image.Image],
+    caption: str = "",
+    panel: int = 256,
+    layout: Image.Image | None = None,
 ) -> Image.Image:
-    """The graph drawing (if any) beside its generated images, one row, with a caption strip below."""
-    tiles = ([drawing] if drawing is not None else []) + list(images)
+    """The graph drawing and its layout (if any) beside its generated images, one row, with a caption strip
+    below."""
+    drawn = [t for t in (drawing, layout) if t is not None]
+    tiles = drawn + list(images)
     sheet = Image.new("RGB", (panel * len(tiles), panel), "white")
     for i, tile in enumerate(tiles):
-        resample = Image.Resampling.BILINEAR if tile is drawing else Image.Resampling.NEAREST
+        resample = Image.Resampling.BILINEAR if i < len(drawn) else Image.Resampling.NEAREST
         sheet.paste(tile.convert("RGB").resize((panel, panel), resample), (i * panel, 0))
     if not caption:
         return sheet

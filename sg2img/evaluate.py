@@ -87,13 +87,17 @@ def run_shapes(args: argparse.Namespace) -> dict[str, Any]:
     if use_image and not_renderable:
         raise ValueError(f"the image prompt is each graph's rendering, but {not_renderable}")
     prompts = [prompt_for(g, args.prompt) for g in graphs]
+    # --boxes none: the graph branch sees the relations only (its layout head places the objects); the
+    # boxes stay with the evaluator, which reads colours and centres, and with the reference renderings
+    shown = graphs if args.boxes == "given" else [g.without_boxes() for g in graphs]
     images: list[Image.Image] = []
+    layouts: list[list[tuple[float, float, float, float]] | None] = []
     start = time.perf_counter()
     for lo in range(0, len(graphs), args.batch_size):
         hi = min(lo + args.batch_size, len(graphs))
         out = pipe(
             prompt=prompts[lo:hi],
-            scene_graph=graphs[lo:hi] if use_graph else None,
+            scene_graph=shown[lo:hi] if use_graph else None,
             ip_adapter_image=refs[lo:hi] if use_image else None,
             sg_scale=args.sg_scale,
             image_scale=args.image_scale if use_image else 0.0,
@@ -102,6 +106,7 @@ def run_shapes(args: argparse.Namespace) -> dict[str, Any]:
             generator=[torch.Generator(device="cpu").manual_seed(args.seed + i) for i in range(lo, hi)],
         )
         images.extend(out.images)
+        layouts.extend(out.layouts if out.layouts is not None else [None] * (hi - lo))
     seconds = time.perf_counter() - start
     scores = ShapesEvaluator().evaluate(images, graphs)
     record = {
@@ -119,7 +124,19 @@ def run_shapes(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.out is not None:
         ref_names = [n.rsplit("-", 1)[0] for n in names] if args.num_images > 1 else names
-        save_outputs(args.out, images, graphs, prompts, names, refs, ref_names, record, args.save_images)
+        save_outputs(
+            args.out,
+            images,
+            graphs,
+            prompts,
+            names,
+            refs,
+            ref_names,
+            record,
+            args.save_images,
+            shown,
+            layouts,
+        )
     return record
 
 
@@ -149,10 +166,17 @@ def save_outputs(
     ref_names: list[str],
     record: dict[str, Any],
     save_images: bool,
+    shown: list[SceneGraph] | None = None,
+    layouts: list[list[tuple[float, float, float, float]] | None] | None = None,
 ) -> None:
+    """Images, sheets (graph, the layout the graph branch used, the image), the manifest and the record.
+    ``shown``: the graphs as the model saw them (without boxes under ``--boxes none``)."""
     from .data.shapes import ShapesEvaluator
-    from .drawing import contact_sheet, draw_scene_graph
+    from .drawing import contact_sheet, draw_layout, draw_scene_graph
+    from .generate import layout_record, layout_source
 
+    shown = shown or graphs
+    layouts = layouts or [None] * len(images)
     (out / "refs").mkdir(parents=True, exist_ok=True)
     evaluator = ShapesEvaluator()
     per_image, manifest = [], []
@@ -162,8 +186,14 @@ def save_outputs(
         if save_images or i < 16:
             img.save(out / f"{name}.png")
             caption = f"{p or '(empty prompt)'} | relations {s['triples_held']}/{s['triples']}"
-            contact_sheet(draw_scene_graph(g, size=256), [img], caption).save(out / f"{name}-sheet.png")
+            layout = None
+            if layouts[i] is not None:
+                layout = draw_layout(shown[i], layouts[i], title=layout_source(shown[i]))
+            sheet = contact_sheet(draw_scene_graph(g, size=256), [img], caption, layout=layout)
+            sheet.save(out / f"{name}-sheet.png")
             row = {"file": f"{name}.png", "prompt": p, "graph": g.to_json()}
+            if layouts[i] is not None:
+                row["layout"] = layout_record(shown[i], layouts[i])
             if (ref := refs[i]) is not None:
                 row["ref"] = f"{ref_names[i]}.png"
                 if not (out / "refs" / row["ref"]).is_file():
@@ -364,6 +394,13 @@ def add_shapes_arguments(p: argparse.ArgumentParser) -> None:
         choices=IMAGE_PROMPTS,
         default="auto",
         help="the graph's rendering as image prompt (auto: when the adapter has an image branch)",
+    )
+    p.add_argument(
+        "--boxes",
+        choices=("none", "given"),
+        default="none",
+        help="what the graph branch sees: the relations only (none: a layout head places the objects) or "
+        "the graphs' true boxes too (given: the oracle layout)",
     )
     p.add_argument("--sg-scale", type=float, default=1.0)
     p.add_argument("--image-scale", type=float, default=1.0)

@@ -134,7 +134,7 @@ def versions() -> dict[str, str]:
 def run_generate(args: argparse.Namespace) -> dict[str, Any]:
     from safetensors.torch import save_file
 
-    from .drawing import attention_overlays, contact_sheet, draw_scene_graph
+    from .drawing import attention_overlays, contact_sheet, draw_layout, draw_scene_graph
 
     inputs = read_inputs(args)  # before any model loads: bad input costs nothing
     device, dtype = _device_and_dtype(args.device, args.dtype)
@@ -203,7 +203,11 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
             s for s in (args.prompt and f"prompt: {args.prompt}", graph is not None and f"sg_scale {args.sg_scale}",
                         inputs.image is not None and f"image_scale {args.image_scale}") if s
         )  # fmt: skip
-        contact_sheet(drawing, result.images, caption).save(out / f"{name}-sheet.png")
+        layout = None
+        if result.layouts is not None and graph is not None:  # the same for every image of one graph
+            entry["layout"] = layout_record(graph, result.layouts[0])
+            layout = draw_layout(graph, result.layouts[0], title=layout_source(graph))
+        contact_sheet(drawing, result.images, caption, layout=layout).save(out / f"{name}-sheet.png")
         entry["sheet"] = f"{name}-sheet.png"
         if result.attention_maps is not None:
             tensors, labels = {}, {}
@@ -218,6 +222,21 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
         record["outputs"].append(entry)
     (out / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
     return record
+
+
+def layout_source(graph: SceneGraph) -> str:
+    given = sum(o.box is not None for o in graph.objects)
+    if given == len(graph.objects):
+        return "layout: given boxes"
+    return "layout: predicted" if not given else f"layout: {given} given, the rest predicted"
+
+
+def layout_record(graph: SceneGraph, boxes: list[tuple[float, float, float, float]]) -> list[dict[str, Any]]:
+    """Each object's box as the graph branch used it, and whether it was given or predicted."""
+    return [
+        {"object": o.label, "box": [round(v, 4) for v in box], "source": "given" if o.box else "predicted"}
+        for o, box in zip(graph.objects, boxes)
+    ]
 
 
 def _quiet_loading() -> None:

@@ -10,6 +10,12 @@ is exactly this):
 The encoder outputs, per graph, one global token, one token per object and one per triple, each projected
 to ``cross_attention_dim`` with LayerNorm and padded with a key-padding mask -- or, optionally, K tokens
 from a masked Perceiver resampler. An empty graph yields an all-False mask, so it contributes nothing.
+
+The layout: with ``GNNConfig.layout_head`` the GNN predicts a box per object from the relations (sg2im's
+box net: an MLP on each object's vector, trained with an L1 loss against the true boxes). The layout of a
+graph is its given boxes where it has them and the prediction elsewhere. It can be embedded into the object
+vectors after the GNN (``boxes_after_gnn``), and it confines each object token to its box
+(``TokenConfig.confine_objects``: the token's region; global and triple tokens are seen everywhere).
 """
 
 from __future__ import annotations
@@ -155,7 +161,11 @@ class GNNConfig:
     hidden_dim: int = 128  # node and edge width (sg2im: 128)
     mlp_dim: int = 512  # triplet MLP width (sg2im: 512); the GINE MLP width
     heads: int = 4  # transformer / gatv2
-    use_boxes: bool = True
+    use_boxes: bool = True  # given boxes enter the GNN's input
+    layout_head: bool = False  # predict a box per object from the relations (sg2im's box net)
+    boxes_after_gnn: bool = (
+        False  # the layout (given, else predicted) is added to the object vectors after it
+    )
     image_node: bool = False  # sg2im's __image__ node with __in_image__ edges from every object
     dropout: float = 0.0
 
@@ -217,6 +227,41 @@ class TokenConfig:
     resample_to: int | None = None
     resampler_depth: int = 2
     resampler_heads: int = 4
+    confine_objects: bool = False  # an object token is seen only by queries inside its box (the layout)
+
+    def __post_init__(self) -> None:
+        if self.confine_objects and self.resample_to:
+            raise ValueError(
+                "tokens.confine_objects needs one token per object: it cannot go with resample_to"
+            )
+        if self.confine_objects and not self.object_tokens:
+            raise ValueError("tokens.confine_objects needs object_tokens: true")
+
+
+FULL_IMAGE = (0.0, 0.0, 1.0, 1.0)  # the region of a token that is seen everywhere
+
+
+@dataclass
+class GraphTokens:
+    """What ``SceneGraphEncoder`` makes of a batch of graphs.
+
+    tokens:  (B, L, C) in token order (``token_labels``); mask: (B, L) True where a token is real.
+    regions: (B, L, 4) each token's box (x0, y0, x1, y1) in [0, 1] when object tokens are confined, else None.
+    layout:  (O, 4) the box of every object of the batch (given, else predicted), None without boxes.
+    predicted: (O, 4) the layout head's boxes (None without a layout head): what its loss reads.
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    regions: torch.Tensor | None = None
+    layout: torch.Tensor | None = None
+    predicted: torch.Tensor | None = None
+
+    def rows(self, index: slice | torch.Tensor) -> GraphTokens:
+        """The per-graph fields of some graphs (``layout`` and ``predicted`` are per object: dropped)."""
+        return GraphTokens(
+            self.tokens[index], self.mask[index], None if self.regions is None else self.regions[index]
+        )
 
 
 def token_labels(graphs: Sequence[SceneGraph], tokens: TokenConfig) -> list[list[str | None]]:
@@ -272,6 +317,10 @@ class SceneGraphEncoder(nn.Module):
             self.layers = nn.ModuleList(GraphTripleConv(d, gnn.mlp_dim) for _ in range(gnn.num_layers))
         else:
             self.layers = nn.ModuleList(_ResidualConv(gnn) for _ in range(gnn.num_layers))
+        if gnn.layout_head:  # sg2im's box net: object vector -> (cx, cy, w, h) through a sigmoid
+            self.box_head = nn.Sequential(nn.Linear(d, gnn.mlp_dim), nn.ReLU(), nn.Linear(gnn.mlp_dim, 4))
+        if gnn.boxes_after_gnn:
+            self.box_after = nn.Sequential(nn.Linear(4, d), nn.ReLU(), nn.Linear(d, d))
         self.object_out = nn.Sequential(nn.Linear(d, cross_attention_dim), nn.LayerNorm(cross_attention_dim))
         self.triple_out = nn.Sequential(
             nn.Linear(3 * d, cross_attention_dim), nn.LayerNorm(cross_attention_dim)
@@ -288,7 +337,12 @@ class SceneGraphEncoder(nn.Module):
         return {"label_dim": self.label_dim, "cross_attention_dim": self.cross_attention_dim,
                 "gnn": asdict(self.gnn_config), "tokens": asdict(self.token_config)}  # fmt: skip
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_boxes(self, obj: torch.Tensor) -> torch.Tensor:
+        """(O, 4) boxes (x0, y0, x1, y1) in [0, 1] from the object vectors after the GNN."""
+        cx, cy, w, h = self.box_head(obj).float().sigmoid().unbind(-1)
+        return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1).clamp(0.0, 1.0)
+
+    def forward(self, batch: Batch) -> GraphTokens:
         num_graphs = batch.num_graphs
         dtype = self.node_in.weight.dtype
         x = self.node_in(batch.x.to(dtype))  # (O, d)
@@ -311,6 +365,14 @@ class SceneGraphEncoder(nn.Module):
 
         num_triples = batch.edge_index.shape[1]
         obj, e = x[:num_obj], e[:num_triples]
+        predicted = self.predict_boxes(obj) if self.gnn_config.layout_head else None
+        layout = None
+        if predicted is not None or self.gnn_config.boxes_after_gnn or self.token_config.confine_objects:
+            # given boxes override the prediction; without either, an object's region is the whole image
+            fallback = predicted.detach() if predicted is not None else batch.box.new_tensor(FULL_IMAGE)
+            layout = torch.where(batch.has_box[:, None], batch.box.float(), fallback)
+        if self.gnn_config.boxes_after_gnn:
+            obj = obj + self.box_after(layout.to(dtype))
         seqs, masks = [], []
         has_objects = torch.bincount(node_batch, minlength=num_graphs) > 0  # (B,)
         if self.token_config.global_token:
@@ -323,19 +385,27 @@ class SceneGraphEncoder(nn.Module):
                 pooled = pooled / torch.bincount(node_batch, minlength=num_graphs).clamp(min=1)[:, None]
             seqs.append(self.global_out(pooled)[:, None])  # (B, 1, C)
             masks.append(has_objects[:, None])
+        regions = []
+        if self.token_config.global_token:
+            regions.append(batch.box.new_tensor(FULL_IMAGE).expand(num_graphs, 1, 4))
         if self.token_config.object_tokens:
             t, m = to_dense_batch(self.object_out(obj), node_batch, batch_size=num_graphs)  # (B, Omax, C)
             seqs.append(t)
             masks.append(m)
+            if self.token_config.confine_objects:
+                r, _ = to_dense_batch(layout, node_batch, batch_size=num_graphs, fill_value=1.0)
+                regions.append(r.float())
         if self.token_config.triple_tokens:
             s, o = batch.edge_index
             triples = self.triple_out(torch.cat([obj[s], e, obj[o]], dim=-1))  # (T, C)
             t, m = to_dense_batch(triples, node_batch[s], batch_size=num_graphs)  # (B, Tmax, C)
             seqs.append(t)
             masks.append(m)
+            regions.append(batch.box.new_tensor(FULL_IMAGE).expand(num_graphs, t.shape[1], 4))
         tokens, mask = torch.cat(seqs, dim=1), torch.cat(masks, dim=1)
         if self.token_config.resample_to:
-            return self.resampler(tokens, mask), has_objects[:, None].expand(
-                -1, self.token_config.resample_to
-            ).contiguous()
-        return tokens, mask
+            resampled = self.resampler(tokens, mask)
+            keep = has_objects[:, None].expand(-1, self.token_config.resample_to).contiguous()
+            return GraphTokens(resampled, keep, None, layout, predicted)
+        confined = torch.cat(regions, dim=1) if self.token_config.confine_objects else None
+        return GraphTokens(tokens, mask, confined, layout, predicted)

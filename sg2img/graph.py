@@ -21,7 +21,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,10 @@ class SceneGraph:
     @classmethod
     def from_names(cls, objects: Sequence[str], triples: Iterable[tuple[int, str, int]] = ()) -> SceneGraph:
         return cls.from_json({"objects": list(objects), "relationships": [list(t) for t in triples]})
+
+    def without_boxes(self) -> SceneGraph:
+        """The same graph with no object boxes: what a graph branch with a layout head must place itself."""
+        return SceneGraph(tuple(replace(o, box=None) for o in self.objects), self.relationships)
 
     @property
     def is_empty(self) -> bool:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.training_utils import compute_snr
 from PIL import Image
 from torch_geometric.data import Batch
 
@@ -36,7 +37,7 @@ from .adapter import SG_ENCODER, SG_STREAM, SceneGraphAdapter, SGAdapterConfig
 from .checkpointing import continue_after_epoch_end
 from .data.records import SkipLog, TrainBatch
 from .errors import ConfigurationError, NonFiniteLossError
-from .gnn import GNNConfig, TokenConfig, drop_graphs, embed_label_batch
+from .gnn import GNNConfig, GraphTokens, TokenConfig, drop_graphs, embed_label_batch
 from .graph import SceneGraph
 from .labels import LabelEmbedder
 from .models import (
@@ -216,6 +217,8 @@ class SG2ImgModule(DiffusionSteps, L.LightningModule):
             ``open_clip:MODEL[:PRETRAINED]``; default: the base folder's, the preset's, else IP-Adapter's.
         single_file_config: the diffusers folder or hub id describing a single-file ``base``.
         image_tokens: ``cls`` (4 tokens from the image embedding) or ``patch`` (16 from the Resampler).
+        num_image_tokens: how many tokens the CLS projection makes (``cls`` only; the Resampler's count is
+            its query count).
         injection: ``decoupled`` (own K/V per stream) or ``concat`` (appended to the text tokens).
         image_branch / graph_branch: which branches exist.
         train_image_branch / train_graph_branch: which existing branches train (the rest stays frozen).
@@ -224,6 +227,16 @@ class SG2ImgModule(DiffusionSteps, L.LightningModule):
         gnn / tokens: the graph encoder.
         positional_graph_query: the graph branch's query gets a learned position term, so the graph tokens
             can place objects (decoupled injection only; see ``ip_adapter.attention``).
+        layout_loss_weight: weight of the layout head's L1 loss against the true boxes (``gnn.layout_head``).
+        layout_teacher_forcing: share of training graphs whose layout is their true boxes; the rest hide
+            their boxes (from the GNN input too) and use the layout head's prediction, as at inference
+            without boxes. The layout loss always reads the true boxes.
+        timesteps: how training timesteps are drawn: ``uniform``, or ``shifted`` towards high noise, where
+            layout is decided (t = s u / (1 + (s - 1) u) for uniform u, with s = ``timestep_shift``; the
+            shift of Esser et al. 2024).
+        loss_weighting: ``none`` (the plain MSE, the paper's), ``min_snr`` (min(SNR, gamma) / SNR: low noise
+            weighs less, high noise keeps weight 1) or ``inv_snr`` (min(1 / SNR, gamma): high noise weighs
+            more, capped), with gamma = ``snr_gamma``.
         dropout / optimizer: see ``ConditionDropout`` and ``OptimizerConfig``.
         base_dtype: dtype of the frozen base; ``auto`` is bfloat16 on GPU and float32 on CPU.
         channels_last: keep the UNet's activations in channels-last layout (faster convolutions on GPUs).
@@ -249,6 +262,12 @@ class SG2ImgModule(DiffusionSteps, L.LightningModule):
         gnn: GNNConfig = GNNConfig(),  # noqa: B008 (frozen dataclass)
         tokens: TokenConfig = TokenConfig(),  # noqa: B008
         positional_graph_query: bool = False,
+        layout_loss_weight: float = 1.0,
+        layout_teacher_forcing: float = 1.0,
+        timesteps: Literal["uniform", "shifted"] = "uniform",
+        timestep_shift: float = 3.0,
+        loss_weighting: Literal["none", "min_snr", "inv_snr"] = "none",
+        snr_gamma: float = 5.0,
         dropout: ConditionDropout = ConditionDropout(),
         optimizer: OptimizerConfig = OptimizerConfig(),
         base_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
@@ -282,6 +301,21 @@ class SG2ImgModule(DiffusionSteps, L.LightningModule):
         self.init_adapter = init_adapter
         self.gnn_config, self.token_config = gnn, tokens
         self.positional_graph_query = positional_graph_query
+        if layout_loss_weight < 0:
+            raise ValueError(f"layout_loss_weight must be >= 0, got {layout_loss_weight}")
+        if not 0.0 <= layout_teacher_forcing <= 1.0:
+            raise ValueError(f"layout_teacher_forcing must be in [0, 1], got {layout_teacher_forcing}")
+        if timesteps not in ("uniform", "shifted"):
+            raise ValueError(f"timesteps must be 'uniform' or 'shifted', got {timesteps!r}")
+        if timestep_shift <= 0:
+            raise ValueError(f"timestep_shift must be positive, got {timestep_shift}")
+        if loss_weighting not in ("none", "min_snr", "inv_snr"):
+            raise ValueError(f"loss_weighting must be 'none', 'min_snr' or 'inv_snr', got {loss_weighting!r}")
+        if snr_gamma <= 0:
+            raise ValueError(f"snr_gamma must be positive, got {snr_gamma}")
+        self.layout_loss_weight, self.layout_teacher_forcing = layout_loss_weight, layout_teacher_forcing
+        self.timesteps, self.timestep_shift = timesteps, timestep_shift
+        self.loss_weighting, self.snr_gamma = loss_weighting, snr_gamma
         self.dropout, self.optim = dropout, optimizer
         self.base_dtype, self.seed = base_dtype, seed
         self.channels_last, self.compile_unet = channels_last, compile_unet
@@ -483,8 +517,8 @@ class SG2ImgModule(DiffusionSteps, L.LightningModule):
                 widths["patch_tokens"] = int(spec.hidden_size)
         return {
             "resolution": int(side),
-            # without an image encoder nothing reads the CLIP pixels; any size will do
-            "clip_size": int(spec.image_size) if spec is not None else 224,
+            # without an image branch nothing reads the CLIP pixels: rows skip that preprocessing
+            "clip_size": int(spec.image_size) if self.has_image else None,
             "graphs": self.has_graph,
             "widths": widths,
         }
@@ -517,7 +551,7 @@ class SG2ImgModule(DiffusionSteps, L.LightningModule):
         else:
             dist = self.vae.encode(batch.pixels.to(self.vae.dtype)).latent_dist.parameters
         out = {"latent_dist": dist, "text_embeds": self.encode_text(batch.input_ids)}
-        if self.image_encoder is not None:
+        if self.has_image:
             feats = self.image_encoder(batch.clip_pixels)
             out["image_embeds"], out["patch_tokens"] = feats.embeds, feats.patch_tokens
         return out
@@ -559,28 +593,80 @@ class SG2ImgModule(DiffusionSteps, L.LightningModule):
 
     def condition(self, batch: TrainBatch, drops: dict[str, torch.Tensor]) -> dict[str, Any]:
         """The UNet's conditioning kwargs for a batch, after condition dropout."""
+        return self._condition(batch, drops)[0]
+
+    def _condition(
+        self, batch: TrainBatch, drops: dict[str, torch.Tensor], hide_boxes: torch.Tensor | None = None
+    ) -> tuple[dict[str, Any], GraphTokens | None, Batch | None]:
+        """(UNet kwargs, the graph encoding, the graph batch it was made from). ``hide_boxes`` (B,) bool:
+        graphs whose boxes the model does not see (the layout head's prediction stands in)."""
         text = batch.text_embeds if batch.text_embeds is not None else self.encode_text(batch.input_ids)
         text = text.to(self.device)
         if bool(drops["text"].any()):
             text = torch.where(drops["text"][:, None, None], self.empty_text().to(text.dtype), text)
         feats = self._image_features(batch, drops["image"]) if self.has_image else None
-        graphs = None
+        encoded = graphs = None
         if self.has_graph:
-            graphs = self.embed_graphs(drop_graphs(batch.graphs, drops["graph"]), batch.labels)
-        return self.adapter.unet_kwargs(text, feats, graphs)
+            graphs = drop_graphs(batch.graphs.to(self.device), drops["graph"])
+            seen = graphs
+            if hide_boxes is not None and bool(hide_boxes.any()):
+                seen = graphs.clone()
+                seen.has_box = graphs.has_box & ~hide_boxes.to(self.device)[graphs.batch]
+            encoded = self.adapter.graph_tokens(self.embed_graphs(seen, batch.labels))
+        return self.adapter.unet_kwargs(text, feats, encoded), encoded, graphs
+
+    def _timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        steps = self.noise_scheduler.config.num_train_timesteps
+        if self.timesteps == "uniform":
+            return torch.randint(0, steps, (n,), generator=generator, device=self.device)
+        u = torch.rand(n, generator=generator, device=self.device)
+        s = self.timestep_shift
+        return (s * u / (1 + (s - 1) * u) * steps).long().clamp(max=steps - 1)
+
+    def _loss_weights(self, t: torch.Tensor) -> torch.Tensor | None:
+        if self.loss_weighting == "none":
+            return None
+        snr = compute_snr(self.noise_scheduler, t).clamp_min(1e-8)
+        if self.loss_weighting == "min_snr":
+            if self.noise_scheduler.config.prediction_type == "v_prediction":
+                return snr.clamp_max(self.snr_gamma) / (snr + 1)
+            return snr.clamp_max(self.snr_gamma) / snr
+        return (1.0 / snr).clamp_max(self.snr_gamma)
 
     # --- the loss -------------------------------------------------------------------------------
     def diffusion_loss(self, batch: TrainBatch, generator: torch.Generator) -> torch.Tensor:
+        """The denoising loss (weighted per ``loss_weighting``), plus the layout head's loss."""
         latents = self._latents(batch, generator)
         n = latents.shape[0]
         noise = torch.randn(latents.shape, generator=generator, device=self.device, dtype=latents.dtype)
-        steps = self.noise_scheduler.config.num_train_timesteps
-        t = torch.randint(0, steps, (n,), generator=generator, device=self.device)
+        t = self._timesteps(n, generator)
         drops = self.dropout.sample(n, generator, self.device)
+        hide = None
+        if self.has_graph and self.layout_teacher_forcing < 1.0:
+            hide = torch.rand(n, generator=generator, device=self.device) >= self.layout_teacher_forcing
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         target = diffusion_target(self.noise_scheduler, latents, noise, t)
-        pred = self.unet(noisy, t, **self.condition(batch, drops)).sample
-        return F.mse_loss(pred.float(), target.float())
+        kwargs, encoded, graphs = self._condition(batch, drops, hide)
+        pred = self.unet(noisy, t, **kwargs).sample
+        weights = self._loss_weights(t)
+        if weights is None:
+            loss = F.mse_loss(pred.float(), target.float())
+        else:
+            per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+            loss = (per_sample * weights).mean()
+        if encoded is None or encoded.predicted is None:
+            return loss
+        stage = "train" if self.training else "val"
+        known = graphs.has_box  # the layout loss reads the true boxes, hidden from the model or not
+        layout = (
+            F.l1_loss(encoded.predicted[known], graphs.box[known].float())
+            if bool(known.any())
+            else encoded.predicted.sum() * 0.0
+        )
+        if self._trainer is not None:
+            self.log(f"{stage}/diffusion_loss", loss, batch_size=n)
+            self.log(f"{stage}/layout_loss", layout, batch_size=n)
+        return loss + self.layout_loss_weight * layout
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # the optimizer holds exactly the trainable parameters: no walk over the frozen base each step

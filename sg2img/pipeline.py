@@ -22,6 +22,7 @@ only uses the empty prompt.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from ip_adapter import IMAGE_STREAM, ImageEncoder, ImageFeatures, Stream, Transf
 from ip_adapter.attention import AttentionRecorder, Scale
 
 from .adapter import SG_STREAM, SceneGraphAdapter
-from .gnn import graphs_to_batch, token_labels
+from .gnn import GraphTokens, graphs_to_batch, token_labels
 from .graph import SceneGraph
 from .labels import LabelEmbedder
 from .models import IP_ADAPTER_IMAGE_ENCODER, Components, load_image_encoder
@@ -64,7 +65,11 @@ class GraphAttention:
 
 @dataclass
 class SG2ImgPipelineOutput(StableDiffusionPipelineOutput):
+    """``layouts``: per image, the box (x0, y0, x1, y1) in [0, 1] of each object of its graph that the graph
+    branch used (given in the graph, else predicted by the layout head); None without a graph or boxes."""
+
     attention_maps: list[GraphAttention] | None = field(default=None)
+    layouts: list[list[tuple[float, float, float, float]]] | None = field(default=None)
 
 
 def _broadcast(name: str, values: list, n: int) -> list:
@@ -185,7 +190,7 @@ class SceneGraphPipelineMixin:
         """
         adapter = SceneGraphAdapter.from_file(
             path, self.unet, label_dim=self.text_encoder.config.hidden_size, add_graph_branch=False
-        )
+        ).eval()  # for inference: no dropout in the GNN or the Resampler
         self.set_sg_adapter(adapter, image_encoder=image_encoder)
         return adapter
 
@@ -257,7 +262,7 @@ class SceneGraphPipelineMixin:
         return pipe
 
     # --- conditioning ---------------------------------------------------------------------------
-    def _graph_tokens(self, graphs: list[SceneGraph]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _graph_tokens(self, graphs: list[SceneGraph]) -> GraphTokens:
         batch = graphs_to_batch(graphs, self.label_embedder).to(self.unet.device)
         return self.sg_adapter.graph_tokens(batch)
 
@@ -324,7 +329,7 @@ class SceneGraphPipelineMixin:
             return torch.cat([uncond.repeat_interleave(n, dim=0), cond]) if do_cfg else cond
 
         concat = adapter is not None and adapter.config.injection == "concat"
-        image_tok = neg_tok = graph_tok = None
+        image_tok = neg_tok = graph_unc = graph_cond = layouts = None
         use_image = images is not None and not _is_zero(image_scale)
         use_graph = graphs is not None and not _is_zero(sg_scale)
         if adapter is not None and adapter.config.image_branch and (use_image or concat):
@@ -339,13 +344,18 @@ class SceneGraphPipelineMixin:
                 )
         if adapter is not None and adapter.config.graph_branch and (use_graph or concat):
             cond_graphs = graphs if use_graph else [SceneGraph()] * batch
-            tokens, mask = self._graph_tokens(([SceneGraph()] * batch if do_cfg else []) + cond_graphs)
-            graph_tok = (
-                tokens[: batch if do_cfg else 0],
-                mask[: batch if do_cfg else 0],
-                tokens[-batch:],
-                mask[-batch:],
+            encoded = self._graph_tokens(([SceneGraph()] * batch if do_cfg else []) + cond_graphs)
+            graph_unc, graph_cond = (
+                encoded.rows(slice(0, batch if do_cfg else 0)),
+                encoded.rows(slice(-batch, None)),
             )
+            if (
+                use_graph and encoded.layout is not None
+            ):  # the empty graphs have no objects: all rows are ours
+                boxes = [tuple(b) for b in encoded.layout.float().cpu().tolist()]
+                starts = [0, *itertools.accumulate(len(g.objects) for g in graphs)]
+                per_graph = [boxes[a:b] for a, b in itertools.pairwise(starts)]
+                layouts = [per_graph[r // n] for r in range(batch * n)]
 
         call = dict(
             num_inference_steps=num_inference_steps,
@@ -372,12 +382,12 @@ class SceneGraphPipelineMixin:
                 ones = torch.ones(image_tok.shape[:2], dtype=torch.bool, device=text.device)
                 cond_mask.append(ones)
                 uncond_mask.append(ones)
-            if graph_tok is not None:
-                g_unc, m_unc, g_c, m_c = graph_tok
-                cond_parts.append(g_c.to(text.dtype))
-                cond_mask.append(m_c)
-                uncond_parts.append((g_unc if do_cfg else g_c).to(text.dtype))
-                uncond_mask.append(m_unc if do_cfg else m_c)
+            if graph_cond is not None:
+                unc = graph_unc if do_cfg else graph_cond
+                cond_parts.append(graph_cond.tokens.to(text.dtype))
+                cond_mask.append(graph_cond.mask)
+                uncond_parts.append(unc.tokens.to(text.dtype))
+                uncond_mask.append(unc.mask)
             call["prompt_embeds"] = torch.cat(cond_parts, 1)
             if do_cfg:
                 call["negative_prompt_embeds"] = torch.cat(uncond_parts, 1)
@@ -389,17 +399,21 @@ class SceneGraphPipelineMixin:
             if image_tok is not None:
                 adapter.set_scale(image_scale=image_scale)
                 streams[IMAGE_STREAM] = Stream(image_tok)
-            if graph_tok is not None:
+            if graph_cond is not None:
                 adapter.set_scale(sg_scale=sg_scale)
-                g_unc, m_unc, g_c, m_c = graph_tok
-                streams[SG_STREAM] = Stream(rows(g_unc, g_c), rows(m_unc, m_c))
+                regions = None
+                if graph_cond.regions is not None:
+                    regions = rows(graph_unc.regions, graph_cond.regions)
+                streams[SG_STREAM] = Stream(
+                    rows(graph_unc.tokens, graph_cond.tokens), rows(graph_unc.mask, graph_cond.mask), regions
+                )
             if streams:
                 cak["streams"] = streams
         call["cross_attention_kwargs"] = cak or None
 
         recorder = None
         if attention_maps:
-            if concat or graph_tok is None or not use_graph:
+            if concat or graph_cond is None or not use_graph:
                 raise ValueError(
                     "attention_maps need a scene graph, a non-zero sg_scale and the decoupled graph branch"
                 )
@@ -427,7 +441,10 @@ class SceneGraphPipelineMixin:
             recorded = recorder.maps().cpu()
             maps = [GraphAttention(labels[r // n], recorded[r]) for r in range(batch * n)]
         return SG2ImgPipelineOutput(
-            images=images, nsfw_content_detected=out.nsfw_content_detected, attention_maps=maps
+            images=images,
+            nsfw_content_detected=out.nsfw_content_detected,
+            attention_maps=maps,
+            layouts=layouts,
         )
 
 

@@ -278,7 +278,7 @@ def test_positional_branch_without_a_grid_is_a_clear_error(tiny, unet_inputs):
     wide = torch.randn(2, 4, size, 2 * size)
     tokens = torch.randn(2, 3, tiny.unet.config.cross_attention_dim)
     with pytest.raises(
-        ValueError, match="is positional but this processor was not told the UNet's input size"
+        ValueError, match="needs the query grid, but this processor was not told the UNet's input size"
     ):
         run(tiny.unet, (wide, t, text), **sg_streams(tokens))
 

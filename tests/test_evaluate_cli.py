@@ -106,3 +106,40 @@ def test_an_image_branch_adapter_gets_the_graphs_rendering_as_image_prompt(tmp_p
     capsys.readouterr()
     assert evaluate("--n", "1", "--image-prompt", "reference") == 2  # the embedded adapter reads no images
     assert "--image-prompt reference needs an adapter with an image branch" in capsys.readouterr().err
+
+
+def test_the_layout_is_predicted_without_boxes_given_with_them_and_recorded(tmp_path):
+    from sg2img.adapter import SceneGraphAdapter, SGAdapterConfig
+    from sg2img.data import Shapes
+    from sg2img.defaults import embedded_base
+    from sg2img.gnn import GNNConfig, TokenConfig
+
+    parts = embedded_base()
+    config = SGAdapterConfig(
+        label_dim=parts.text_encoder.config.hidden_size,
+        image_branch=False,
+        gnn=GNNConfig("triplet", num_layers=1, hidden_dim=16, mlp_dim=32, use_boxes=False, layout_head=True),
+        tokens=TokenConfig(confine_objects=True),
+    )
+    torch.manual_seed(0)
+    path = SceneGraphAdapter(parts.unet, config).save(tmp_path / "layout.safetensors")
+    graph = Shapes("test", num_rows=1).example(0).graph  # a shapes-world graph with its boxes
+    graphs = tmp_path / "boxed.json"
+    graphs.write_text(json.dumps([graph.to_json()]))
+    truth = [list(o.box) for o in graph.objects]
+    n = len(truth)
+    for boxes in ("none", "given"):
+        out = tmp_path / boxes
+        assert evaluate("--graphs", graphs, "--adapter", path, "--boxes", boxes, "--out", out) == 0
+        row = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
+        assert [o["source"] for o in row["layout"]] == ["predicted" if boxes == "none" else "given"] * n
+        if boxes == "given":
+            torch.testing.assert_close(
+                torch.tensor([o["box"] for o in row["layout"]]), torch.tensor(truth), atol=1e-4, rtol=0
+            )
+        assert json.loads((out / "shapes-eval.json").read_text())["settings"]["boxes"] == boxes
+    out = tmp_path / "generate"
+    flags = ["--graph", str(graphs), "--adapter", str(path), "--steps", "2", "--out", str(out)]
+    assert main(["generate", *flags]) == 0
+    layout = json.loads((out / "generate.json").read_text())["outputs"][0]["layout"]
+    assert [o["source"] for o in layout] == ["given"] * n

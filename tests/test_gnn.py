@@ -83,6 +83,11 @@ def test_triplet_layer_matches_sg2ims_dense_update_rule():
     torch.testing.assert_close(lonely[1], layer.net2(torch.zeros(h)))
 
 
+def tokens_of(enc, graphs, labels):
+    out = enc(graphs_to_batch(graphs, labels))
+    return out.tokens, out.mask
+
+
 def encoder(labels, layer="tiny", **kw):
     torch.manual_seed(0)
     gnn = gnn_preset(layer, hidden_dim=16, mlp_dim=32, heads=4, **kw.pop("gnn", {}))
@@ -93,7 +98,7 @@ def encoder(labels, layer="tiny", **kw):
 @pytest.mark.parametrize("image_node", [False, True])
 def test_every_layer_gives_padded_tokens_with_masks(labels, layer, image_node):
     enc = encoder(labels, layer, gnn={"image_node": image_node})
-    tokens, mask = enc(graphs_to_batch([A, B, SceneGraph()], labels))
+    tokens, mask = tokens_of(enc, [A, B, SceneGraph()], labels)
     # 1 global + 4 objects + 4 triples for A; B has 1 + 2 + 1; the empty graph has nothing
     assert tokens.shape == (3, 9, 48)
     assert mask.sum(1).tolist() == [9, 4, 0]
@@ -103,17 +108,17 @@ def test_every_layer_gives_padded_tokens_with_masks(labels, layer, image_node):
 
 def test_tokens_do_not_depend_on_the_rest_of_the_batch(labels):
     enc = encoder(labels, "transformer")
-    alone, m1 = enc(graphs_to_batch([B], labels))
-    batched, m2 = enc(graphs_to_batch([A, B], labels))
+    alone, m1 = tokens_of(enc, [B], labels)
+    batched, m2 = tokens_of(enc, [A, B], labels)
     keep = m2[1]
     torch.testing.assert_close(batched[1][keep], alone[0][m1[0]], atol=1e-5, rtol=1e-5)
 
 
 def test_resampled_tokens_have_fixed_length_and_empty_graphs_stay_masked(labels):
     enc = encoder(labels, resample_to=5, resampler_heads=4)
-    tokens, mask = enc(graphs_to_batch([A, SceneGraph(), B], labels))
+    tokens, mask = tokens_of(enc, [A, SceneGraph(), B], labels)
     assert tokens.shape == (3, 5, 48) and mask.tolist() == [[True] * 5, [False] * 5, [True] * 5]
-    alone, _ = enc(graphs_to_batch([B], labels))
+    alone, _ = tokens_of(enc, [B], labels)
     torch.testing.assert_close(tokens[2], alone[0], atol=1e-5, rtol=1e-5)  # padding does not leak in
 
 

@@ -13,15 +13,16 @@ branch with the sg2im GNN), AdamW on the adapter. Variants, each one optimiser s
                   costs about 2x a forward: the backward needs activation gradients only)
   gnn+labels      the graph branch's share: label embeddings (cached per string, as in training) and the
                   GNN, forward and backward
-Samples/s, the ratios, and peak memory per variant (CUDA: max allocated; CPU: peak RSS of a separate
-process running that variant alone). Writes experiments/results/bench/train_step-<res>-<device>.json.
+Samples/s, the ratios, and the peak memory of each variant's step: the most memory the step takes above
+what was in use just before it (the model, its weights and inputs, loaded alike for every variant). CUDA:
+``max_memory_allocated`` reset before the step; CPU: a process of its own per variant, its resident set
+sampled every millisecond over the steps alone. Writes experiments/results/bench/train_step-<res>-<device>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -94,20 +95,51 @@ def make_variants(module, optimizer, raw, cached):
 
     def gnn():
         graphs = module.embed_graphs(cached.graphs, cached.labels)
-        tokens, _ = module.adapter.graph_tokens(graphs)
+        tokens = module.adapter.graph_tokens(graphs).tokens
         tokens.float().square().mean().backward()
 
     return {"official": step(raw), "ours": step(cached), "unet_forward": forward, "gnn+labels": gnn}
 
 
 def peak_memory(args, device, variant: str) -> float:
-    """Peak bytes of one variant: CUDA max allocated here; on CPU the peak RSS of a process of its own."""
-    if device.type == "cuda":
-        return float("nan")  # filled in main from torch.cuda
+    """The peak bytes one variant's step takes above what was in use before it, in a process of its own."""
     cmd = [sys.executable, __file__, "--probe", variant, "--resolution", str(args.resolution),
            "--batch", str(args.batch), "--device", str(device), "--base-dtype", args.base_dtype]  # fmt: skip
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return float(json.loads(out.strip().splitlines()[-1])["peak_rss_bytes"])
+    return float(json.loads(out.strip().splitlines()[-1])["peak_step_bytes"])
+
+
+def step_peak(run, device, repeats: int = 2) -> float:
+    """Peak memory of ``run`` (called ``repeats`` times) above what was in use when it started."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(repeats):
+            run()
+        torch.cuda.synchronize(device)
+        return float(torch.cuda.max_memory_allocated(device) - before)
+    import threading
+
+    import psutil
+
+    proc, peak, done = psutil.Process(), [0], threading.Event()
+    before = proc.memory_info().rss
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            done.wait(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        for _ in range(repeats):
+            run()
+    finally:
+        done.set()
+        sampler.join()
+    return float(max(peak[0], proc.memory_info().rss) - before)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,9 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     module, optimizer, raw, cached = build(args, device)
     variants = make_variants(module, optimizer, raw, cached)
     if args.probe:
-        for _ in range(2):
-            variants[args.probe]()
-        print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+        print(json.dumps({"peak_step_bytes": step_peak(variants[args.probe], device)}))
         return 0
     times = alternate(variants, device, args.repeats, args.warmup)
     summary = summarise(times, "official")
@@ -141,13 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.no_memory:
         for name in ("official", "ours"):
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-                variants[name]()
-                torch.cuda.synchronize(device)
-                summary[name]["peak_memory_bytes"] = float(torch.cuda.max_memory_allocated(device))
-            else:
-                summary[name]["peak_memory_bytes"] = peak_memory(args, device, name)
+            summary[name]["peak_memory_bytes"] = (
+                step_peak(variants[name], device)
+                if device.type == "cuda"
+                else peak_memory(args, device, name)
+            )
     speedup = summary["ours"]["samples_per_s"] / summary["official"]["samples_per_s"]
     rows = [
         [n, f"{s['median_s']:.2f}", f"{s['samples_per_s']:.2f}", f"{s['per_unet_forward']:.2f}",

@@ -17,7 +17,11 @@ Stages (each prints the command it runs and records its wall-clock time):
   concat     sg2img fit --config configs/experiments/shapes/graph_concat.yaml [quick]
   boxes      sg2img fit --config .../graph_decoupled.yaml --config .../graph_decoupled_boxes.yaml [quick]
   positional sg2img fit --config .../graph_decoupled.yaml --config .../graph_decoupled_positional.yaml [quick]
-  ship       the decoupled adapter becomes sg2img/assets/shapes-adapter.safetensors
+  layout     sg2img fit --config .../graph_decoupled.yaml --config .../graph_layout.yaml [quick]: the layout
+             head and object tokens confined to their boxes
+  concat-layout sg2img fit ... graph_concat.yaml ... graph_concat_layout.yaml: the concat injection given the
+             same layout (embedded into the object tokens; concat cannot confine tokens)
+  ship       the layout adapter becomes sg2img/assets/shapes-adapter.safetensors
   evaluate   sg2img evaluate shapes for every row of the table (``ROWS``)
   table      experiments/results/shapes/table.md from the evaluation records
 
@@ -55,6 +59,8 @@ STAGES = (
     "concat",
     "boxes",
     "positional",
+    "layout",
+    "concat-layout",
     "ship",
     "evaluate",
     "table",
@@ -68,19 +74,37 @@ TRAINING = {  # stage -> (configs, run name, base model?); [quick] is added to t
     "concat": (["graph_concat"], "graph_concat", None),
     "boxes": (["graph_decoupled", "graph_decoupled_boxes"], "graph_decoupled_boxes", None),
     "positional": (["graph_decoupled", "graph_decoupled_positional"], "graph_decoupled_positional", None),
+    "layout": (["graph_decoupled", "graph_layout"], "graph_layout", None),  # its own CPU recipe
+    "concat-layout": (["graph_concat", "graph_concat_layout"], "graph_concat_layout", None),
 }
-ROWS = (  # name, adapter run (None: the base alone), text prompt, image prompt
-    ("text only (objects in the caption)", None, "objects", "none"),
-    ("text with the relations in the caption", None, "relations", "none"),
-    ("image branch, CLS (4 tokens), image prompt only", "image_cls", "none", "reference"),
-    ("image branch, patch (Resampler), image prompt only", "image_patch", "none", "reference"),
-    ("image branch, CLS (4 tokens), image + objects prompt", "image_cls", "objects", "reference"),
-    ("image branch, patch (Resampler), image + objects prompt", "image_patch", "objects", "reference"),
-    ("graph branch, decoupled", "graph_decoupled", "objects", "none"),
-    ("graph branch, concat", "graph_concat", "objects", "none"),
-    ("graph branch, decoupled, GNN given the boxes (diagnostic)", "graph_decoupled_boxes", "objects", "none"),
-    ("graph branch, decoupled, positional graph query", "graph_decoupled_positional", "objects", "none"),
-)
+SHIPPED = "graph_layout"  # the adapter run that becomes sg2img/assets/shapes-adapter.safetensors
+INDEPENDENT = ["--graphs", "data/shapes-independent.json"]  # experiments/shapes/independent_graphs.py
+ROWS = (  # name, record, adapter run (None: the base alone), text prompt, image prompt, more evaluate flags
+    ("text only (objects in the caption)", "base-objects", None, "objects", "none", []),
+    ("text with the relations in the caption", "base-relations", None, "relations", "none", []),
+    ("image branch, CLS (4 tokens), image prompt only", "image_cls-none", "image_cls", "none", "reference", []),
+    ("image branch, patch (Resampler), image prompt only", "image_patch-none", "image_patch", "none", "reference",
+     []),
+    ("image branch, CLS (4 tokens), image + objects prompt", "image_cls-objects", "image_cls", "objects",
+     "reference", []),
+    ("image branch, patch (Resampler), image + objects prompt", "image_patch-objects", "image_patch", "objects",
+     "reference", []),
+    ("graph branch, decoupled", "graph_decoupled", "graph_decoupled", "objects", "none", []),
+    ("graph branch, concat", "graph_concat", "graph_concat", "objects", "none", []),
+    ("graph branch, decoupled, GNN given the boxes (diagnostic)", "graph_decoupled_boxes", "graph_decoupled_boxes",
+     "objects", "none", ["--boxes", "given"]),
+    ("graph branch, decoupled, positional graph query", "graph_decoupled_positional", "graph_decoupled_positional",
+     "objects", "none", []),
+    ("graph branch with layout, relations only", "graph_layout", "graph_layout", "objects", "none", []),
+    ("graph branch with layout, boxes given (oracle)", "graph_layout-oracle", "graph_layout", "objects", "none",
+     ["--boxes", "given"]),
+    ("graph branch with layout, concat (layout embedded in the tokens)", "graph_concat_layout",
+     "graph_concat_layout", "objects", "none", []),
+    ("graph branch with layout, relations only, independent graphs", "graph_layout-independent", "graph_layout",
+     "objects", "none", INDEPENDENT),
+    ("text with the relations in the caption, independent graphs", "base-relations-independent", None,
+     "relations", "none", INDEPENDENT),
+)  # fmt: skip
 RECORDS = ROOT / "experiments" / "results" / "shapes"
 
 
@@ -96,11 +120,6 @@ def run(cmd: list[str], log: dict) -> float:
     seconds = time.perf_counter() - start
     log.setdefault("commands", []).append({"command": shown, "seconds": round(seconds, 1)})
     return seconds
-
-
-def row_dir(adapter: str | None, prompt: str, image: str) -> str:
-    name = adapter or "base"
-    return f"{name}-{prompt}" if adapter is None or adapter.startswith("image") else name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,9 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         if stage in TRAINING:
             configs, name, kind = TRAINING[stage]
             cmd = {"clip": ["fit-clip"], "base": ["fit-base"]}.get(kind, ["fit"])
-            for config in configs:
+            # the preset goes after the first config: a stage's own recipe (its second config) has the last word
+            for config in configs[:1]:
                 cmd += ["--config", f"{CONFIGS}/{config}.yaml"]
             cmd += [] if kind else preset
+            for config in configs[1:]:
+                cmd += ["--config", f"{CONFIGS}/{config}.yaml"]
             cmd += ["--trainer.default_root_dir", str(args.runs / name)]
             log.setdefault("training_seconds", {})[name] = round(run(sg2img(*cmd), log), 1)
         elif stage == "clip-eval":
@@ -157,36 +179,45 @@ def main(argv: list[str] | None = None) -> int:
                 f"shipped {args.runs / 'base' / 'base.safetensors'} -> {ASSETS / 'shapes-base.safetensors'} (fp16)"
             )
         elif stage == "ship":
-            src = args.runs / "graph_decoupled" / "adapter.safetensors"
+            src = args.runs / SHIPPED / "adapter.safetensors"
             shutil.copyfile(src, ASSETS / "shapes-adapter.safetensors")
-            print(f"shipped the decoupled adapter -> {ASSETS / 'shapes-adapter.safetensors'}")
+            print(f"shipped {src} -> {ASSETS / 'shapes-adapter.safetensors'}")
         elif stage == "evaluate":
-            for _, adapter, prompt, image in ROWS:
-                if only is not None and row_dir(adapter, prompt, image) not in only:
+            for _, name, adapter, prompt, image, flags in ROWS:
+                if only is not None and name not in only:
                     continue
-                out = args.eval / row_dir(adapter, prompt, image)
+                out = args.eval / name
                 cmd = ["evaluate", "shapes", "--model", "embedded", "--prompt", prompt, "--n", str(args.n)]
-                cmd += ["--steps", str(args.steps), "--guidance", str(args.guidance), "--out", str(out)]
+                cmd += [
+                    "--steps",
+                    str(args.steps),
+                    "--guidance",
+                    str(args.guidance),
+                    "--out",
+                    str(out),
+                    *flags,
+                ]
                 if adapter is None:
                     path = "none"
-                elif adapter == "graph_decoupled":  # what ships (a copy of the run's adapter)
+                elif adapter == SHIPPED:  # what ships (a copy of the run's adapter)
                     path = str(ASSETS.relative_to(ROOT) / "shapes-adapter.safetensors")
                 else:
                     path = str(args.runs / adapter / "adapter.safetensors")
                 if adapter is not None and not Path(path).is_file():
-                    print(f"skipped {row_dir(adapter, prompt, image)}: no {path}")
+                    print(f"skipped {name}: no {path}")
                     continue
                 run(sg2img(*cmd, "--adapter", path, "--image-prompt", image, "--save-images"), log)
                 record = json.loads((out / "shapes-eval.json").read_text())
                 record.pop("images", None)  # the per-image rows stay in build/; the record keeps the totals
                 # CLIP-T against the text prompt and CLIP-I against the prompt image (the graph's rendering),
-                # both with the world's tiny CLIP
-                metrics = "clip-i" if prompt == "none" else "clip-t,clip-i"
+                # both with the world's tiny CLIP; graphs without boxes have no rendering
+                metrics = ",".join(
+                    m for m, on in (("clip-t", prompt != "none"), ("clip-i", "--graphs" not in flags)) if on
+                )
                 scores = out / "clip-scores.json"
                 run(sg2img("evaluate", "--samples", str(out), "--refs", str(out / "refs"), "--metrics", metrics,
                            "--clip", "shapes", "--out", str(scores)), log)  # fmt: skip
                 record["clip_scores"] = json.loads(scores.read_text())
-                name = row_dir(adapter, prompt, image)
                 (args.records / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
         elif stage == "table":
             write_table(args)
@@ -201,8 +232,8 @@ def write_table(args: argparse.Namespace) -> Path:
         "graph accuracy | CLIP-T | CLIP-I |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, adapter, prompt, image in ROWS:
-        path = args.records / f"{row_dir(adapter, prompt, image)}.json"
+    for label, name, _, prompt, image, _ in ROWS:
+        path = args.records / f"{name}.json"
         if not path.is_file():
             continue
         record = json.loads(path.read_text())
@@ -212,7 +243,7 @@ def write_table(args: argparse.Namespace) -> Path:
             return f"{c[key]:.3f} ± {c[key + '_std'] / n**0.5:.3f}" if key in c else "–"
 
         lines.append(
-            f"| {name} | {prompt} | {image} | {s['object_recall']:.3f} ± {s['object_recall_se']:.3f} | "
+            f"| {label} | {prompt} | {image} | {s['object_recall']:.3f} ± {s['object_recall_se']:.3f} | "
             f"{s['relation_accuracy']:.3f} ± {s['relation_accuracy_se']:.3f} | {s['relations_judged']:.3f} | "
             f"{s['graph_accuracy']:.3f} ± {s['graph_accuracy_se']:.3f} | {clip('clip_t')} | {clip('clip_i')} |"
         )

@@ -53,7 +53,7 @@ def write_cache(
     source.transform = Preprocess(need["resolution"], need["clip_size"], module.tokenizer)
     loader = DataLoader(source, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     fields = [f for f in FIELDS if f != "patch_tokens" or patch_tokens]
-    if module.image_encoder is None:  # a graph-only model without an image encoder caches no image features
+    if not module.has_image:  # a model without an image branch reads (and caches) no image features
         fields = [f for f in fields if f not in ("image_embeds", "patch_tokens")]
     skips = SkipLog()
     shards: list[int] = []

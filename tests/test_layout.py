@@ -1,0 +1,255 @@
+"""The layout: the layout head, object tokens confined to their boxes, and the training options that
+reward layout (timestep sampling, loss weighting, teacher forcing)."""
+
+import pytest
+import torch
+from datafiles import write_manifest
+from diffusers.models.attention_processor import Attention
+from test_training import SMALL_GNN, first_batch, make_module
+
+from ip_adapter.attention import DecoupledAttnProcessor, Stream, region_mask
+from sg2img.adapter import SGAdapterConfig
+from sg2img.gnn import FULL_IMAGE, GNNConfig, SceneGraphEncoder, TokenConfig, graphs_to_batch
+from sg2img.graph import SceneGraph
+from sg2img.labels import LabelEmbedder
+from sg2img.lit_module import ConditionDropout, SG2ImgModule
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return write_manifest(tmp_path_factory.mktemp("data"), n=8)
+
+
+LEFT, RIGHT = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)
+BOXED = SceneGraph.from_json(
+    {
+        "objects": [
+            {"name": "circle", "attributes": ["red"], "box": [0.1, 0.2, 0.4, 0.5]},
+            {"name": "square", "attributes": ["blue"], "box": [0.6, 0.5, 0.9, 0.8]},
+        ],
+        "relationships": [[0, "left of", 1]],
+    }
+)
+UNBOXED = SceneGraph.from_names(["red circle", "blue square"], [(0, "left of", 1)])
+
+
+def test_region_mask_marks_the_cells_a_box_overlaps():
+    regions = torch.tensor([[FULL_IMAGE, LEFT, (0.30, 0.30, 0.31, 0.31), (0.5, 0.5, 0.5, 0.5)]])
+    cells = region_mask(regions, 4, 4).reshape(1, 4, 4, 4)  # (B, h, w, N)
+    assert cells[0, ..., 0].all()  # the whole image: every cell
+    assert cells[0, :, :2, 1].all() and not cells[0, :, 2:, 1].any()  # the left half: columns 0-1
+    assert cells[0, ..., 2].sum() == 1 and cells[0, 1, 1, 2]  # a speck still reaches its one cell
+    assert not cells[0, ..., 3].any()  # no area: no cell (padding)
+
+
+@pytest.fixture
+def attention_layer():
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4)
+    proc = DecoupledAttnProcessor(hidden_size=8, cross_attention_dim=6, streams=("sg",))
+    with torch.no_grad():
+        for p in proc.parameters():
+            p.normal_()
+    attn.set_processor(proc)
+    hidden = torch.randn(1, 16, 8)  # a 4x4 grid of queries
+    text = torch.randn(1, 3, 6)
+    tokens = torch.randn(1, 2, 6)
+    return attn, hidden, text, tokens
+
+
+def test_a_confined_token_is_seen_only_inside_its_box(attention_layer):
+    attn, hidden, text, tokens = attention_layer
+
+    def out(stream):
+        with torch.no_grad():
+            return attn(hidden, encoder_hidden_states=text, streams={"sg": stream}).reshape(4, 4, 8)
+
+    free = out(Stream(tokens))
+    without_second = out(Stream(tokens, torch.tensor([[True, False]])))
+    confined = out(Stream(tokens, regions=torch.tensor([[FULL_IMAGE, LEFT]])))
+    torch.testing.assert_close(confined[:, :2], free[:, :2])  # inside the box: as if unconfined
+    torch.testing.assert_close(confined[:, 2:], without_second[:, 2:])  # outside: as if absent
+    assert not torch.allclose(confined[:, 2:], free[:, 2:])
+    # a query that sees no token of the stream gets nothing from it: only the text path is left
+    nothing = out(Stream(tokens, regions=torch.tensor([[LEFT, LEFT]])))
+    text_only = out(Stream(tokens, torch.tensor([[False, False]])))
+    torch.testing.assert_close(nothing[:, 2:], text_only[:, 2:])
+    assert torch.isfinite(nothing).all()
+
+
+def test_stream_regions_must_match_the_tokens():
+    with pytest.raises(ValueError, match=r"regions shape \(1, 3, 4\) is not \(B, N, 4\)"):
+        Stream(torch.zeros(1, 2, 6), regions=torch.zeros(1, 3, 4))
+
+
+@pytest.fixture
+def labels(tiny_session):
+    return LabelEmbedder(tiny_session.text_encoder, tiny_session.tokenizer)
+
+
+def encoder(labels, **gnn):
+    torch.manual_seed(0)
+    config = GNNConfig("triplet", num_layers=2, hidden_dim=16, mlp_dim=32, **gnn)
+    return SceneGraphEncoder(labels.dim, 48, config, TokenConfig(confine_objects=True)).eval()
+
+
+def test_layout_head_boxes_given_boxes_override_and_object_tokens_get_their_regions(labels):
+    enc = encoder(labels, use_boxes=False, layout_head=True, boxes_after_gnn=True)
+    with torch.no_grad():
+        out = enc(graphs_to_batch([BOXED, UNBOXED, SceneGraph()], labels))
+    assert out.predicted.shape == (4, 4) and out.layout.shape == (4, 4)
+    p = out.predicted
+    assert ((p >= 0) & (p <= 1)).all() and (p[:, 2] >= p[:, 0]).all() and (p[:, 3] >= p[:, 1]).all()
+    given = torch.tensor([o.box for o in BOXED.objects])
+    torch.testing.assert_close(out.layout[:2], given)  # the graph's own boxes
+    torch.testing.assert_close(out.layout[2:], p[2:])  # predicted where the graph has none
+    # token order: global, 2 objects, 1 triple; only the object tokens are confined
+    full = torch.tensor(FULL_IMAGE)
+    torch.testing.assert_close(out.regions[0, 1:3], given)
+    torch.testing.assert_close(out.regions[1, 1:3], p[2:])
+    for row in range(3):
+        torch.testing.assert_close(out.regions[row, 0], full)
+        torch.testing.assert_close(out.regions[row, 3], full)
+    assert not out.mask[2].any()  # the empty graph still contributes nothing
+
+
+def test_boxes_after_the_gnn_reach_the_tokens(labels):
+    enc = encoder(labels, use_boxes=False, boxes_after_gnn=True)
+    moved = SceneGraph.from_json(
+        {
+            **BOXED.to_json(),
+            "objects": [{**o, "box": [0.5, 0.1, 0.9, 0.3]} for o in BOXED.to_json()["objects"]],
+        }
+    )
+    with torch.no_grad():
+        a = enc(graphs_to_batch([BOXED], labels)).tokens
+        b = enc(graphs_to_batch([moved], labels)).tokens
+    assert not torch.allclose(a[0, 1:3], b[0, 1:3])  # object tokens know their box
+    off = encoder(labels, use_boxes=False)
+    with torch.no_grad():  # without it (and without boxes at the input) the tokens ignore the boxes
+        torch.testing.assert_close(
+            off(graphs_to_batch([BOXED], labels)).tokens, off(graphs_to_batch([moved], labels)).tokens
+        )
+
+
+def test_confinement_config_errors():
+    with pytest.raises(ValueError, match="cannot go with resample_to"):
+        TokenConfig(confine_objects=True, resample_to=4)
+    with pytest.raises(ValueError, match="needs object_tokens"):
+        TokenConfig(confine_objects=True, object_tokens=False)
+    with pytest.raises(ValueError, match="confine_objects needs injection: decoupled"):
+        SGAdapterConfig(injection="concat", tokens=TokenConfig(confine_objects=True))
+
+
+LAYOUT_GNN = GNNConfig("triplet", num_layers=1, hidden_dim=16, mlp_dim=32, use_boxes=False, layout_head=True)
+NO_DROPOUT = ConditionDropout(0.0, 0.0, 0.0, 0.0)
+
+
+def test_the_layout_loss_is_the_l1_of_the_predicted_boxes_and_adds_to_the_loss(manifest):
+    common = dict(gnn=LAYOUT_GNN, tokens=TokenConfig(confine_objects=True), dropout=NO_DROPOUT)
+    with_layout = make_module(layout_loss_weight=1.0, **common)
+    without = make_module(layout_loss_weight=0.0, **common)
+    batch = first_batch(with_layout, manifest)
+    with torch.no_grad():
+        total = with_layout.diffusion_loss(batch, with_layout.step_generator(0)).item()
+        plain = without.diffusion_loss(batch, without.step_generator(0)).item()
+        graphs = batch.graphs
+        encoded = with_layout.adapter.graph_tokens(with_layout.embed_graphs(graphs, batch.labels))
+        l1 = (encoded.predicted - graphs.box).abs().mean().item()
+    assert l1 > 0 and total == pytest.approx(plain + l1, rel=1e-5)
+
+
+def test_teacher_forcing_zero_hides_the_boxes_and_one_keeps_them(manifest):
+    gnn = GNNConfig("triplet", num_layers=1, hidden_dim=16, mlp_dim=32, use_boxes=True, layout_head=True)
+    m = make_module(gnn=gnn, tokens=TokenConfig(confine_objects=True), dropout=NO_DROPOUT)
+    batch = first_batch(m, manifest)
+    n = batch.batch_size
+    drops = {k: torch.zeros(n, dtype=torch.bool) for k in ("text", "image", "graph")}
+    with torch.no_grad():
+        _, kept, graphs = m._condition(batch, drops, torch.zeros(n, dtype=torch.bool))
+        _, hidden, _ = m._condition(batch, drops, torch.ones(n, dtype=torch.bool))
+    torch.testing.assert_close(kept.layout, graphs.box)  # the true boxes
+    torch.testing.assert_close(hidden.layout, hidden.predicted)  # the head's own boxes
+    assert not torch.allclose(hidden.predicted, kept.predicted)  # the GNN no longer sees the boxes
+
+
+def test_shifted_timesteps_favour_high_noise_and_inverse_snr_weights_it_more():
+    uniform = make_module(gnn=SMALL_GNN)
+    shifted = make_module(gnn=SMALL_GNN, timesteps="shifted", timestep_shift=3.0)
+    g = torch.Generator().manual_seed(0)
+    t_u = uniform._timesteps(4000, g).float()
+    t_s = shifted._timesteps(4000, torch.Generator().manual_seed(0)).float()
+    assert t_s.min() >= 0 and t_s.max() <= 999
+    assert t_s.mean() > t_u.mean() + 150  # shift 3: mean 0.70 of the range against 0.5
+    t = torch.tensor([50, 500, 950])
+    inv = make_module(gnn=SMALL_GNN, loss_weighting="inv_snr", snr_gamma=5.0)._loss_weights(t)
+    min_snr = make_module(gnn=SMALL_GNN, loss_weighting="min_snr", snr_gamma=5.0)._loss_weights(t)
+    assert inv[0] < inv[1] < inv[2] and inv.max() <= 5.0  # grows with the noise, capped
+    assert min_snr[2] == 1.0 and min_snr[0] < 1.0  # high noise keeps weight 1, low noise weighs less
+    assert uniform._loss_weights(t) is None
+
+
+def test_layout_and_timestep_options_refuse_bad_values():
+    for kw, match in (
+        ({"layout_teacher_forcing": 1.5}, "layout_teacher_forcing"),
+        ({"layout_loss_weight": -1.0}, "layout_loss_weight"),
+        ({"timesteps": "cubic"}, "timesteps must be"),
+        ({"timestep_shift": 0.0}, "timestep_shift"),
+        ({"loss_weighting": "p2"}, "loss_weighting must be"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            SG2ImgModule(**kw)
+
+
+def layout_adapter(tiny, tiny_preset):
+    from sg2img.adapter import SceneGraphAdapter
+
+    torch.manual_seed(0)
+    cfg = SGAdapterConfig(
+        label_dim=tiny.text_encoder.config.hidden_size,
+        image_branch=False,
+        image=tiny_preset.adapter_config("cls"),
+        gnn=GNNConfig("triplet", num_layers=1, hidden_dim=16, mlp_dim=32, use_boxes=False, layout_head=True),
+        tokens=TokenConfig(confine_objects=True),
+    )
+    adapter = SceneGraphAdapter(tiny.unet, cfg)
+    with torch.no_grad():  # off the identity init, so the branch visibly matters
+        for p in adapter.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    adapter.attach(tiny.unet)
+    return adapter
+
+
+def test_sg_scale_zero_with_confined_tokens_is_the_plain_unet(tiny, tiny_preset, unet_inputs, labels):
+    adapter = layout_adapter(tiny, tiny_preset)
+    latents, t, text = unet_inputs
+    graphs = graphs_to_batch([BOXED, UNBOXED], labels)
+    kwargs = adapter.unet_kwargs(text, None, graphs)
+    assert kwargs["cross_attention_kwargs"]["streams"]["sg"].regions is not None
+    with torch.no_grad():
+        plain = tiny.unet(latents, t, encoder_hidden_states=text).sample
+        adapter.set_scale(sg_scale=0.0)
+        assert torch.equal(tiny.unet(latents, t, **kwargs).sample, plain)
+        adapter.set_scale(sg_scale=1.0)
+        assert not torch.allclose(tiny.unet(latents, t, **kwargs).sample, plain)
+
+
+def test_the_pipeline_returns_the_layout_it_used(tiny, tiny_preset, labels):
+    from sg2img.pipeline import SG2ImgPipeline
+
+    pipe = SG2ImgPipeline.from_components(tiny)
+    pipe.set_sg_adapter(layout_adapter(tiny, tiny_preset), labels=labels)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        prompt=["two things"] * 2,
+        scene_graph=[BOXED, UNBOXED],
+        num_inference_steps=2,
+        num_images_per_prompt=2,
+        generator=torch.Generator().manual_seed(0),
+        attention_maps=True,
+    )
+    assert len(out.layouts) == 4 and out.layouts[0] == out.layouts[1]  # one per image, graph-major
+    torch.testing.assert_close(torch.tensor(out.layouts[0]), torch.tensor([o.box for o in BOXED.objects]))
+    predicted = torch.tensor(out.layouts[2])
+    assert predicted.shape == (2, 4) and ((predicted >= 0) & (predicted <= 1)).all()
+    assert all(torch.isfinite(m.maps).all() for m in out.attention_maps)
