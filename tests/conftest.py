@@ -7,12 +7,19 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 from ip_adapter import ImageFeatures
 from sg2img.models import Components, build_components, get_preset
+
+# Property-based tests: `make test` and CI draw the same examples every run (profile "ci", derandomised);
+# HYPOTHESIS_PROFILE=random draws new ones each run, to search further.
+settings.register_profile("ci", derandomize=True, deadline=None)
+settings.register_profile("random", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import yaml
 from PIL import Image, ImageDraw
 
@@ -109,7 +111,10 @@ def plant_faults(root: Path, manifest: Path) -> list[tuple[str, str]]:
             ),
             "relationships[0][0]",
         ),
-        (json.dumps({"image": "images/000.png", "scene_graph": {"objects": "circle"}}), "objects"),
+        (
+            json.dumps({"image": "images/000.png", "scene_graph": {"objects": "circle"}}),
+            "objects: must be an array, got string",
+        ),
     ]
     with open(manifest, "a") as f:
         for line, _ in rows:
@@ -238,6 +243,22 @@ def _mk(path: Path) -> Path:
 
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+class PauseAfterStep(L.Callback):
+    """For runs that a test kills: once step ``step`` is done (its checkpoint written), the run writes
+    ``DIR/paused`` and waits to be killed, so the kill always lands mid-run, however fast the steps are."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            (Path(trainer.default_root_dir) / "paused").write_text(str(trainer.global_step))
+            while True:
+                time.sleep(1)
+
+
 SMALL_GNN = {"num_layers": 1, "hidden_dim": 16, "mlp_dim": 32}
 
 

@@ -43,9 +43,19 @@ def test_every_shipped_grid_loads(grid):
 def test_every_ablation_delta_changes_one_model_setting():
     import yaml
 
-    for path in sorted((ROOT / "configs" / "experiments" / "ablations").glob("*.yaml")):
+    def leaves(d: dict, prefix: str = "") -> list[str]:
+        return [
+            k
+            for key, v in d.items()
+            for k in (leaves(v, f"{prefix}{key}.") if isinstance(v, dict) else [prefix + key])
+        ]
+
+    paths = sorted((ROOT / "configs" / "experiments" / "ablations").glob("*.yaml"))
+    assert len(paths) >= 10
+    for path in paths:
         data = yaml.safe_load(path.read_text())
         assert list(data) == ["model"], path.name
+        assert len(leaves(data["model"])) == 1, (path.name, leaves(data["model"]))
 
 
 @pytest.mark.parametrize(

@@ -95,7 +95,8 @@ def test_truncated_text_is_refused_cleanly(value, data):
 @PROFILE
 @given(st.integers(1, 3000), st.sampled_from(["[", '{"objects": [', '[[[[{"a": ']))
 def test_deep_nesting_is_refused_not_a_crash(depth, opener):
-    parses_or_refuses(opener * depth + "1" + "]" * depth)
+    # no such text is a scene-graph file (a list of graph objects): each must be refused with one clear error
+    assert isinstance(parses_or_refuses(opener * depth + "1" + "]" * depth), SceneGraphError)
 
 
 @PROFILE

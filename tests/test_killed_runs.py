@@ -3,6 +3,7 @@ that ends with the adapter an uninterrupted run ends with."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -88,8 +89,15 @@ def test_a_fit_killed_with_sigkill_resumes_to_the_adapter_of_an_uninterrupted_ru
     run = [sys.executable, "-m", "sg2img", *args, "--trainer.default_root_dir", str(killed)]
     env = {**os.environ, "WANDB_MODE": "disabled"}
     step = random.Random(0).randint(2, 8)  # mid-epoch in the first or second epoch
-    proc = subprocess.Popen(run, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wait_for(killed / "checkpoints" / f"epoch={(step - 1) // 6}-step={step}.ckpt", proc)
+    # the run waits after step `step` until it is killed (tests/datafiles.py's PauseAfterStep)
+    pause = json.dumps({"class_path": "datafiles.PauseAfterStep", "init_args": {"step": step}})
+    paused_env = {**env, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [*run, f"--trainer.callbacks+={pause}"],
+        cwd=ROOT, env=paused_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    wait_for(killed / "paused", proc)
+    assert (killed / "checkpoints" / f"epoch={(step - 1) // 6}-step={step}.ckpt").is_file()
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL

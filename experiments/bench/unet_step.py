@@ -5,6 +5,8 @@
 
 fp32 on CPU, fp16 on a GPU (``--dtype`` to change). Variants, each one UNet call on the same inputs:
   plain                      diffusers' AttnProcessor2_0 everywhere (the baseline)
+  plain_cached               our processor without streams, the text K/V cached as within a generation:
+                             the fair baseline of the cached variants (they cache the text K/V too)
   image4                     + our image branch (4 tokens), K/V of the constant streams cached as within
                              a generation (every step after the first)
   image4_uncached            the same, K/V projected at every call
@@ -13,7 +15,8 @@ fp32 on CPU, fp16 on a GPU (``--dtype`` to change). Variants, each one UNet call
   diffusers_ip4              diffusers' IPAdapterAttnProcessor2_0 on the same weights (4 tokens, loaded by
                              ``_load_ip_adapter_weights`` as ``load_ip_adapter`` does; it projects the image
                              embedding inside every UNet call, which is how diffusers runs it)
-Runs alternate (the order rotating), after a warm-up; the figures are medians and ratios to ``plain``.
+Runs alternate (the order rotating), after a warm-up; the figures are medians and ratios to ``plain``;
+the cached variants also get their ratio to ``plain_cached`` (``ratio_to_plain_cached``).
 Writes experiments/results/bench/unet_step[-<latent>][-<device>].json.
 """
 
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     from ip_adapter import IMAGE_STREAM, ImageFeatures, IPAdapter, Stream
+    from ip_adapter.attention import DecoupledAttnProcessor
     from sg2img.models import PRESETS
 
     device = pick_device(args.device)
@@ -93,11 +97,19 @@ def main(argv: list[str] | None = None) -> int:
 
         return setup
 
+    text_only = {name: DecoupledAttnProcessor() for name in unet.attn_processors}  # one text cache each
+
+    def plain_cached():
+        for p in text_only.values():
+            p.kv_cache = p.kv_cache if p.kv_cache is not None else {}
+        unet.set_attn_processor(dict(text_only))
+
     def call(u, **kw):
         return lambda: u(latents, t, text, **kw).sample
 
     variants = {
         "plain": call(unet),
+        "plain_cached": call(unet),
         "image4": call(unet, cross_attention_kwargs={"streams": streams4}),
         "image4_uncached": call(unet, cross_attention_kwargs={"streams": streams4}),
         "patch16+graph32": call(unet, cross_attention_kwargs={"streams": streams_pg}),
@@ -106,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     setup = {
         "plain": lambda: unet.set_attn_processor(AttnProcessor2_0()),
+        "plain_cached": plain_cached,
         "image4": use(ad4, True),
         "image4_uncached": use(ad4, False),
         "patch16+graph32": use(adpg, True),
@@ -120,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     for p in ad4.attention.processors() + adpg.attention.processors():
         p.kv_cache = None
     summary = summarise(times, "plain")
+    for name in ("image4", "patch16+graph32"):
+        summary[name]["ratio_to_plain_cached"] = (
+            summary[name]["median_s"] / summary["plain_cached"]["median_s"]
+        )
     rows = [
         [n, f"{s['median_s'] * 1000:.1f}", f"{s['ratio']:.3f}", f"{s['overhead_pct']:+.1f}%"]
         for n, s in summary.items()
