@@ -43,19 +43,46 @@ def _records(path: Path) -> list[bytes]:
     return out
 
 
-def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
-    """``{"history": [row, ...], "config": {...}, "run": {"name", "group", "job_type"}, "media": [relative
-    paths]}`` of one offline run folder."""
+def _parsed(log: Path) -> list:
     from wandb.proto import wandb_internal_pb2
+
+    records = []
+    for data in _records(log):
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(data)
+        records.append(rec)
+    return records
+
+
+def read_offline_run(run_dir: str | Path, wait: float = 120.0) -> dict[str, Any]:
+    """``{"history": [row, ...], "config": {...}, "run": {"name", "group", "job_type"}, "media": [relative
+    paths]}`` of one offline run folder.
+
+    ``wandb.finish()`` can return before wandb's core process has written the end of the log (it writes
+    asynchronously; on a loaded machine the gap is seconds). A finished run's log ends with its ``exit``
+    record, so this waits up to ``wait`` seconds for that record and raises ``TimeoutError`` if it never
+    comes (``wait=0``: read whatever is there, e.g. a crashed run)."""
+    import time
 
     run_dir = Path(run_dir)
     logs = sorted(run_dir.glob("run-*.wandb"))
     if not logs:
         raise FileNotFoundError(f"{run_dir}: no run-*.wandb file (not a W&B run folder)")
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            records = _parsed(logs[0])
+        except Exception:  # a record cut off mid-write: read again once more of the log is on disk
+            if wait <= 0 or time.monotonic() > deadline:
+                raise
+            records = []
+        if wait <= 0 or any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{logs[0]}: no exit record after {wait:.0f} s (the run has not finished)")
+        time.sleep(0.1)
     history, config, run = [], {}, {}
-    for data in _records(logs[0]):
-        rec = wandb_internal_pb2.Record()
-        rec.ParseFromString(data)
+    for rec in records:
         kind = rec.WhichOneof("record_type")
         if kind == "history":
             row = {}
