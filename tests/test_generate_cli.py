@@ -39,11 +39,14 @@ def test_embedded_default_writes_images_sheets_and_the_record(default_run):
     assert record["adapter"].endswith("shapes-adapter.safetensors") and record["adapter_sha256"]
     assert [i["seed"] for o in record["outputs"] for i in o["images"]] == [0, 1, 2, 3]
     assert record["outputs"][0]["graph"]["objects"]  # the graph itself is kept
+    layout = record["outputs"][0]["layout"]  # the embedded adapter places the objects itself
+    assert len(layout) == len(record["outputs"][0]["graph"]["objects"])
+    assert all(len(o["box"]) == 4 and o["source"] == "predicted" for o in layout)  # sheep.json has no boxes
     assert {"torch", "diffusers", "sg2img"} <= set(record["versions"])
     assert record["scheduler"]["class"] == "DDIMScheduler"
     sheet = Image.open(default_run / "sheep-00-sheet.png")
     image = Image.open(default_run / "sheep-00-00.png")
-    assert sheet.width == 3 * 256 and image.size == (32, 32)  # drawing + 2 images
+    assert sheet.width == 4 * 256 and image.size == (32, 32)  # drawing + its layout + 2 images
 
 
 def test_same_seed_same_images_other_seed_differs(default_run, tmp_path):
