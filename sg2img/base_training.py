@@ -24,12 +24,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DConditionModel
-from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.training_utils import EMAModel
 from PIL import Image
 
 from .data.records import SkipLog, TrainBatch
 from .graph import SceneGraph
-from .lit_module import DiffusionSteps, diffusion_target
+from .lit_module import DiffusionSteps, diffusion_target, snr_loss_weights
 from .models import Components, build_components, ddpm_scheduler, get_preset, load_base, save_base_file
 
 log = logging.getLogger(__name__)
@@ -249,10 +249,7 @@ class BaseModelModule(DiffusionSteps, L.LightningModule):
         target = diffusion_target(self.noise_scheduler, x0, noise, t)
         if self.snr_gamma is None:
             return F.mse_loss(pred.float(), target.float())
-        snr = compute_snr(self.noise_scheduler, t).clamp_min(1e-8)
-        weight = snr.clamp_max(self.snr_gamma) / snr
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            weight = snr.clamp_max(self.snr_gamma) / (snr + 1)
+        weight = snr_loss_weights(self.noise_scheduler, t, "min_snr", self.snr_gamma)
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         return (per_sample * weight).mean()
 

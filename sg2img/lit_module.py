@@ -131,6 +131,22 @@ def diffusion_target(
     raise ValueError(f"unsupported prediction_type {kind!r} in the base's scheduler config")
 
 
+def snr_loss_weights(
+    scheduler: DDPMScheduler, timesteps: torch.Tensor, kind: str, gamma: float
+) -> torch.Tensor | None:
+    """Per-sample loss weights of timesteps: ``none`` (None: the plain MSE), ``min_snr`` (Hang et al. 2023:
+    min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v-prediction: low noise weighs less) or ``inv_snr``
+    (min(1 / SNR, gamma): high noise weighs more, capped)."""
+    if kind == "none":
+        return None
+    snr = compute_snr(scheduler, timesteps).clamp_min(1e-8)
+    if kind == "min_snr":
+        if scheduler.config.prediction_type == "v_prediction":
+            return snr.clamp_max(gamma) / (snr + 1)
+        return snr.clamp_max(gamma) / snr
+    return (1.0 / snr).clamp_max(gamma)
+
+
 FAULTS_KEY = "sg2img_faults"  # checkpoint entry: skipped rows and non-finite losses so far
 
 
@@ -624,14 +640,7 @@ class SG2ImgModule(DiffusionSteps, L.LightningModule):
         return (s * u / (1 + (s - 1) * u) * steps).long().clamp(max=steps - 1)
 
     def _loss_weights(self, t: torch.Tensor) -> torch.Tensor | None:
-        if self.loss_weighting == "none":
-            return None
-        snr = compute_snr(self.noise_scheduler, t).clamp_min(1e-8)
-        if self.loss_weighting == "min_snr":
-            if self.noise_scheduler.config.prediction_type == "v_prediction":
-                return snr.clamp_max(self.snr_gamma) / (snr + 1)
-            return snr.clamp_max(self.snr_gamma) / snr
-        return (1.0 / snr).clamp_max(self.snr_gamma)
+        return snr_loss_weights(self.noise_scheduler, t, self.loss_weighting, self.snr_gamma)
 
     # --- the loss -------------------------------------------------------------------------------
     def diffusion_loss(self, batch: TrainBatch, generator: torch.Generator) -> torch.Tensor:
