@@ -228,6 +228,10 @@ class TokenConfig:
     resampler_depth: int = 2
     resampler_heads: int = 4
     confine_objects: bool = False  # an object token is seen only by queries inside its box (the layout)
+    # an object token adds its label's own embedding (the text encoder's pooled state of "red circle", a
+    # token of the base's text space when the widths match, else through a linear map): which object a
+    # token stands for is then readable by the branch's text-initialised K/V from the first step
+    object_identity: bool = False
 
     def __post_init__(self) -> None:
         if self.confine_objects and self.resample_to:
@@ -236,6 +240,8 @@ class TokenConfig:
             )
         if self.confine_objects and not self.object_tokens:
             raise ValueError("tokens.confine_objects needs object_tokens: true")
+        if self.object_identity and not self.object_tokens:
+            raise ValueError("tokens.object_identity needs object_tokens: true")
 
 
 FULL_IMAGE = (0.0, 0.0, 1.0, 1.0)  # the region of a token that is seen everywhere
@@ -326,6 +332,9 @@ class SceneGraphEncoder(nn.Module):
             nn.Linear(3 * d, cross_attention_dim), nn.LayerNorm(cross_attention_dim)
         )
         self.global_out = nn.Sequential(nn.Linear(d, cross_attention_dim), nn.LayerNorm(cross_attention_dim))
+        if tok.object_identity:  # the label embedding as it is when it already has the tokens' width
+            same = label_dim == cross_attention_dim
+            self.identity = nn.Identity() if same else nn.Linear(label_dim, cross_attention_dim)
         if tok.resample_to:  # IP-Adapter Plus's Perceiver resampler, masked over the padded graph tokens
             c = cross_attention_dim
             self.resampler = Resampler(
@@ -389,7 +398,10 @@ class SceneGraphEncoder(nn.Module):
         if self.token_config.global_token:
             regions.append(batch.box.new_tensor(FULL_IMAGE).expand(num_graphs, 1, 4))
         if self.token_config.object_tokens:
-            t, m = to_dense_batch(self.object_out(obj), node_batch, batch_size=num_graphs)  # (B, Omax, C)
+            obj_tokens = self.object_out(obj)
+            if self.token_config.object_identity:
+                obj_tokens = obj_tokens + self.identity(batch.x[:num_obj].to(dtype))
+            t, m = to_dense_batch(obj_tokens, node_batch, batch_size=num_graphs)  # (B, Omax, C)
             seqs.append(t)
             masks.append(m)
             if self.token_config.confine_objects:

@@ -132,11 +132,33 @@ def test_boxes_after_the_gnn_reach_the_tokens(labels):
         )
 
 
+def test_object_identity_adds_each_label_embedding_to_its_object_token(labels):
+    torch.manual_seed(0)
+    config = GNNConfig("triplet", num_layers=2, hidden_dim=16, mlp_dim=32, use_boxes=False)
+    width = labels.dim
+    enc = SceneGraphEncoder(labels.dim, width, config, TokenConfig(object_identity=True)).eval()
+    plain = SceneGraphEncoder(labels.dim, width, config, TokenConfig()).eval()
+    plain.load_state_dict(enc.state_dict())  # the same weights: identity adds no parameter at equal width
+    batch = graphs_to_batch([UNBOXED, BOXED], labels)
+    with torch.no_grad():
+        with_id, without = enc(batch).tokens, plain(batch).tokens
+    names = [o.label for o in UNBOXED.objects]
+    torch.testing.assert_close(with_id[0, 1:3] - without[0, 1:3], labels(names))  # object tokens only
+    torch.testing.assert_close(with_id[:, 0], without[:, 0])  # the global token is untouched
+    torch.testing.assert_close(with_id[:, 3], without[:, 3])  # and so is the triple token
+    narrow = SceneGraphEncoder(labels.dim, width // 2, config, TokenConfig(object_identity=True))
+    assert isinstance(narrow.identity, torch.nn.Linear) and narrow.identity.out_features == width // 2
+    with torch.no_grad():  # another width goes through a linear map
+        assert narrow(batch).tokens.shape == (2, 4, width // 2)
+
+
 def test_confinement_config_errors():
     with pytest.raises(ValueError, match="cannot go with resample_to"):
         TokenConfig(confine_objects=True, resample_to=4)
     with pytest.raises(ValueError, match="needs object_tokens"):
         TokenConfig(confine_objects=True, object_tokens=False)
+    with pytest.raises(ValueError, match="object_identity needs object_tokens"):
+        TokenConfig(object_identity=True, object_tokens=False)
     with pytest.raises(ValueError, match="confine_objects needs injection: decoupled"):
         SGAdapterConfig(injection="concat", tokens=TokenConfig(confine_objects=True))
 

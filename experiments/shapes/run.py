@@ -19,9 +19,11 @@ Stages (each prints the command it runs and records its wall-clock time):
   positional sg2img fit --config .../graph_decoupled.yaml --config .../graph_decoupled_positional.yaml [quick]
   layout     sg2img fit --config .../graph_decoupled.yaml --config .../graph_layout.yaml [quick]: the layout
              head and object tokens confined to their boxes
+  identity   sg2img fit ... graph_layout.yaml --config .../graph_identity.yaml [quick]: the layout adapter whose
+             object tokens also carry their label's text embedding (which object goes in which box)
   concat-layout sg2img fit ... graph_concat.yaml ... graph_concat_layout.yaml: the concat injection given the
              same layout (embedded into the object tokens; concat cannot confine tokens)
-  ship       the layout adapter becomes sg2img/assets/shapes-adapter.safetensors
+  ship       the identity adapter becomes sg2img/assets/shapes-adapter.safetensors
   evaluate   sg2img evaluate shapes for every row of the table (``ROWS``)
   table      experiments/results/shapes/table.md from the evaluation records
 
@@ -60,6 +62,7 @@ STAGES = (
     "boxes",
     "positional",
     "layout",
+    "identity",
     "concat-layout",
     "ship",
     "evaluate",
@@ -75,9 +78,10 @@ TRAINING = {  # stage -> (configs, run name, base model?); [quick] is added to t
     "boxes": (["graph_decoupled", "graph_decoupled_boxes"], "graph_decoupled_boxes", None),
     "positional": (["graph_decoupled", "graph_decoupled_positional"], "graph_decoupled_positional", None),
     "layout": (["graph_decoupled", "graph_layout"], "graph_layout", None),  # its own CPU recipe
+    "identity": (["graph_decoupled", "graph_layout", "graph_identity"], "graph_identity", None),
     "concat-layout": (["graph_concat", "graph_concat_layout"], "graph_concat_layout", None),
 }
-SHIPPED = "graph_layout"  # the adapter run that becomes sg2img/assets/shapes-adapter.safetensors
+SHIPPED = "graph_identity"  # the adapter run that becomes sg2img/assets/shapes-adapter.safetensors
 INDEPENDENT = ["--graphs", "data/shapes-independent.json"]  # experiments/shapes/independent_graphs.py
 ROWS = (  # name, record, adapter run (None: the base alone), text prompt, image prompt, more evaluate flags
     ("text only (objects in the caption)", "base-objects", None, "objects", "none", []),
@@ -102,6 +106,12 @@ ROWS = (  # name, record, adapter run (None: the base alone), text prompt, image
      "graph_concat_layout", "objects", "none", []),
     ("graph branch with layout, relations only, independent graphs", "graph_layout-independent", "graph_layout",
      "objects", "none", INDEPENDENT),
+    ("graph branch with layout and object identity, relations only", "graph_identity", "graph_identity", "objects",
+     "none", []),
+    ("graph branch with layout and object identity, boxes given (oracle)", "graph_identity-oracle",
+     "graph_identity", "objects", "none", ["--boxes", "given"]),
+    ("graph branch with layout and object identity, relations only, independent graphs",
+     "graph_identity-independent", "graph_identity", "objects", "none", INDEPENDENT),
     ("text with the relations in the caption, independent graphs", "base-relations-independent", None,
      "relations", "none", INDEPENDENT),
 )  # fmt: skip

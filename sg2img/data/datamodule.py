@@ -53,14 +53,13 @@ class SG2ImgDataModule(L.LightningDataModule):
 
     def preprocess(self) -> Preprocess:
         resolution, clip_size = self.resolution, self.clip_size
-        if resolution is None or clip_size is None:
-            need = self.requirements()
-            if not need:
-                raise ValueError(
-                    "set data.resolution and data.clip_size, or attach the data module to a trainer"
-                )
+        need = self.requirements() if resolution is None or clip_size is None else {}
+        if need:
             resolution = resolution or need["resolution"]
             clip_size = clip_size or need.get("clip_size")  # None: the model reads no CLIP pixels
+        elif resolution is None:
+            raise ValueError("set data.resolution (and data.clip_size), or attach the data module to a trainer")
+        # without a trainer, a resolution set with no clip_size means no CLIP pixels (a graph-only model)
         if self._tokenizer is None:
             self._tokenizer = clip_tokenizer()
         return Preprocess(resolution, clip_size, self._tokenizer)
