@@ -143,6 +143,49 @@ def test_every_config_parses(path, tmp_path):
         assert model and cli.datamodule.batch_size > 0
 
 
+def test_fsdp_config_builds_its_strategy_model_and_data_and_lightning_refuses_it_without_a_gpu(tmp_path):
+    """Everything the FSDP config names is built here; only Lightning's Trainer needs a GPU for FSDP."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import ShardingStrategy
+
+    args = ["--config", str(ROOT / "configs" / "base.yaml"), "--config", str(ROOT / "configs" / "model" / "tiny.yaml"),
+            "--config", str(ROOT / "configs" / "strategy" / "fsdp.yaml"), "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    cli = SG2ImgCLI(args=args, run=False, instantiate=False)
+    built = cli.parser.instantiate_classes(cli.config)
+    strategy = built.trainer.strategy
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.sharding_strategy == ShardingStrategy.SHARD_GRAD_OP  # gradients and optimizer state sharded
+    built.model.configure_model()
+    assert sum(p.numel() for p in built.model.parameters() if p.requires_grad) > 0
+    assert built.data.batch_size > 0
+    with pytest.raises(ValueError, match="requires a GPU accelerator"):
+        Trainer(strategy=strategy, accelerator="cpu", devices=1, logger=False)
+
+
+def test_deepspeed_config_builds_its_model_and_data_and_names_zero_stage_2(tmp_path):
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    args = ["--config", str(ROOT / "configs" / "base.yaml"), "--config", str(ROOT / "configs" / "model" / "tiny.yaml"),
+            "--config", str(ROOT / "configs" / "strategy" / "deepspeed_zero2.yaml"),
+            "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    cli = SG2ImgCLI(args=args, run=False, instantiate=False)
+    built = cli.parser.instantiate_classes(cli.config)
+    assert built.trainer.strategy == "deepspeed_stage_2"
+    assert StrategyRegistry["deepspeed_stage_2"]["init_params"]["stage"] == 2
+    built.model.configure_model()
+    assert sum(p.numel() for p in built.model.parameters() if p.requires_grad) > 0
+    assert built.data.batch_size > 0
+    pytest.importorskip(
+        "deepspeed", reason="DeepSpeed is the optional extra sg2img[deepspeed], not installed here: its engine is not built"
+    )
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    trainer = Trainer(strategy=built.trainer.strategy, accelerator="cpu", devices=1, logger=False)
+    assert isinstance(trainer.strategy, DeepSpeedStrategy) and trainer.strategy.config["zero_optimization"]["stage"] == 2
+
+
 def test_wandb_mode_is_honoured(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "online")
     assert not wandb_offline()
