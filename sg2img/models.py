@@ -502,7 +502,8 @@ def load_image_encoder(spec: str) -> TransformersImageEncoder | OpenClipImageEnc
 HOW_TO_PROVIDE_A_MODEL = (
     "Provide a local diffusers folder (written by `pipe.save_pretrained` or `sg2img make-tiny --out DIR`), "
     "a single-file SD1.5 checkpoint (.safetensors/.ckpt, with the folder or hub id of its configs), or a "
-    "hub id this machine can reach; `sg2img generate` without --model uses the embedded default model."
+    "hub id this machine can reach; `embedded` names the shipped shapes-world model (`sg2img generate` "
+    "without --model uses it, and so does `model.base: embedded` in a training config)."
 )
 
 

@@ -19,21 +19,27 @@ world's tiny CLIP (``TinyClipModule``) and keeps ``DIR/clip.safetensors`` curren
 
 from __future__ import annotations
 
+import difflib
 import netrc
 import os
+import re
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
+import yaml
 from jsonargparse import Namespace
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .base_training import BaseModelModule
 from .callbacks import SaveRunConfig
 from .data.datamodule import SG2ImgDataModule
+from .errors import ConfigurationError
 from .lit_module import SG2ImgModule
+from .models import ModelNotFoundError
 from .tiny_clip import TinyClipModule
 
 SUBCOMMANDS = ("fit", "validate", "test")
@@ -61,6 +67,56 @@ def wandb_offline() -> bool:
     return wandb_mode() != "online"
 
 
+def _config_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a parsed YAML mapping (``{"a": {"b": 1}}`` -> ``["a", "a.b"]``)."""
+    if not isinstance(node, dict):
+        return []
+    keys = []
+    for k, v in node.items():
+        key = f"{prefix}{k}"
+        keys += [key, *_config_keys(v, key + ".")]
+    return keys
+
+
+def _parser_keys(parser: Any) -> list[str]:
+    """The dotted settings a (sub)command parser accepts, as ``model.optimizer.lr``."""
+    return [a.dest for a in parser._actions if a.dest and a.dest not in ("help", "config", "==SUPPRESS==")]
+
+
+def describe_parse_error(message: str, parser: Any, args: Sequence[str]) -> str:
+    """One line for a command-line or config mistake: the setting, the config file that holds it, and the
+    nearest setting the command accepts (``optimiser`` -> ``optimizer``)."""
+    match = re.search(r"does not accept option '([^']+)'", message) or re.search(
+        r"unrecognized arguments: --([\w.\-]+)", message
+    )
+    if match is None:
+        return message.strip().splitlines()[0] if message.strip() else "invalid arguments"
+    key = match[1]
+    where = "on the command line"
+    files = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--config", "-c")]
+    for name in files:
+        try:
+            data = yaml.safe_load(Path(name).read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if key in _config_keys(data):
+            where = f"in {name}"
+    near = difflib.get_close_matches(key, _parser_keys(parser), n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]}?" if near else f"; see `sg2img {args[0] if args else 'fit'} --help`"
+    return f"unknown setting {key} {where}{hint}"
+
+
+class _OneLineErrorParser(LightningArgumentParser):
+    """LightningCLI's parser, whose errors end the command in one line (``ConfigurationError``) instead of
+    the usage text: the command line of the run is given by ``SG2ImgCLI``."""
+
+    args: tuple[str, ...] = ()
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        parser = getattr(ex, "subcommand_parser", None) or self
+        raise ConfigurationError(describe_parse_error(message, parser, type(self).args)) from ex
+
+
 class SG2ImgCLI(LightningCLI):
     """``sg2img fit|validate|test``: trains an adapter (``SG2ImgModule``)."""
 
@@ -71,6 +127,10 @@ class SG2ImgCLI(LightningCLI):
         self, args: list[str] | None = None, run: bool = True, instantiate: bool = True, **kwargs: Any
     ):
         self._instantiate = instantiate  # False: parse and resolve only (checks configs without building)
+        parser_class = type(
+            "OneLineErrorParser", (_OneLineErrorParser,), {"args": tuple(args or sys.argv[1:])}
+        )
+        kwargs.setdefault("parser_class", parser_class)
         super().__init__(
             self.model_class,
             SG2ImgDataModule,
@@ -86,10 +146,23 @@ class SG2ImgCLI(LightningCLI):
         if self._instantiate:
             super().instantiate_classes()
 
+    def before_fit(self) -> None:
+        """Load the base and read the first training rows before the trainer starts, so a wrong model or
+        data path ends the run in one message with nothing written (no W&B run, no config.yaml)."""
+        try:
+            self.model.configure_model()
+        except ModelNotFoundError as e:
+            raise ConfigurationError(f"model.base: {e}") from e
+        self.datamodule.check_before_fit(self.model.data_requirements())
+
     def before_instantiate_classes(self) -> None:
         """Resolve the defaults in the config itself, so ``DIR/config.yaml`` records what really ran."""
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         t = cfg.trainer
+        for key in ("max_steps", "max_epochs"):
+            value = t.get(key)
+            if value is not None and value < -1:
+                raise ConfigurationError(f"trainer.{key} must be -1 (no limit) or at least 0, got {value}")
         root = Path(t.default_root_dir or "runs/default")
         t.default_root_dir = str(root)
         if t.logger is None or t.logger is True:
@@ -157,6 +230,7 @@ EXPECTED_WARNINGS = (
     r"When using the `ThroughputMonitor`, you need to define a `flops_per_batch`",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     r"'set_vital' is deprecated",  # torchdata's StatefulDataLoader, on torch versions that retired it
+    r"LightningCLI's args parameter is intended to run from within Python",  # sg2img passes its own argv
 )
 
 

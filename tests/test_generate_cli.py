@@ -124,7 +124,7 @@ def test_missing_model_says_how_to_provide_one(tmp_path, capsys):
     out = tmp_path / "out"
     assert generate("--model", tmp_path / "nope", "--out", out) == 2
     err = capsys.readouterr().err
-    assert "nope" in err and "without --model uses the embedded default" in err
+    assert "nope" in err and "`sg2img generate` without --model uses it" in err
     assert not out.exists()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -206,3 +207,47 @@ def test_graphless_webdataset_shards_are_refused_for_a_graph_branch(tmp_path):
     with pytest.raises(ConfigurationError, match="none of the first 6 readable rows of WebDatasetShards"):
         check_source(stream, {"graphs": True})
     check_source(stream, {"graphs": False})  # an image-only adapter trains on them
+
+
+ROOT = Path(__file__).resolve().parents[1]
+FIT_MISTAKES = {  # name -> (extra arguments, the one-line message's expected text)
+    "no data config": ([], "no training data: data.train is not set; compose a data config"),
+    "manifest not there": (
+        ["--data.train", "sg2img.data.JsonlManifest", "--data.train.manifest", "/nonexistent/train.jsonl"],
+        "data.train: JsonlManifest(/nonexistent/train.jsonl): /nonexistent/train.jsonl: no such manifest",
+    ),
+    "base not there": (
+        ["--config", "configs/data/shapes.yaml", "--model.base", "/nonexistent/model"],
+        "model.base: /nonexistent/model: no such model folder or file.",
+    ),
+    "batch size 0": (["--config", "configs/data/shapes.yaml", "--data.batch_size", "0"],
+                     "data.batch_size must be at least 1, got 0"),
+    "max_steps -5": (["--config", "configs/data/shapes.yaml", "--trainer.max_steps", "-5"],
+                     "trainer.max_steps must be -1 (no limit) or at least 0, got -5"),
+    "a typo in a config file": (["--config", "{typo}"],
+                                "unknown setting model.optimiser.lr in {typo}; did you mean model.optimizer.lr?"),
+    "a typo on the command line": (["--trainer.max_stpes", "3"],
+                                   "unknown setting trainer.max_stpes on the command line; did you mean trainer.max_steps?"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("mistake", FIT_MISTAKES)
+def test_a_fit_mistake_ends_in_one_line_exit_2_and_nothing_written(mistake, tmp_path):
+    import subprocess
+    import sys
+
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model:\n  optimiser:\n    lr: 0.1\n")
+    extra, message = FIT_MISTAKES[mistake]
+    extra, message = [a.format(typo=typo) for a in extra], message.format(typo=typo)
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "sg2img", "fit", "--config", "configs/base.yaml", "--config",
+           "configs/model/tiny.yaml", *extra, "--trainer.default_root_dir", str(run_dir)]  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"}
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("sg2img fit: error: ")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout and "usage:" not in proc.stderr
+    assert not run_dir.exists()  # no config.yaml, no W&B run, no adapter

@@ -155,7 +155,9 @@ def test_fsdp_config_builds_its_strategy_model_and_data_and_lightning_refuses_it
     built = cli.parser.instantiate_classes(cli.config)
     strategy = built.trainer.strategy
     assert isinstance(strategy, FSDPStrategy)
-    assert strategy.sharding_strategy == ShardingStrategy.SHARD_GRAD_OP  # gradients and optimizer state sharded
+    assert (
+        strategy.sharding_strategy == ShardingStrategy.SHARD_GRAD_OP
+    )  # gradients and optimizer state sharded
     built.model.configure_model()
     assert sum(p.numel() for p in built.model.parameters() if p.requires_grad) > 0
     assert built.data.batch_size > 0
@@ -177,13 +179,17 @@ def test_deepspeed_config_builds_its_model_and_data_and_names_zero_stage_2(tmp_p
     assert sum(p.numel() for p in built.model.parameters() if p.requires_grad) > 0
     assert built.data.batch_size > 0
     pytest.importorskip(
-        "deepspeed", reason="DeepSpeed is the optional extra sg2img[deepspeed], not installed here: its engine is not built"
+        "deepspeed",
+        reason="DeepSpeed is the optional extra sg2img[deepspeed], not installed here: its engine is not built",
     )
     from lightning.pytorch import Trainer
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     trainer = Trainer(strategy=built.trainer.strategy, accelerator="cpu", devices=1, logger=False)
-    assert isinstance(trainer.strategy, DeepSpeedStrategy) and trainer.strategy.config["zero_optimization"]["stage"] == 2
+    assert (
+        isinstance(trainer.strategy, DeepSpeedStrategy)
+        and trainer.strategy.config["zero_optimization"]["stage"] == 2
+    )
 
 
 def test_wandb_mode_is_honoured(monkeypatch):

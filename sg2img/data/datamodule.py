@@ -39,6 +39,9 @@ class SG2ImgDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.sources = {"train": train, "val": val, "test": test}
+        for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
+            if value is not None and value < 1:
+                raise ConfigurationError(f"data.{name} must be at least 1, got {value}")
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.shuffle, self.seed, self.pin_memory = num_workers, shuffle, seed, pin_memory
         self.resolution, self.clip_size = resolution, clip_size
@@ -51,14 +54,20 @@ class SG2ImgDataModule(L.LightningDataModule):
             return {}
         return module.data_requirements()
 
-    def preprocess(self) -> Preprocess:
+    def preprocess(self, requirements: dict[str, Any] | None = None) -> Preprocess:
+        """The row transform for this model (``requirements``: its ``data_requirements()``; default: the
+        attached trainer's model's)."""
         resolution, clip_size = self.resolution, self.clip_size
-        need = self.requirements() if resolution is None or clip_size is None else {}
+        need = {}
+        if resolution is None or clip_size is None:
+            need = requirements if requirements is not None else self.requirements()
         if need:
             resolution = resolution or need["resolution"]
             clip_size = clip_size or need.get("clip_size")  # None: the model reads no CLIP pixels
         elif resolution is None:
-            raise ValueError("set data.resolution (and data.clip_size), or attach the data module to a trainer")
+            raise ValueError(
+                "set data.resolution (and data.clip_size), or attach the data module to a trainer"
+            )
         # without a trainer, a resolution set with no clip_size means no CLIP pixels (a graph-only model)
         if self._tokenizer is None:
             self._tokenizer = clip_tokenizer()
@@ -100,6 +109,19 @@ class SG2ImgDataModule(L.LightningDataModule):
             return StatefulDataLoader(source, **kwargs)
         return DataLoader(source, **kwargs)
 
+    def check_before_fit(self, requirements: dict[str, Any]) -> None:
+        """Refuse, before anything is written, a fit that cannot train: no training data, or training rows
+        that cannot be read or cannot train this model (``check_source``)."""
+        source = self.sources["train"]
+        if source is None:
+            raise ConfigurationError(
+                "no training data: data.train is not set; compose a data config, e.g. "
+                "--config configs/data/jsonl.yaml (copy it and set its manifest) or configs/data/shapes.yaml"
+            )
+        if hasattr(source, "transform"):
+            source.transform = self.preprocess(requirements)
+        check_source(source, requirements)
+
     def train_dataloader(self):
         return self._loader("train")
 
@@ -119,10 +141,13 @@ def check_source(source: Any, need: dict[str, Any], rows: int = PROBE_ROWS) -> N
     """Read the first ``rows`` rows of the training source (of a stream such as WebDataset shards: the first
     it yields) and refuse, in one message, data that cannot train this model: no row readable, no scene
     graphs for a graph branch, cached encoder outputs of the wrong width."""
-    if isinstance(source, IterableDataset):
-        probed = list(itertools.islice(iter(source), rows))
-    else:
-        probed = [source[i] for i in range(min(rows, len(source)))]
+    try:
+        if isinstance(source, IterableDataset):
+            probed = list(itertools.islice(iter(source), rows))
+        else:
+            probed = [source[i] for i in range(min(rows, len(source)))]
+    except OSError as e:  # a manifest, shard or root that is not there: the user's path, not a crash
+        raise ConfigurationError(f"data.train: {describe_source(source)}: {e}") from e
     n = len(probed)
     if n == 0:
         raise ConfigurationError(f"data.train: {describe_source(source)} has no rows")
