@@ -3,9 +3,10 @@
     python experiments/shapes/adapter_checkpoint.py runs/shapes/graph_layout \
         runs/shapes/graph_layout/checkpoints/epoch=0-step=1000.ckpt build/graph_layout-1000.safetensors
 
-The run folder's ``config.yaml`` (written by ``sg2img fit``) builds the module exactly as the run did; the
-checkpoint's trainable weights are loaded into it (``weights_only=True``) and the whole adapter is written
-in the adapter-file format that ``sg2img generate`` and ``sg2img evaluate shapes --adapter`` read.
+The run folder's ``config.yaml`` (written by ``sg2img fit``) builds the module exactly as the run did
+(``graph_use.load_run``); the checkpoint's trainable weights are loaded into it (``weights_only=True``) and
+the whole adapter is written in the adapter-file format that ``sg2img generate`` and ``sg2img evaluate
+shapes --adapter`` read.
 """
 
 from __future__ import annotations
@@ -15,21 +16,14 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
-from jsonargparse import ArgumentParser
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sg2img.lit_module import SG2ImgModule  # noqa: E402
+from graph_use import load_run  # builds the run's module from its config.yaml
 
 
 def export_checkpoint(run: Path, ckpt: Path, out: Path) -> Path:
-    parser = ArgumentParser()
-    parser.add_class_arguments(SG2ImgModule, "model")
-    config = parser.parse_object({"model": yaml.safe_load((run / "config.yaml").read_text())["model"]})
-    module = parser.instantiate_classes(config).model
-    module.configure_model()
+    module, _ = load_run(run)
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     module.load_state_dict(state["state_dict"])
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import ROOT, run, sg2img  # run.py's way of running and timing a command
+
 CONFIGS = "configs/experiments/shapes"
 RECORDS = ROOT / "experiments" / "results" / "shapes" / "screen"
 STEPS = 1000
@@ -44,32 +45,26 @@ VARIANTS = {  # name -> (what it asks, fit arguments)
 }  # fmt: skip
 
 
-def run(cmd: list[str]) -> float:
-    print(f"\n$ {shlex.join(cmd)}", flush=True)
-    start = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    return time.perf_counter() - start
-
-
 def screen(name: str, n: int, runs: Path, evals: Path) -> None:
     _, fit_args = VARIANTS[name]
     run_dir, out = runs / name, evals / name
-    fit = ["sg2img", "fit", *fit_args, "--trainer.max_steps", str(STEPS), "--trainer.default_root_dir", str(run_dir)]
-    fit_seconds = run([sys.executable, "-m", "sg2img", *fit[1:]])
-    evaluate = ["sg2img", "evaluate", "shapes", "--adapter", str(run_dir / "adapter.safetensors"), "--n", str(n),
+    fit = ["fit", *fit_args, "--trainer.max_steps", str(STEPS), "--trainer.default_root_dir", str(run_dir)]
+    log: dict = {}
+    fit_seconds = run(sg2img(*fit), log)
+    evaluate = ["evaluate", "shapes", "--adapter", str(run_dir / "adapter.safetensors"), "--n", str(n),
                 "--boxes", "none", "--save-images", "--out", str(out)]  # fmt: skip
-    eval_seconds = run([sys.executable, "-m", "sg2img", *evaluate[1:]])
+    eval_seconds = run(sg2img(*evaluate), log)
     RECORDS.mkdir(parents=True, exist_ok=True)
     layout_record = RECORDS / f"{name}-layout.json"
-    run([sys.executable, "experiments/shapes/layout_accuracy.py", str(out), "--out", str(layout_record)])
+    run([sys.executable, "experiments/shapes/layout_accuracy.py", str(out), "--out", str(layout_record)], log)
     record = json.loads((out / "shapes-eval.json").read_text())
     record.pop("images", None)
     record.update(
         variant=name,
         question=VARIANTS[name][0],
-        fit_command=shlex.join(fit),
+        fit_command=shlex.join(["sg2img", *fit]),
         fit_seconds=round(fit_seconds, 1),
-        evaluate_command=shlex.join(evaluate),
+        evaluate_command=shlex.join(["sg2img", *evaluate]),
         evaluate_seconds=round(eval_seconds, 1),
     )
     (RECORDS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -46,6 +46,7 @@ class SG2ImgDataModule(L.LightningDataModule):
         self.num_workers, self.shuffle, self.seed, self.pin_memory = num_workers, shuffle, seed, pin_memory
         self.resolution, self.clip_size = resolution, clip_size
         self._tokenizer = None
+        self._checked: tuple[Any, dict[str, Any]] | None = None  # (source, requirements) already probed
 
     def requirements(self) -> dict[str, Any]:
         """The attached model's ``data_requirements()`` ({} without a trainer)."""
@@ -81,7 +82,7 @@ class SG2ImgDataModule(L.LightningDataModule):
             source.transform = self.preprocess()
         train = stage == "train"
         need = self.requirements()
-        if train and need:
+        if train and need and self._checked != (source, need):  # not yet probed by check_before_fit
             check_source(source, need)
         kwargs: dict[str, Any] = {
             "batch_size": self.batch_size if train else self.val_batch_size,
@@ -121,6 +122,7 @@ class SG2ImgDataModule(L.LightningDataModule):
         if hasattr(source, "transform"):
             source.transform = self.preprocess(requirements)
         check_source(source, requirements)
+        self._checked = (source, requirements)
 
     def train_dataloader(self):
         return self._loader("train")
