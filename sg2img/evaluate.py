@@ -191,7 +191,12 @@ def save_outputs(
                 layout = draw_layout(shown[i], layouts[i], title=layout_source(shown[i]))
             sheet = contact_sheet(draw_scene_graph(g, size=256), [img], caption, layout=layout)
             sheet.save(out / f"{name}-sheet.png")
-            row = {"file": f"{name}.png", "prompt": p, "graph": g.to_json()}
+            row = {
+                "file": f"{name}.png",
+                "prompt": p,
+                "caption": prompt_for(g, "objects"),
+                "graph": g.to_json(),
+            }
             if layouts[i] is not None:
                 row["layout"] = layout_record(shown[i], layouts[i])
             if (ref := refs[i]) is not None:

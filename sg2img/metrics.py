@@ -1,7 +1,7 @@
 """Metrics over folders of images: ``sg2img evaluate --samples DIR [--refs DIR] --metrics ...``.
 
-- ``clip-t``: the mean cosine between each image's CLIP embedding and its prompt's (IP-Adapter's CLIP-T;
-  torchmetrics' ``CLIPScore`` is 100 * max(cosine, 0) of the same embeddings, and reads HF models only);
+- ``clip-t``: the mean cosine between each image's CLIP embedding and its prompt's, or, for an image made
+  without a text prompt, its caption's (IP-Adapter's CLIP-T: the caption of the image prompt; torchmetrics' ``CLIPScore`` is 100 * max(cosine, 0) of the same embeddings, and reads HF models only);
 - ``clip-i``: the mean cosine between the CLIP image embeddings of each image and its reference
   (IP-Adapter's CLIP-I: the reference is the image prompt);
 - ``fid``: torchmetrics' ``FrechetInceptionDistance`` between the samples and every image of ``--refs``,
@@ -20,7 +20,8 @@ with ``--clip-pretrained`` a weights file (or an open_clip tag, which downloads)
 a local folder holding a transformers ``CLIPModel`` with its processor.
 
 A samples folder pairs its images with prompts, graphs and references through ``samples.jsonl`` (one row
-per image: ``file``, optional ``prompt``, ``graph``, ``ref`` relative to ``--refs``), which ``sg2img
+per image: ``file``, optional ``prompt``, ``caption`` (what the image should show, for CLIP-T when the
+prompt is empty), ``graph``, ``ref`` relative to ``--refs``), which ``sg2img
 evaluate shapes|coco --out`` write; without it, every image in the folder counts, ``NAME.txt`` holds its
 prompt, ``NAME.json`` its graph and the image of the same name in ``--refs`` its reference.
 """
@@ -60,6 +61,12 @@ class Sample:
     prompt: str | None = None
     graph: SceneGraph | None = None
     ref: Path | None = None
+    caption: str | None = None  # what the image should show, where no text prompt said it
+
+    @property
+    def text(self) -> str | None:
+        """What CLIP-T compares the image with: its prompt, or its caption when the prompt is empty."""
+        return self.prompt or self.caption or self.prompt
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -81,15 +88,23 @@ def _manifest_rows(samples: Path, refs: Path | None) -> list[Sample]:
             raise MetricError(f"{where}: not JSON ({e.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("file"), str):
             raise MetricError(f"{where}: a row needs a `file` (a string), got {line[:80]!r}")
-        prompt = row.get("prompt")
+        prompt, caption = row.get("prompt"), row.get("caption")
         if prompt is not None and not isinstance(prompt, str):
             raise MetricError(f"{where}: `prompt` must be a string, got {prompt!r}")
+        if caption is not None and not isinstance(caption, str):
+            raise MetricError(f"{where}: `caption` must be a string, got {caption!r}")
         graph = SceneGraph.from_json(row["graph"], source=where, path="graph") if "graph" in row else None
         ref = row.get("ref")
         if ref is not None and not isinstance(ref, str):
             raise MetricError(f"{where}: `ref` must be a file name, got {ref!r}")
         out.append(
-            Sample(samples / row["file"], prompt, graph, (refs / ref) if refs is not None and ref else None)
+            Sample(
+                samples / row["file"],
+                prompt,
+                graph,
+                (refs / ref) if refs is not None and ref else None,
+                caption,
+            )
         )
     return out
 
@@ -138,11 +153,11 @@ def open_image(path: Path) -> Image.Image:
         raise MetricError(f"{path}: not a readable image ({e})") from None
 
 
-def _need(samples: Sequence[Sample], field: str, metric: str, how: str) -> None:
+def _need(samples: Sequence[Sample], field: str, metric: str, how: str, what: str | None = None) -> None:
     missing = [s.path.name for s in samples if getattr(s, field) is None]
     if missing:
         raise MetricError(
-            f"{metric} needs a {field} for every sample; {len(missing)} have none "
+            f"{metric} needs a {what or field} for every sample; {len(missing)} have none "
             f"(first: {missing[0]}); {how}"
         )
 
@@ -306,8 +321,8 @@ def load_clip(spec: str, pretrained: str | None = None, device: str | torch.devi
 
 def clip_t(clip: ClipModel, samples: Sequence[Sample], img: torch.Tensor) -> dict[str, float]:
     """``img``: the samples' normalised CLIP image embeddings (``clip.images``), shared with CLIP-I."""
-    _need(samples, "prompt", "clip-t", f"give {MANIFEST} rows a `prompt` or NAME.txt files")
-    txt = clip.texts([s.prompt or "" for s in samples])
+    _need(samples, "text", "clip-t", f"give {MANIFEST} rows a `prompt` or NAME.txt files", "prompt")
+    txt = clip.texts([s.text or "" for s in samples])
     cos = (img * txt).sum(-1)
     return {"clip_t": float(cos.mean()), "clip_t_std": float(cos.std()) if len(cos) > 1 else 0.0}
 
@@ -589,7 +604,7 @@ def evaluate_folder(
     if "fid" in metrics and refs_dir is None:
         raise MetricError("fid needs --refs DIR (the reference images)")
     if "clip-t" in metrics:
-        _need(samples, "prompt", "clip-t", f"give {MANIFEST} rows a `prompt` or NAME.txt files")
+        _need(samples, "text", "clip-t", f"give {MANIFEST} rows a `prompt` or NAME.txt files", "prompt")
     if "clip-i" in metrics:
         _need(samples, "ref", "clip-i", f"give --refs DIR (and {MANIFEST} `ref` names or same-name images)")
     if {"shapes", "sg-geometry"} & set(metrics):

@@ -3,6 +3,8 @@
 import csv
 import importlib.util
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +75,16 @@ def test_every_ablation_delta_changes_one_model_setting():
         ({"base": "configs/base.yaml"}, "base must be a list of strings"),
         ({"generate": {"kind": "cifar"}}, "generate.kind must be one of"),
         ({"extra": 1}, r"unknown field\(s\) \['extra'\]"),
+        ({"seeds": [0, 0]}, "seeds must be a non-empty list of distinct seeds"),
+        ({"seeds": [-1]}, "seeds must be a non-empty list of distinct seeds"),
+        ({"variants": [{"name": "a", "seeds": "0"}]}, r"variants\[0\] \(a\).seeds must be"),
+        ({"variants": [{"name": "a", "train": "no"}]}, r"variants\[0\] \(a\).train must be true or false"),
+        ({"evaluations": {"x": {"prompt": "none"}}}, r"evaluations.x: unknown field\(s\) \['prompt'\]"),
+        (
+            {"evaluations": {"x": {}}, "variants": [{"name": "a", "evaluations": ["y"]}]},
+            r"variants\[0\] \(a\): no evaluation named \['y'\]; the grid has \['x'\]",
+        ),
+        ({"comparisons": [["reference", "nope"]]}, r"comparisons\[0\] must name two variants"),
     ],
 )
 def test_bad_grids_name_the_file_and_field(tmp_path, overrides, message):
@@ -96,15 +108,22 @@ class FakeStages:
         if self.fail_on and any(self.fail_on in a for a in args):
             raise subprocess.CalledProcessError(1, cmd)
         if args[0] == "fit":
+            import torch
+            from safetensors.torch import save_file
+
             root = Path(args[args.index("--trainer.default_root_dir") + 1])
             assert env == {"WANDB_RUN_GROUP": "test-grid", "WANDB_JOB_TYPE": "fit"}
-            (root / "adapter.safetensors").write_bytes(b"x")
+            save_file(
+                {"a": torch.zeros(3, 2), "b": torch.zeros(4)}, root / "adapter.safetensors"
+            )  # 10 params
         elif args[:2] == ["evaluate", "shapes"]:
             out.mkdir(parents=True)
             (out / "shapes-eval.json").write_text(json.dumps({"generation_seconds": 1.5}))
         else:
             concat = "concat" in str(out)
-            scores = {"images": 2, "object_recall": 0.5, "relation_accuracy": 0.25 if concat else 0.75}
+            seed = int(re.search(r"seed-(\d)", str(out)).group(1)) if "seed-" in str(out) else 0
+            scores = {"images": 2, "object_recall": 0.5, "relation_accuracy": (0.25 if concat else 0.75) + 0.1 * seed,
+                      "relation_accuracy_se": 0.03}  # fmt: skip
             out.write_text(json.dumps({"scores": scores}))
         return 2.0
 
@@ -123,18 +142,79 @@ def test_a_grid_runs_every_stage_once_and_resumes(tmp_path, monkeypatch):
     assert (runs / "concat-injection" / "scores.json").is_file()
     with open(results / "g.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["variant"], r["relation_accuracy"]) for r in rows] == [
-        ("reference", "0.7500"),
-        ("Concat injection", "0.2500"),
+    assert [(r["variant"], r["relation_accuracy"], r["trainable_parameters"]) for r in rows] == [
+        ("reference", "0.7500", "10"),
+        ("Concat injection", "0.2500", "10"),
     ]
     md = (results / "g.md").read_text()
-    assert "| reference | (base) | 0.500 | 0.750 | 2.0 |" in md and "`injection_concat`" in md
+    assert (
+        "| reference | (base) | 1 | 10 | 0.500 ± 0.000 | 0.750 ± 0.030 | 2.0 |" in md
+        and "`injection_concat`" in md
+    )
     assert (results / "g.png").read_bytes()[:4] == b"\x89PNG"
-    # again: nothing to run, the same results
+    record = json.loads((results / "g" / "concat-injection.json").read_text())
+    assert record["evaluations"][""]["scores"]["relation_accuracy"] == 0.25 and record["fit_seconds"] == 2.0
+    # again, even on a machine without the runs (only the committed records): nothing to run, same results
+    shutil.rmtree(runs)
     fake.commands.clear()
     assert ablate.main(common) == 0
     assert fake.commands == []
-    assert "| Concat injection | `injection_concat` | 0.500 | 0.250 |" in (results / "g.md").read_text()
+    assert (
+        "| Concat injection | `injection_concat` | 1 | 10 | 0.500 ± 0.000 | 0.250 ± 0.030 |"
+        in (results / "g.md").read_text()
+    )
+
+
+def test_seeds_evaluations_and_an_untrained_variant(tmp_path, monkeypatch):
+    """Runs go seed by seed; each seed reaches the fit; each evaluation has its own folder, flags and
+    metrics; a variant that trains nothing is evaluated with --adapter none; the table averages the seeds
+    and says which compared differences exceed their error."""
+    grid = write_grid(
+        tmp_path / "g.yaml",
+        seeds=[0, 1],
+        evaluations={"text": {"generate": {"prompt": "objects"}}, "bare": {"generate": {"prompt": "none"}, "metrics": ["shapes"]}},
+        comparisons=[["Concat injection", "reference"]],
+        variants=[
+            {"name": "reference", "configs": [], "seeds": [0, 1, 2]},
+            {"name": "Concat injection", "configs": [DELTA], "evaluations": ["text"]},
+            {"name": "base alone", "train": False, "generate": {"prompt": "relations"}, "evaluations": ["text"]},
+        ],
+    )  # fmt: skip
+    fake = FakeStages()
+    monkeypatch.setattr(ablate, "run", fake)
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    assert (
+        ablate.main(["--grid", str(grid), "--runs", str(runs), "--results", str(results), "--no-wandb"]) == 0
+    )
+    fits = [c[3:] for c in fake.commands if c[3] == "fit"]
+    seeds = [
+        (f[f.index("--trainer.default_root_dir") + 1], f[f.index("--seed_everything") + 1]) for f in fits
+    ]
+    assert seeds == [
+        (str(runs / "reference" / "seed-0"), "0"),
+        (str(runs / "concat-injection" / "seed-0"), "0"),
+        (str(runs / "reference" / "seed-1"), "1"),
+        (str(runs / "concat-injection" / "seed-1"), "1"),
+        (str(runs / "reference" / "seed-2"), "2"),
+    ]
+    assert all(f[f.index("--model.seed") + 1] == f[f.index("--seed_everything") + 1] for f in fits)
+    gens = [c[3:] for c in fake.commands if c[3:5] == ["evaluate", "shapes"]]
+    bare = [g for g in gens if g[g.index("--out") + 1].endswith("samples-bare")]
+    assert len(bare) == 3 and all(g[g.index("--prompt") + 1] == "none" for g in bare)
+    base = [g for g in gens if "base-alone" in g[g.index("--out") + 1]]
+    assert len(base) == 1 and base[0][base[0].index("--adapter") + 1] == "none"
+    assert base[0][base[0].index("--prompt") + 1] == "relations"
+    scores = [c[3:] for c in fake.commands if c[3] == "evaluate" and c[4] == "--samples"]
+    assert {s[s.index("--metrics") + 1] for s in scores if "scores-bare" in s[-1]} == {"shapes"}
+    md = (results / "g.md").read_text()
+    # reference: 0.75, 0.85, 0.95 -> mean 0.85, seed se 0.1/sqrt(3), image se sqrt(3 * 0.03^2) / 3
+    se = ((0.1 / 3**0.5) ** 2 + (3 * 0.03**2) / 9) ** 0.5
+    assert f"| reference | (base) | 3 | 10 | 0.500 ± 0.000 | 0.850 ± {se:.3f} |" in md
+    assert "| base alone | no adapter; prompt relations | 1 | 0 |" in md
+    assert (
+        "| Concat injection | reference | text | relation accuracy | -0.550 ±" in md and "**exceeds**" in md
+    )
+    assert json.loads((results / "g" / "reference" / "seed-2.json").read_text())["seed"] == 2
 
 
 def test_a_stopped_fit_resumes_from_its_last_checkpoint_and_a_failure_does_not_stop_the_grid(
@@ -150,7 +230,7 @@ def test_a_stopped_fit_resumes_from_its_last_checkpoint_and_a_failure_does_not_s
     assert ablate.main(common) == 1  # the concat variant failed ...
     fit = fake.commands[0]
     assert fit[fit.index("--ckpt_path") + 1] == str(runs / "reference" / "checkpoints" / "last.ckpt")
-    assert "variant 'Concat injection' failed" in capsys.readouterr().out
+    assert "variant 'Concat injection' (concat-injection) failed" in capsys.readouterr().out
     assert "| reference |" in (results / "g.md").read_text()  # ... the finished one is in the table
     fake.fail_on = None
     fake.commands.clear()
@@ -169,6 +249,11 @@ def test_evaluations_are_logged_to_wandb_in_the_grids_group(tmp_path, monkeypatc
     assert logged["run"] == {"name": "concat-injection-eval", "group": "test-grid", "job_type": "eval"}
     assert logged["history"][0]["eval/relation_accuracy"] == 0.25
     assert logged["config"]["variant"] == "Concat injection"
+    ablate.log_eval_run(
+        grid, grid.variants[1], tmp_path / "s", {"images": 2}, seed=1, evaluation="image only"
+    )
+    (run,) = sorted((tmp_path / "s").glob("wandb/offline-run-*"))
+    assert read_offline_run(run)["run"]["name"] == "concat-injection-seed-1-image-only"
 
 
 @pytest.mark.slow

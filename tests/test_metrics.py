@@ -93,6 +93,29 @@ def test_clip_t_and_clip_i_with_open_clip_and_transformers(tmp_path, open_clip_s
         assert s["clip_t"] == pytest.approx(float(expected), abs=1e-5)
 
 
+def test_clip_t_of_an_image_made_without_a_text_prompt_reads_its_caption(tmp_path, open_clip_spec):
+    """IP-Adapter's CLIP-T for image-prompted generation: against the caption of the image prompt."""
+    samples, refs = shapes_folder(tmp_path)
+    rows = [json.loads(line) for line in (samples / "samples.jsonl").read_text().splitlines()]
+    captioned = [{**r, "prompt": "", "caption": r["prompt"]} for r in rows]
+    (samples / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in captioned))
+    settings = MetricSettings(clip=open_clip_spec[0], clip_pretrained=open_clip_spec[1])
+    with_caption = evaluate_folder(samples, refs, ["clip-t"], settings)["scores"]["clip_t"]
+    model = load_clip(*open_clip_spec)
+    imgs = [Image.open(samples / f"s{i}.png") for i in range(4)]
+    for texts, expected in (([r["prompt"] for r in rows], with_caption), ([""] * 4, None)):
+        cos = float((model.images(imgs) * model.texts(texts)).sum(-1).mean())
+        if expected is not None:
+            assert expected == pytest.approx(cos, abs=1e-5)  # the caption, as if it had been the prompt
+        else:
+            assert with_caption != pytest.approx(cos, abs=1e-4)  # not the empty prompt
+    # a prompt, where there is one, still wins over the caption
+    (samples / "samples.jsonl").write_text("".join(json.dumps({**r, "caption": "x"}) + "\n" for r in rows))
+    assert evaluate_folder(samples, refs, ["clip-t"], settings)["scores"]["clip_t"] == pytest.approx(
+        with_caption, abs=1e-5
+    )
+
+
 def test_open_clip_embeddings_match_its_own_preprocessing(open_clip_spec):
     import open_clip
 
@@ -285,6 +308,11 @@ def test_sidecar_files_pair_prompts_graphs_and_references(tmp_path):
         ('{"file": "s0.png"}\n', "shapes", "shapes needs a graph"),
         ('{"file": "nope.png"}\n', "shapes", "nope.png is listed but does not exist"),
         ('{"file": "s0.png", "prompt": 3}\n', "shapes", r"samples.jsonl:1: `prompt` must be a string, got 3"),
+        (
+            '{"file": "s0.png", "caption": [1]}\n',
+            "shapes",
+            r"samples.jsonl:1: `caption` must be a string, got \[1\]",
+        ),
         ('{"file": "s0.png"}\n{oops\n', "shapes", r"samples.jsonl:2: not JSON"),
         (
             '{"file": "s0.png", "graph": {"objects": ["a"], "relationships": [[0, "x", 5]]}}\n',
