@@ -132,6 +132,10 @@ def _cmd_check_graph(args: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr)
             status = EXIT_USAGE
             continue
+        if not graphs:  # as generate and evaluate say: nothing to draw is a fault of the file
+            print(f"error: {path}: the file holds an empty list of graphs", file=sys.stderr)
+            status = EXIT_USAGE
+            continue
         for i, g in enumerate(graphs):
             where = f"{path}[{i}]" if len(graphs) > 1 else str(path)
             print(f"{where}: ok: {g.summary()}")

@@ -63,6 +63,13 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.n is not None and args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(
+            f"--out {args.out}: is a file, not a folder; give a folder (it is created if missing)"
+        )
+    graphs = getattr(args, "graphs", None)
+    if graphs is not None and Path(graphs).is_dir():
+        raise ValueError(f"--graphs {graphs}: is a folder; give a JSON file holding a list of graphs")
 
 
 def run_shapes(args: argparse.Namespace) -> dict[str, Any]:
@@ -71,6 +78,12 @@ def run_shapes(args: argparse.Namespace) -> dict[str, Any]:
 
     check_args(args)
     graphs, names = shapes_rows(args)  # before any model loads
+    evaluator = ShapesEvaluator()
+    for k, g in enumerate(graphs):
+        if (why := evaluator.cannot_judge(g)) is not None:
+            raise ValueError(
+                f"{args.graphs or args.split}: graph [{k}]: {why}; `evaluate shapes` scores shapes-world graphs only"
+            )
     if args.num_images > 1:  # K images per graph, each with its own seed: graph-major order
         k = args.num_images
         graphs = [g for g in graphs for _ in range(k)]
@@ -108,7 +121,7 @@ def run_shapes(args: argparse.Namespace) -> dict[str, Any]:
         images.extend(out.images)
         layouts.extend(out.layouts if out.layouts is not None else [None] * (hi - lo))
     seconds = time.perf_counter() - start
-    scores = ShapesEvaluator().evaluate(images, graphs)
+    scores = evaluator.evaluate(images, graphs)
     record = {
         "scores": scores,
         "settings": {

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ip_adapter import CheckpointError
+
 from .graph import Limits, SceneGraph, load_scene_graphs
 
 RECORD = "generate.json"
@@ -43,6 +45,9 @@ class Inputs:
     image: Image.Image | None
 
 
+MAX_SIDE = 2048  # the largest --height / --width generate accepts
+
+
 def read_inputs(args: argparse.Namespace) -> Inputs:
     """Read and check the graph file and image prompt (raises SceneGraphError / ValueError)."""
     for name in ("steps", "num_images"):
@@ -52,8 +57,25 @@ def read_inputs(args: argparse.Namespace) -> Inputs:
         v = getattr(args, name)
         if v is not None and (v < 8 or v % 8):
             raise ValueError(f"--{name} must be a positive multiple of 8, got {v}")
+        if v is not None and v > MAX_SIDE:
+            raise ValueError(
+                f"--{name} {v} is over {MAX_SIDE}, the largest side this command draws (SD1.5 is trained at "
+                "512; cross-attention memory grows with the square of the pixel count)"
+            )
+    out = getattr(args, "out", None)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out}: is a file, not a folder; give a folder (it is created if missing)")
+    if args.prompt is None and args.graph is None and args.image is None:
+        raise ValueError(
+            "nothing to draw from: give --prompt TEXT, --graph FILE or --image FILE "
+            "(with --adapter none, the base alone, --prompt)"
+        )
     graphs: list[SceneGraph | None] = [None]
     names = ["prompt"]
+    if args.graph is not None and Path(args.graph).is_dir():
+        raise ValueError(
+            f"--graph {args.graph}: is a folder; give a JSON file holding one graph or a list of graphs"
+        )
     if args.graph is not None:
         loaded = load_scene_graphs(args.graph, Limits())
         if not loaded:
@@ -76,9 +98,24 @@ def read_inputs(args: argparse.Namespace) -> Inputs:
 
 
 def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """The ``--device`` and ``--dtype`` flags as torch objects; a device that is not one, or is not here,
+    is a ValueError naming the flag."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu (or auto)"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: there are {torch.cuda.device_count()} CUDA GPU(s) here")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here; use --device cpu (or auto)")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device}: not supported; use auto, cpu, cuda, cuda:N or mps")
     if dtype == "auto":
         return dev, torch.float16 if dev.type == "cuda" else torch.float32
     return dev, DTYPES[dtype]
@@ -108,7 +145,14 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
     if adapter is None and embedded:
         adapter = EMBEDDED_ADAPTER_FILE
     if adapter is not None and str(adapter) != "none":
-        pipe.load_sg_adapter(adapter, image_encoder=args.image_encoder)
+        try:
+            pipe.load_sg_adapter(adapter, image_encoder=args.image_encoder)
+        except CheckpointError as e:
+            if "does not match" not in str(e):
+                raise
+            raise ValueError(
+                f"--adapter {adapter} does not fit --model {args.model or EMBEDDED}: {fit_mismatch(adapter, pipe.unet)}"
+            ) from None
         info["adapter"] = str(adapter)
         info["adapter_sha256"] = hashlib.sha256(Path(adapter).read_bytes()).hexdigest()
     else:
@@ -134,12 +178,31 @@ def versions() -> dict[str, str]:
 def run_generate(args: argparse.Namespace) -> dict[str, Any]:
     from safetensors.torch import save_file
 
+    from .data.shapes import PALETTE, outside_world
+    from .defaults import DESCRIPTION
     from .drawing import attention_overlays, contact_sheet, draw_layout, draw_scene_graph
 
     inputs = read_inputs(args)  # before any model loads: bad input costs nothing
     device, dtype = _device_and_dtype(args.device, args.dtype)
     _quiet_loading()
     pipe, model_info = build_pipeline(args, device, dtype)
+    adapter = pipe.sg_adapter
+    branches = (
+        ("--graph", args.graph, "graph_branch", "a graph"),
+        ("--image", args.image, "image_branch", "an image"),
+    )
+    for flag, given, branch, what in branches:
+        if given is not None and adapter is not None and not getattr(adapter.config, branch):
+            raise ValueError(
+                f"{flag} needs an adapter with {what} branch, and --adapter {args.adapter or 'embedded'} has "
+                f"none; drop {flag} or pass an adapter trained with one"
+            )
+    if model_info["model"] == DESCRIPTION and (unknown := outside_world(inputs.graphs, args.prompt)):
+        print(
+            f"warning: the embedded model knows the shapes world only, and not {', '.join(map(repr, unknown))}: "
+            f"it draws coloured circles, squares and triangles ({', '.join(PALETTE)})",
+            file=sys.stderr,
+        )
     if pipe.sg_adapter is None and (args.graph is not None or inputs.image is not None):
         raise ValueError(
             f"--model {args.model} alone has no adapter: a scene graph or an image prompt needs "
@@ -159,7 +222,7 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
             "sg_scale": args.sg_scale,
             "seed": args.seed,
             "num_images": args.num_images,
-            "height": args.height,
+            "height": args.height,  # as asked (None: the model's own); each output records its drawn size
             "width": args.width,
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),
@@ -197,7 +260,9 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
         for k, (img, seed) in enumerate(zip(result.images, seeds)):
             path = out / f"{name}-{k:02d}.png"
             img.save(path)
-            entry["images"].append({"file": path.name, "seed": seed})
+            entry["images"].append(
+                {"file": path.name, "seed": seed, "width": img.width, "height": img.height}
+            )
         drawing = draw_scene_graph(graph, size=256, title=name) if graph is not None else None
         caption = " | ".join(
             s for s in (args.prompt and f"prompt: {args.prompt}", graph is not None and f"sg_scale {args.sg_scale}",
@@ -222,6 +287,26 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
         record["outputs"].append(entry)
     (out / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
     return record
+
+
+def fit_mismatch(adapter: str | Path, unet: torch.nn.Module) -> str:
+    """Which UNet an adapter file was trained for, against the one it was given (the number of
+    cross-attention layers and the key projections' shapes), in one line."""
+    from ip_adapter.checkpoint import read_adapter_file
+
+    f = read_adapter_file(adapter)
+    keys = {
+        k: tuple(t.shape) for k, t in f.tensors.items() if k.endswith(("to_k_sg.weight", "to_k_ip.weight"))
+    }
+    layers = {k.split(".")[1] for k in keys}
+    shapes = sorted(set(keys.values()))
+    attn2 = [m for n, m in unet.named_modules() if n.endswith("attn2")]
+    here = sorted({tuple(m.to_k.weight.shape) for m in attn2})
+    return (
+        f"the adapter was trained on a base with {len(layers)} cross-attention layers (key projections "
+        f"{', '.join(map(str, shapes))}); this UNet has {len(attn2)} ({', '.join(map(str, here))}). Pass the "
+        "--model it was trained on (its fit's config.yaml names it under model.base)"
+    )
 
 
 def layout_source(graph: SceneGraph) -> str:
@@ -282,8 +367,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sg-scale", type=float, default=1.0, help="scene-graph branch weight")
     p.add_argument("--seed", type=int, default=0, help="image k of graph i uses seed + i * num_images + k")
     p.add_argument("--num-images", type=int, default=1, help="images per graph")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument(
+        "--height", type=int, default=None,
+        help=f"image height in pixels, a multiple of 8 up to {MAX_SIDE} (default: the model's own size)",
+    )  # fmt: skip
+    p.add_argument(
+        "--width", type=int, default=None,
+        help=f"image width in pixels, a multiple of 8 up to {MAX_SIDE} (default: the model's own size)",
+    )  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, mps")
     p.add_argument(
         "--dtype", choices=("auto", *DTYPES), default="auto", help="auto: float16 on GPU, else float32"

@@ -607,6 +607,13 @@ def evaluate_folder(
         _need(samples, "text", "clip-t", f"give {MANIFEST} rows a `prompt` or NAME.txt files", "prompt")
     if "clip-i" in metrics:
         _need(samples, "ref", "clip-i", f"give --refs DIR (and {MANIFEST} `ref` names or same-name images)")
+    if "shapes" in metrics:
+        from .data.shapes import ShapesEvaluator
+
+        evaluator = ShapesEvaluator()
+        for sample in samples:
+            if sample.graph is not None and (why := evaluator.cannot_judge(sample.graph)) is not None:
+                raise MetricError(f"shapes cannot score {sample.path}: its graph's {why}")
     if {"shapes", "sg-geometry"} & set(metrics):
         _need(
             samples,

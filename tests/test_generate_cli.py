@@ -115,14 +115,14 @@ def test_invalid_graph_exits_2_before_any_model_loads(tmp_path, capsys, monkeypa
     assert "missing.json" in capsys.readouterr().err and not out.exists()
     assert generate("--image", tmp_path / "none.png", "--out", out) == 2
     assert "none.png" in capsys.readouterr().err
-    assert generate("--attention-maps", "--out", out) == 2
+    assert generate("--prompt", "a red circle", "--attention-maps", "--out", out) == 2
     assert "--attention-maps needs --graph" in capsys.readouterr().err
     assert not out.exists()
 
 
 def test_missing_model_says_how_to_provide_one(tmp_path, capsys):
     out = tmp_path / "out"
-    assert generate("--model", tmp_path / "nope", "--out", out) == 2
+    assert generate("--model", tmp_path / "nope", "--prompt", "a sheep", "--out", out) == 2
     err = capsys.readouterr().err
     assert "nope" in err and "`sg2img generate` without --model uses it" in err
     assert not out.exists()

@@ -313,6 +313,11 @@ def test_sidecar_files_pair_prompts_graphs_and_references(tmp_path):
             "shapes",
             r"samples.jsonl:1: `caption` must be a string, got \[1\]",
         ),
+        (
+            '{"file": "s0.png", "graph": {"objects": ["sheep"]}}\n',
+            "shapes",
+            r"shapes cannot score .*s0.png: its graph's objects\[0\] \('sheep'\) is not a shapes-world object",
+        ),
         ('{"file": "s0.png"}\n{oops\n', "shapes", r"samples.jsonl:2: not JSON"),
         (
             '{"file": "s0.png", "graph": {"objects": ["a"], "relationships": [[0, "x", 5]]}}\n',

@@ -12,6 +12,7 @@ from sg2img.data.shapes import (
     render,
     sample_scene,
 )
+from sg2img.graph import SceneGraph
 
 N = 200
 
@@ -106,3 +107,34 @@ def test_evaluator_on_a_blank_image_finds_nothing(test_rows):
     assert len(PALETTE) >= 4
     with pytest.raises(ValueError, match="images for"):
         ShapesEvaluator().evaluate([blank], [])
+
+
+def test_the_evaluator_says_which_graphs_it_cannot_judge():
+    from sg2img.data.shapes import ShapesEvaluator
+
+    judge = ShapesEvaluator().cannot_judge
+    ok = {"objects": [{"name": "circle", "attributes": ["red"]}, {"name": "square", "attributes": ["blue"]}],
+          "relationships": [[0, "left of", 1]]}  # fmt: skip
+    assert judge(SceneGraph.from_json(ok)) is None
+    cases = [
+        ({**ok, "objects": ["sheep", ok["objects"][1]]}, "objects[0] ('sheep') is not a shapes-world object"),
+        ({**ok, "objects": [ok["objects"][0], {"name": "square", "attributes": ["red"]}]},
+         "objects[0] and objects[1] are both red"),
+        ({**ok, "relationships": [[0, "next to", 1]]}, "relationships[0]: predicate 'next to' is not judged"),
+    ]  # fmt: skip
+    for graph, why in cases:
+        assert why in judge(SceneGraph.from_json(graph))
+
+
+def test_words_outside_the_world_are_named_once_each():
+    from sg2img.data.shapes import outside_world
+
+    sheep = SceneGraph.from_json({"objects": ["sheep", {"name": "circle", "attributes": ["plaid"]}],
+                                  "relationships": [[0, "next to", 1], [1, "above", 0]]})  # fmt: skip
+    assert outside_world([sheep, None], "A red circle and a sheep, left of a Cow") == [
+        "cow",
+        "next to",
+        "plaid",
+        "sheep",
+    ]
+    assert outside_world([None], "a red circle left of a blue square; a green triangle above it") == ["it"]

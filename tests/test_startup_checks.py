@@ -251,3 +251,84 @@ def test_a_fit_mistake_ends_in_one_line_exit_2_and_nothing_written(mistake, tmp_
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr + proc.stdout and "usage:" not in proc.stderr
     assert not run_dir.exists()  # no config.yaml, no W&B run, no adapter
+
+
+SHIPPED_ADAPTER = "sg2img/assets/shapes-adapter.safetensors"
+INFERENCE_MISTAKES = {  # name -> (command, the one-line message's expected text)
+    "evaluate on graphs outside the shapes world": (
+        ["evaluate", "shapes", "--graphs", "data/examples/sheep.json", "--out", "{out}"],
+        "sg2img evaluate: error: data/examples/sheep.json: graph [0]: objects[0] ('sky') is not a shapes-world object",
+    ),
+    "evaluate --out an existing file": (
+        ["evaluate", "shapes", "--n", "1", "--out", "{file}"], "--out {file}: is a file, not a folder",
+    ),
+    "evaluate --graphs a folder": (["evaluate", "shapes", "--graphs", "data", "--out", "{out}"], "--graphs data: is a folder"),
+    "generate --device cuda without a GPU": (
+        ["generate", "--graph", "data/examples/shapes.json", "--device", "cuda", "--out", "{out}"],
+        "--device cuda: no CUDA GPU is visible to torch here",
+    ),
+    "generate --device gpu": (
+        ["generate", "--graph", "data/examples/shapes.json", "--device", "gpu", "--out", "{out}"],
+        "--device gpu: not a device; use auto, cpu, cuda, cuda:N or mps",
+    ),
+    "generate too large": (
+        ["generate", "--graph", "data/examples/shapes.json", "--height", "100000", "--out", "{out}"],
+        "--height 100000 is over 2048, the largest side this command draws",
+    ),
+    "generate --out an existing file": (
+        ["generate", "--graph", "data/examples/shapes.json", "--out", "{file}"], "--out {file}: is a file, not a folder",
+    ),
+    "generate --adapter none alone": (
+        ["generate", "--adapter", "none", "--out", "{out}"], "nothing to draw from: give --prompt TEXT, --graph FILE",
+    ),
+    "generate --graph a folder": (["generate", "--graph", "data", "--out", "{out}"], "--graph data: is a folder"),
+    "generate with an adapter of another base": (
+        ["generate", "--model", "tiny", "--adapter", SHIPPED_ADAPTER, "--graph", "data/examples/shapes.json", "--out", "{out}"],
+        f"--adapter {SHIPPED_ADAPTER} does not fit --model tiny: the adapter was trained on a base with 7 cross-attention layers",
+    ),
+    "generate --image with a graph-only adapter": (
+        ["generate", "--graph", "data/examples/shapes.json", "--image", "{image}", "--out", "{out}"],
+        "--image needs an adapter with an image branch, and --adapter embedded has none",
+    ),
+    "check-graph on an empty list": (["check-graph", "{empty}"], "{empty}: the file holds an empty list of graphs"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("mistake", INFERENCE_MISTAKES)
+def test_an_inference_mistake_ends_in_one_line_exit_2_and_nothing_written(mistake, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    paths = {"out": tmp_path / "out", "file": tmp_path / "a-file", "empty": tmp_path / "empty.json",
+             "image": tmp_path / "prompt.png"}  # fmt: skip
+    paths["file"].write_text("keep me\n")
+    paths["empty"].write_text("[]\n")
+    Image.new("RGB", (32, 32), "red").save(paths["image"])
+    args, message = INFERENCE_MISTAKES[mistake]
+    args, message = [a.format(**paths) for a in args], message.format(**paths)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sg2img", *args], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error: " in line]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not paths["out"].exists() and paths["file"].read_text() == "keep me\n"
+
+
+def test_a_graph_outside_the_embedded_models_world_gets_one_warning_naming_its_words(tmp_path):
+    import subprocess
+    import sys
+
+    args = ["generate", "--graph", "data/examples/sheep.json", "--prompt", "a sheep on grass", "--steps", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "sg2img", *args, "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
+        text=True, env={**os.environ, "WANDB_MODE": "disabled"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: the embedded model")]
+    assert len(warnings) == 1 and "'sheep'" in warnings[0] and "'standing on'" in warnings[0], proc.stderr
+    assert "'a'" not in warnings[0] and "'above'" not in warnings[0]  # words of its own world are not named

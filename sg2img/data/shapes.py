@@ -19,6 +19,7 @@ rough shape class (how much of its bounding box the colour fills), and scores an
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -55,6 +56,9 @@ class ShapeObject:
     def box(self) -> tuple[float, float, float, float]:
         x, y, r = *self.centre, self.radius
         return (x - r, y - r, x + r, y + r)
+
+
+JUDGED_PREDICATES = ("left of", "right of", "above", "below")  # what the angle rule gives two centres
 
 
 def centre_predicate(s: tuple[float, float], o: tuple[float, float]) -> str:
@@ -137,6 +141,26 @@ def objects_from_graph(graph: SceneGraph) -> list[ShapeObject]:
         x0, y0, x1, y1 = o.box
         out.append(ShapeObject(o.name, colour, ((x0 + x1) / 2, (y0 + y1) / 2), (x1 - x0) / 2))
     return out
+
+
+CAPTION_WORDS = frozenset({"a", "an", "and", "the", "left", "right", "of", "above", "below"})
+
+
+def outside_world(graphs: list[SceneGraph | None], prompt: str | None) -> list[str]:
+    """The words of ``graphs`` and ``prompt`` this world has never shown its models (sorted, each once):
+    object names that are not shapes, attributes that are not colours, predicates the angle rule does not
+    give, and prompt words its captions never use."""
+    known = CAPTION_WORDS | set(SHAPES) | set(PALETTE)
+    words: set[str] = set()
+    for g in graphs:
+        if g is None:
+            continue
+        words |= {o.name for o in g.objects if o.name not in SHAPES}
+        words |= {a for o in g.objects for a in o.attributes if a not in PALETTE}
+        words |= {r.predicate for r in g.relationships if r.predicate not in JUDGED_PREDICATES}
+    if prompt:
+        words |= {w for w in re.findall(r"[a-z]+", prompt.lower()) if w not in known}
+    return sorted(words)
 
 
 def caption(graph: SceneGraph, relations: bool = False) -> str:
@@ -233,6 +257,25 @@ class ShapesEvaluator:
     def __init__(self, colour_tolerance: float = 60.0, min_fraction: float = 0.25):
         self.colour_tolerance = colour_tolerance
         self.min_fraction = min_fraction  # of the area a rendered object covers
+
+    def cannot_judge(self, graph: SceneGraph) -> str | None:
+        """Why this evaluator cannot score images of ``graph``, or None: it finds objects by their colour
+        (one object per colour, each a shape of the world) and judges the angle rule's four predicates."""
+        colours: dict[str, int] = {}
+        for i, o in enumerate(graph.objects):
+            colour = o.attributes[0] if o.attributes else None
+            if o.name not in SHAPES or colour not in PALETTE:
+                return (
+                    f"objects[{i}] ({o.label!r}) is not a shapes-world object: a shape in {list(SHAPES)} with "
+                    f"a colour attribute in {list(PALETTE)}"
+                )
+            if colour in colours:
+                return f"objects[{colours[colour]}] and objects[{i}] are both {colour}: the evaluator tells objects apart by colour"
+            colours[colour] = i
+        for j, r in enumerate(graph.relationships):
+            if r.predicate not in JUDGED_PREDICATES:
+                return f"relationships[{j}]: predicate {r.predicate!r} is not judged (only {list(JUDGED_PREDICATES)})"
+        return None
 
     def find(self, image: Image.Image) -> dict[str, Found]:
         a = np.asarray(image.convert("RGB"), dtype=np.float32)
