@@ -120,25 +120,66 @@ def contact_sheet(
     return out
 
 
-def attention_overlays(
-    image: Image.Image, maps: dict[str, torch.Tensor], panel: int = 192, alpha: float = 0.55
-) -> Image.Image:
-    """The image, then one heatmap per graph node over it (each map scaled to its own range)."""
+def similar_maps(maps: dict[str, torch.Tensor], threshold: float = 0.95) -> list[tuple[str, str, float]]:
+    """Pairs of nodes whose maps correlate above ``threshold`` (Pearson, over the pixels): maps that say
+    the same thing about where each node acts, whatever their colours suggest."""
     import numpy as np
 
-    cmap = matplotlib.colormaps["jet"]
-    base = image.convert("RGB").resize((panel, panel), Image.Resampling.NEAREST)
-    tiles = [(base, "image")]
-    for name, m in maps.items():
-        a = m.float().cpu().numpy()
-        span = a.max() - a.min()
-        a = (a - a.min()) / span if span > 0 else a * 0
-        heat = Image.fromarray((cmap(a)[..., :3] * 255).astype(np.uint8)).resize(
-            (panel, panel), Image.Resampling.BILINEAR
-        )
-        tiles.append((Image.blend(base, heat, alpha), name))
-    out = Image.new("RGB", (panel * len(tiles), panel + 22), "white")
-    for i, (tile, name) in enumerate(tiles):
-        out.paste(tile, (i * panel, 0))
-        out.paste(_caption_strip(name, panel), (i * panel, panel))
+    names = list(maps)
+    flat = {k: maps[k].float().cpu().numpy().ravel() for k in names}
+    out = []
+    for a in range(len(names)):
+        for b in range(a + 1, len(names)):
+            x, y = flat[names[a]], flat[names[b]]
+            if x.std() == 0 or y.std() == 0:
+                continue
+            r = float(np.corrcoef(x, y)[0, 1])
+            if r > threshold:
+                out.append((names[a], names[b], r))
     return out
+
+
+def attention_overlays(
+    image: Image.Image,
+    maps: dict[str, torch.Tensor],
+    panel: int = 192,
+    alpha: float = 0.55,
+    similar: float = 0.95,
+) -> Image.Image:
+    """The image, then one heatmap per graph node over it, all on one colour scale (0 to the largest value
+    of any node's map) with its colour bar, so that a weak map looks weak. When maps are nearly the same
+    (correlation above ``similar``), the sheet says so above them."""
+    import numpy as np
+
+    arrays = {k: m.float().cpu().numpy() for k, m in maps.items()}
+    vmax = max((float(a.max()) for a in arrays.values()), default=1.0) or 1.0
+    base = np.asarray(image.convert("RGB"))
+    n = len(arrays) + 1
+    inch = panel / 100
+    fig, axes = plt.subplots(1, n, figsize=(n * inch + 0.9, inch + 0.75), dpi=100, squeeze=False)
+    axes = axes[0]
+    axes[0].imshow(base, interpolation="nearest")
+    axes[0].set_title("image", fontsize=8)
+    shown = None
+    for ax, (name, a) in zip(axes[1:], arrays.items(), strict=True):
+        ax.imshow(base, interpolation="nearest")
+        shown = ax.imshow(a, cmap="jet", vmin=0.0, vmax=vmax, alpha=alpha, interpolation="bilinear",
+                          extent=(-0.5, base.shape[1] - 0.5, base.shape[0] - 0.5, -0.5))  # fmt: skip
+        ax.set_title(name if len(name) <= 24 else name[:23] + "…", fontsize=8)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if shown is not None:
+        fig.colorbar(shown, ax=list(axes), fraction=0.02, pad=0.01).ax.tick_params(labelsize=7)
+    pairs = similar_maps(maps, similar)
+    if pairs:
+        names = sorted({x for a, b, _ in pairs for x in (a, b)})
+        fig.suptitle(
+            f"maps nearly identical (correlation > {similar}) for {', '.join(names)}: they do not tell these nodes apart",
+            fontsize=8, color="darkred",
+        )  # fmt: skip
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")

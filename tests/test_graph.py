@@ -133,3 +133,28 @@ def test_check_graph_cli(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{bad}: relationships[0][2]: object index 9 out of range (8 objects)" in err
     assert "Traceback" not in err
+
+
+def test_attention_maps_share_one_colour_scale_and_say_when_they_are_alike():
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from sg2img.drawing import attention_overlays, similar_maps
+
+    ramp = torch.linspace(0, 1, 64).reshape(8, 8)
+    black = Image.new("RGB", (32, 32))
+
+    def red_pixels(maps):
+        a = np.asarray(attention_overlays(black, maps, alpha=1.0)).astype(int)
+        return int(((a[..., 0] > 150) & (a[..., 1] < 60) & (a[..., 2] < 60)).sum())
+
+    strong_twice = red_pixels({"a": ramp, "b": ramp.flip(0)})
+    strong_and_weak = red_pixels({"a": ramp, "b": 0.1 * ramp.flip(0)})
+    # one scale: the weak map (a tenth of the other) shows no red; each map stretched to its own range would
+    # draw as much red as the strong one
+    assert strong_and_weak < 0.75 * strong_twice
+    blob = torch.zeros(8, 8)
+    blob[2:4, 2:4] = 1
+    assert similar_maps({"a": ramp, "b": 0.5 * ramp + 0.01, "c": blob}) == [("a", "b", pytest.approx(1.0))]
+    assert similar_maps({"a": ramp, "c": blob, "flat": torch.zeros(8, 8)}) == []
