@@ -9,8 +9,9 @@ from typing import Any
 
 import lightning as L
 import yaml
-from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.callbacks import ModelSummary, ThroughputMonitor
 from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 from PIL import Image, ImageDraw
 
 from .checkpointing import clean_run_folders
@@ -19,6 +20,7 @@ from .graph import SceneGraph, load_scene_graphs
 
 log = logging.getLogger(__name__)
 EXAMPLE_GRAPHS = Path(__file__).resolve().parent.parent / "data" / "examples" / "sheep.json"
+RUN_ID_FILE = "wandb-run-id"  # DIR/wandb-run-id: the W&B run a fit into DIR logs to, kept for its resumption
 
 
 def _batch_size(batch: Any) -> int:
@@ -32,6 +34,67 @@ class SamplesPerSecond(ThroughputMonitor):
 
     def __init__(self, window_size: int = 20):
         super().__init__(batch_size_fn=_batch_size, window_size=window_size)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module, outputs, batch: Any, *args: Any, **kwargs: Any
+    ) -> None:
+        if _batch_size(batch) == 0:  # every row of it was skipped: no step was taken, nothing to count
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, *args, **kwargs)
+
+
+class RunLogger(WandbLogger):
+    """Lightning's ``WandbLogger`` without the warnings a user cannot act on: it no longer passes wandb the
+    retired ``anonymous`` setting, and it tells wandb where the code's git repository is (the working
+    directory's), instead of letting wandb look for one in the run folder and warn that there is none."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._wandb_init.pop("anonymous", None)
+        if "settings" not in self._wandb_init:
+            import wandb
+
+            repo = next((p for p in (Path.cwd(), *Path.cwd().parents) if (p / ".git").exists()), None)
+            self._wandb_init["settings"] = (
+                wandb.Settings(git_root=str(repo)) if repo else wandb.Settings(disable_git=True)
+            )
+
+
+class ParameterSummary(ModelSummary):
+    """Lightning's model summary without the FLOPs column and total, which this trainer never measures
+    (it printed "Total FLOPs: 0" for every run)."""
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int = 0,
+        **summarize_kwargs: Any,
+    ) -> None:
+        from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count
+
+        columns = [(name, values) for name, values in summary_data if name != "FLOPs"]
+        widths = [
+            max(len(name), *(len(v) for v in values)) if values else len(name) for name, values in columns
+        ]
+        rows = [" | ".join(name.ljust(w) for (name, _), w in zip(columns, widths, strict=True))]
+        rows.append("-" * len(rows[0]))
+        for i in range(len(columns[0][1]) if columns else 0):
+            rows.append(
+                " | ".join(values[i].ljust(w) for (_, values), w in zip(columns, widths, strict=True))
+            )
+        rows += [
+            "-" * len(rows[0]),
+            f"{get_human_readable_count(trainable_parameters):<10} trainable params",
+            f"{get_human_readable_count(total_parameters - trainable_parameters):<10} frozen params",
+            f"{model_size:<10.1f} MB of parameters in all",
+        ]
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info("\n" + "\n".join(rows))
 
 
 def text_panel(text: str, size: int) -> Image.Image:
@@ -140,6 +203,32 @@ class AdapterExport(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
         self._write(trainer, pl_module)
+        if trainer.is_global_zero:
+            self.log_artifact(trainer)
+
+    artifact_type = "model"
+
+    def log_artifact(self, trainer: L.Trainer) -> None:
+        """The trained file, with the run's config.yaml, as a W&B artifact of the fit's run (W&B's
+        ``log_model`` for what this fit makes: the adapter file, not Lightning's checkpoint)."""
+        out = self.path(trainer)
+        for logger in trainer.loggers:
+            if not isinstance(logger, WandbLogger) or not out.is_file():
+                continue
+            import wandb
+
+            run = logger.experiment
+            config = Path(trainer.default_root_dir) / "config.yaml"
+            artifact = wandb.Artifact(
+                name=f"{out.stem}-{run.id}",
+                type=self.artifact_type,
+                description=f"{out.name} of the fit in {trainer.default_root_dir}, step {trainer.global_step}",
+                metadata={"global_step": trainer.global_step, "file": out.name},
+            )
+            artifact.add_file(str(out))
+            if config.is_file():
+                artifact.add_file(str(config))
+            run.log_artifact(artifact, aliases=["latest", f"step-{trainer.global_step}"])
 
 
 class BaseExport(AdapterExport):
@@ -174,6 +263,10 @@ class SaveRunConfig(SaveConfigCallback):
             out.parent.mkdir(parents=True, exist_ok=True)
             self.parser.save(self.config, str(out), skip_none=False, overwrite=True, multifile=False)
             self.save_config(trainer, pl_module, stage)
+            if stage == "fit":  # the W&B run a resumption of this fit continues (training_cli)
+                for logger in trainer.loggers:
+                    if isinstance(logger, WandbLogger) and logger.version:
+                        (out.parent / RUN_ID_FILE).write_text(f"{logger.version}\n")
         self.already_saved = trainer.strategy.broadcast(True)
 
     def save_config(self, trainer: L.Trainer, pl_module, stage: str) -> None:

@@ -20,9 +20,12 @@ world's tiny CLIP (``TinyClipModule``) and keeps ``DIR/clip.safetensors`` curren
 from __future__ import annotations
 
 import difflib
+import logging
 import netrc
 import os
 import re
+import secrets
+import string
 import sys
 import warnings
 from collections.abc import Sequence
@@ -35,7 +38,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .base_training import BaseModelModule
-from .callbacks import SaveRunConfig
+from .callbacks import RUN_ID_FILE, SaveRunConfig
 from .data.datamodule import SG2ImgDataModule
 from .errors import ConfigurationError
 from .lit_module import SG2ImgModule
@@ -60,6 +63,18 @@ def wandb_mode() -> str:
         return "offline" if netrc.netrc().authenticators(host) is None else "online"
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return "offline"
+
+
+def wandb_run_identity(root: Path, job: str, resuming: bool) -> dict[str, str]:
+    """The W&B run a job logs to: a resumed fit (``--ckpt_path``) continues the run its first part
+    started (the id ``DIR/wandb-run-id`` kept, ``resume="allow"``); any other job starts a run of its own.
+    The id file is written when the fit starts (``SaveRunConfig``), not here: a run that stops at
+    start-up writes nothing."""
+    kept = root / RUN_ID_FILE
+    if job == "fit" and resuming and kept.is_file() and (run_id := kept.read_text().strip()):
+        return {"id": run_id, "resume": "allow"}
+    new_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's form
+    return {"id": new_id, "resume": "allow"} if job == "fit" else {}
 
 
 def wandb_offline() -> bool:
@@ -165,15 +180,20 @@ class SG2ImgCLI(LightningCLI):
                 raise ConfigurationError(f"trainer.{key} must be -1 (no limit) or at least 0, got {value}")
         root = Path(t.default_root_dir or "runs/default")
         t.default_root_dir = str(root)
+        job = self.subcommand or "fit"
+        if job != "fit":  # validate / test: their own config record; the fit's config.yaml stays as it was
+            self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"config-{job}.yaml"}
         if t.logger is None or t.logger is True:
             t.logger = Namespace(
-                class_path="lightning.pytorch.loggers.WandbLogger",
+                class_path="sg2img.callbacks.RunLogger",
                 init_args=Namespace(
                     project=os.environ.get("WANDB_PROJECT", "sg2img"),
-                    name=root.name,
+                    name=root.name if job == "fit" else f"{root.name}-{job}",
                     save_dir=str(root),
                     offline=wandb_offline(),
                     mode=wandb_mode(),
+                    job_type=job,
+                    **wandb_run_identity(root, job, resuming=cfg.get("ckpt_path") is not None),
                 ),
             )
         plugins = t.plugins if isinstance(t.plugins, list) else [t.plugins] if t.plugins else []
@@ -202,6 +222,10 @@ class SG2ImgCLI(LightningCLI):
                     init_args=Namespace(refresh_rate=max(1, int(t.log_every_n_steps or 50))),
                 )
             )
+        if t.enable_model_summary is not False and not any(
+            c.class_path.endswith("ModelSummary") for c in callbacks
+        ):
+            callbacks.append(Namespace(class_path="sg2img.callbacks.ParameterSummary", init_args=Namespace()))
         export_name = self.export_callback.rsplit(".", 1)[-1]  # configs may name it short or in full
         if not any(c.class_path.rsplit(".", 1)[-1] == export_name for c in callbacks):
             callbacks.append(Namespace(class_path=self.export_callback, init_args=Namespace()))
@@ -234,9 +258,23 @@ EXPECTED_WARNINGS = (
 )
 
 
+class _LightningNoise(logging.Filter):
+    """Drops from every run's log Lightning's tips to install its cloud services (litlogger, litmodels) and
+    its notice that the model summary is ours (``ParameterSummary``, which leaves out the unmeasured FLOPs)."""
+
+    NOISE = ("💡 Tip:", "Trainer already configured with model summary callbacks")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.NOISE)
+
+
 def cli_main(args: list[str] | None = None, cli: type[SG2ImgCLI] = SG2ImgCLI) -> SG2ImgCLI:
     for pattern in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _LightningNoise) for f in logger.filters):
+            logger.addFilter(_LightningNoise())
     try:
         return cli(args=args)
     finally:

@@ -55,8 +55,9 @@ def _parsed(log: Path) -> list:
 
 
 def read_offline_run(run_dir: str | Path, wait: float = 120.0) -> dict[str, Any]:
-    """``{"history": [row, ...], "config": {...}, "run": {"name", "group", "job_type"}, "media": [relative
-    paths]}`` of one offline run folder.
+    """``{"history": [row, ...], "config": {...}, "run": {"name", "group", "job_type", "id", "resumed"},
+    "media": [relative paths], "artifacts": [{"name", "type", "files", "aliases"}]}`` of one offline run
+    folder.
 
     ``wandb.finish()`` can return before wandb's core process has written the end of the log (it writes
     asynchronously; on a loaded machine the gap is seconds). A finished run's log ends with its ``exit``
@@ -81,7 +82,7 @@ def read_offline_run(run_dir: str | Path, wait: float = 120.0) -> dict[str, Any]
         if time.monotonic() > deadline:
             raise TimeoutError(f"{logs[0]}: no exit record after {wait:.0f} s (the run has not finished)")
         time.sleep(0.1)
-    history, config, run = [], {}, {}
+    history, config, run, artifacts = [], {}, {}, []
     for rec in records:
         kind = rec.WhichOneof("record_type")
         if kind == "history":
@@ -91,9 +92,14 @@ def read_offline_run(run_dir: str | Path, wait: float = 120.0) -> dict[str, Any]
                 row[key] = json.loads(item.value_json)
             history.append(row)
         elif kind == "run":
-            run = {"name": rec.run.display_name, "group": rec.run.run_group, "job_type": rec.run.job_type}
+            run = {"name": rec.run.display_name, "group": rec.run.run_group, "job_type": rec.run.job_type,
+                   "id": rec.run.run_id, "resumed": rec.run.resumed}  # fmt: skip
             for item in rec.run.config.update:  # the config given to wandb.init
                 config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "artifact":
+            files = [e.path for e in rec.artifact.manifest.contents]
+            artifacts.append({"name": rec.artifact.name, "type": rec.artifact.type, "files": sorted(files),
+                              "aliases": list(rec.artifact.aliases)})  # fmt: skip
         elif kind == "config":
             for item in rec.config.update:
                 key = item.key or "/".join(item.nested_key)
@@ -102,7 +108,7 @@ def read_offline_run(run_dir: str | Path, wait: float = 120.0) -> dict[str, Any]
     media = sorted(
         str(p.relative_to(media_root)) for p in media_root.rglob("*") if p.is_file() and "media" in p.parts
     )
-    return {"history": history, "config": config, "run": run, "media": media}
+    return {"history": history, "config": config, "run": run, "media": media, "artifacts": artifacts}
 
 
 def offline_runs(save_dir: str | Path) -> list[Path]:

@@ -61,7 +61,7 @@ def test_fit_leaves_config_adapter_checkpoint_and_wandb_run(tmp_path, monkeypatc
 
     config = yaml.safe_load((root / "config.yaml").read_text())
     assert config["model"]["base"] == "tiny" and config["trainer"]["precision"] == "32-true"
-    assert config["trainer"]["logger"]["class_path"].endswith("WandbLogger")
+    assert config["trainer"]["logger"]["class_path"] == "sg2img.callbacks.RunLogger"
 
     adapter = SceneGraphAdapter.from_file(root / "adapter.safetensors", build_components("tiny").unet)
     assert adapter.config.graph_branch and adapter.config.gnn.num_layers == 2
@@ -234,3 +234,33 @@ def test_validate_reports_val_loss(tmp_path, capsys):
     row = re.search(r"val/loss\W+([0-9.]+(?:e-?\d+)?)", out)
     assert row is not None, out
     assert 0 < float(row.group(1)) < 10
+
+
+def test_a_resumed_fit_continues_its_wandb_run_and_validate_logs_a_run_of_its_own(
+    tmp_path, monkeypatch, capfd, caplog
+):
+    """One W&B run across resumes (same id, resume="allow"), the final adapter as a model artifact with its
+    config, validate in a run of its own job type that leaves the fit's config.yaml alone, and none of the
+    notices a user cannot act on."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    root = tmp_path / "run"
+    assert main(fit_args(tmp_path, root, "--trainer.max_steps", "2")) == 0
+    run_id = (root / "wandb-run-id").read_text().strip()
+    assert main(fit_args(tmp_path, root, "--trainer.max_steps", "4", "--ckpt_path", "last")) == 0
+    config = (root / "config.yaml").read_text()
+    assert main(["validate", *fit_args(tmp_path, root)[1:], "--ckpt_path", "last"]) == 0
+    first, resumed, validate = (read_offline_run(r) for r in offline_runs(root))
+    assert first["run"]["id"] == resumed["run"]["id"] == run_id and validate["run"]["id"] != run_id
+    assert [r["run"]["job_type"] for r in (first, resumed, validate)] == ["fit", "fit", "validate"]
+    (artifact,) = resumed["artifacts"]
+    assert artifact["name"] == f"adapter-{run_id}" and artifact["type"] == "model"
+    assert artifact["files"] == ["adapter.safetensors", "config.yaml"] and "step-4" in artifact["aliases"]
+    assert (root / "config.yaml").read_text() == config and (root / "config-validate.yaml").is_file()
+    # a fit started again without --ckpt_path is a new run
+    assert main(fit_args(tmp_path, root, "--trainer.max_steps", "1")) == 0
+    assert read_offline_run(offline_runs(root)[-1])["run"]["id"] != run_id
+    out = capfd.readouterr()
+    shown = out.out + out.err + caplog.text
+    for noise in ("💡 Tip", "anonymous setting", "git root", "Total FLOPs", "Trainer already configured"):
+        assert noise not in shown, noise
+    assert "trainable params" in shown  # the parameter summary itself stays
