@@ -135,3 +135,13 @@ def test_a_base_without_adapter_refuses_graphs(tmp_path, capsys):
     assert not out.exists()
     assert generate("--model", "tiny", "--prompt", "a sheep", "--out", out) == 0  # text only works
     assert (out / "prompt-00.png").is_file()
+
+
+def test_help_texts_show_the_defaults(capsys):
+    for command in (["generate"], ["evaluate", "shapes"]):
+        with pytest.raises(SystemExit) as e:
+            main([*command, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert "(default: 0)" in " ".join(out.split())  # --seed, wrapped or not
+        assert "(default: None)" not in out and "(default: False)" not in out
