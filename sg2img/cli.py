@@ -206,6 +206,15 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sg2img", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    # listed for --help; main() hands them to LightningCLI before this parser runs (each has its own --help)
+    for name, text in (
+        ("fit", "train an adapter: LightningCLI, --config FILE ... (see `sg2img fit --help`)"),
+        ("validate", "validate an adapter run on its config's validation data (LightningCLI)"),
+        ("test", "test an adapter run on its config's test data (LightningCLI)"),
+        ("fit-base", "train a small base model from scratch (LightningCLI; the shapes world's base)"),
+        ("fit-clip", "train the shapes world's tiny CLIP with open_clip (LightningCLI)"),
+    ):
+        sub.add_parser(name, help=text, add_help=False)
 
     p = sub.add_parser("info", help="parameter table per component (built on the meta device)")
     p.add_argument("--model", default="sd15", help="'sd15', 'tiny', or a local diffusers model folder")

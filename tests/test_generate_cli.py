@@ -145,3 +145,11 @@ def test_help_texts_show_the_defaults(capsys):
         out = capsys.readouterr().out
         assert "(default: 0)" in " ".join(out.split())  # --seed, wrapped or not
         assert "(default: None)" not in out and "(default: False)" not in out
+
+
+def test_the_top_level_help_lists_the_training_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("fit", "validate", "test", "fit-base", "fit-clip", "generate", "evaluate"):
+        assert f"    {command} " in out, command
