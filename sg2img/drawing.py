@@ -103,14 +103,18 @@ def contact_sheet(
     caption: str = "",
     panel: int = 256,
     layout: Image.Image | None = None,
+    reference: Image.Image | None = None,
 ) -> Image.Image:
-    """The graph drawing and its layout (if any) beside its generated images, one row, with a caption strip
-    below."""
+    """The reference image (if any: what the graph should look like), the graph drawing and its layout (if
+    any), then its generated images, one row, with a caption strip below."""
     drawn = [t for t in (drawing, layout) if t is not None]
+    if reference is not None:  # pixels, not a drawing: drawn at its own resolution, like the samples
+        drawn = [reference, *drawn]
     tiles = drawn + list(images)
     sheet = Image.new("RGB", (panel * len(tiles), panel), "white")
     for i, tile in enumerate(tiles):
-        resample = Image.Resampling.BILINEAR if i < len(drawn) else Image.Resampling.NEAREST
+        pixels = i >= len(drawn) or (reference is not None and i == 0)
+        resample = Image.Resampling.NEAREST if pixels else Image.Resampling.BILINEAR
         sheet.paste(tile.convert("RGB").resize((panel, panel), resample), (i * panel, 0))
     if not caption:
         return sheet

@@ -182,8 +182,9 @@ def save_outputs(
     shown: list[SceneGraph] | None = None,
     layouts: list[list[tuple[float, float, float, float]] | None] | None = None,
 ) -> None:
-    """Images, sheets (graph, the layout the graph branch used, the image), the manifest and the record.
-    ``shown``: the graphs as the model saw them (without boxes under ``--boxes none``)."""
+    """Images, one sheet per graph (its reference rendering, the graph, the layout the graph branch used,
+    and every image drawn for it), the manifest and the record. ``shown``: the graphs as the model saw them
+    (without boxes under ``--boxes none``)."""
     from .data.shapes import ShapesEvaluator
     from .drawing import contact_sheet, draw_layout, draw_scene_graph
     from .generate import layout_record, layout_source
@@ -193,17 +194,33 @@ def save_outputs(
     (out / "refs").mkdir(parents=True, exist_ok=True)
     evaluator = ShapesEvaluator()
     per_image, manifest = [], []
+    by_graph: dict[str, list[int]] = {}  # a graph's name -> its images, in order
+    for i, graph_name in enumerate(ref_names):
+        by_graph.setdefault(graph_name, []).append(i)
+    sheets = list(by_graph.items()) if save_images else list(by_graph.items())[:16]
+    for graph_name, idx in sheets:
+        i = idx[0]
+        held = ", ".join(
+            f"{r['triples_held']}/{r['triples']}"
+            for r in (evaluator.score(images[k], graphs[k]) for k in idx)
+        )
+        caption = f"{prompts[i] or '(empty prompt)'} | relations held: {held}"
+        layout = None
+        if layouts[i] is not None:
+            layout = draw_layout(shown[i], layouts[i], title=layout_source(shown[i]))
+        sheet = contact_sheet(
+            draw_scene_graph(graphs[i], size=256),
+            [images[k] for k in idx],
+            caption,
+            layout=layout,
+            reference=refs[i],
+        )
+        sheet.save(out / f"{graph_name}-sheet.png")
     for i, (img, g, p, name) in enumerate(zip(images, graphs, prompts, names)):
         s = evaluator.score(img, g)
         per_image.append({"name": name, "prompt": p, **s})
         if save_images or i < 16:
             img.save(out / f"{name}.png")
-            caption = f"{p or '(empty prompt)'} | relations {s['triples_held']}/{s['triples']}"
-            layout = None
-            if layouts[i] is not None:
-                layout = draw_layout(shown[i], layouts[i], title=layout_source(shown[i]))
-            sheet = contact_sheet(draw_scene_graph(g, size=256), [img], caption, layout=layout)
-            sheet.save(out / f"{name}-sheet.png")
             row = {
                 "file": f"{name}.png",
                 "prompt": p,

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from sg2img.cli import main
 
@@ -25,6 +26,8 @@ def test_scores_the_embedded_model_on_test_rows_and_writes_the_record(tmp_path, 
         0 <= record["scores"][k] <= 1 for k in ("object_recall", "relation_accuracy", "graph_accuracy")
     )
     assert (out / "test-00000.png").is_file() and (out / "test-00000-sheet.png").is_file()
+    # the sheet: the graph's reference rendering, its drawing, the predicted layout, the image
+    assert Image.open(out / "test-00000-sheet.png").width == 256 * 4
     again = tmp_path / "again"
     assert evaluate("--n", "3", "--out", again) == 0
     assert (again / "test-00002.png").read_bytes() == (out / "test-00002.png").read_bytes()
@@ -45,6 +48,10 @@ def test_graph_files_and_several_images_per_graph(tmp_path):
     record = json.loads((out / "shapes-eval.json").read_text())
     assert record["scores"]["images"] == 8
     assert record["images"][1]["name"] == "shapes-world-00-01"
+    # one sheet per graph: the graph, the layout used, then its 2 images (no boxes: no reference rendering)
+    sheets = sorted(p.name for p in out.glob("*-sheet.png"))
+    assert sheets == [f"shapes-world-{i:02d}-sheet.png" for i in range(4)]
+    assert Image.open(out / sheets[0]).width == 256 * (2 + 2)
 
 
 @pytest.mark.parametrize(
