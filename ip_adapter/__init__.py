@@ -17,6 +17,7 @@ from .image_encoder import (
     clip_image_processor,
     open_clip_to_transformers,
 )
+from .pretrained import PretrainedMixin, resolve_adapter_file
 from .projection import ImageProjection, Resampler, ResamplerConfig
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "ImageFeatures",
     "ImageProjection",
     "OpenClipImageEncoder",
+    "PretrainedMixin",
     "Resampler",
     "ResamplerConfig",
     "Stream",
@@ -43,5 +45,6 @@ __all__ = [
     "layer_prefix",
     "open_clip_to_transformers",
     "read_adapter_file",
+    "resolve_adapter_file",
     "write_adapter_file",
 ]

@@ -28,6 +28,7 @@ from .checkpoint import (
     write_adapter_file,
 )
 from .image_encoder import ImageFeatures
+from .pretrained import PretrainedMixin
 from .projection import ImageProjection, Resampler, ResamplerConfig
 
 IMAGE_STREAM = "ip"
@@ -114,7 +115,7 @@ class IPAdapterConfig:
         )
 
 
-class IPAdapter(nn.Module):
+class IPAdapter(PretrainedMixin, nn.Module):
     """Image projection + decoupled K/V weights for every cross-attention layer of ``unet``.
 
     ``extra_streams`` adds more decoupled branches (same processors, their own K/V and scale).

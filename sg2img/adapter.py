@@ -34,6 +34,7 @@ from ip_adapter.adapter import (
 from ip_adapter.attention import DecoupledAttention, Scale
 from ip_adapter.checkpoint import CONFIG_KEY, CheckpointError, read_adapter_file, write_adapter_file
 from ip_adapter.image_encoder import ImageFeatures
+from ip_adapter.pretrained import PretrainedMixin
 
 from .gnn import GNNConfig, GraphTokens, SceneGraphEncoder, TokenConfig
 
@@ -81,7 +82,7 @@ class SGAdapterConfig:
         return tuple(s for s, on in ((IMAGE_STREAM, self.image_branch), (SG_STREAM, self.graph_branch)) if on)
 
 
-class SceneGraphAdapter(nn.Module):
+class SceneGraphAdapter(PretrainedMixin, nn.Module):
     def __init__(self, unet: nn.Module, config: SGAdapterConfig, init_from_base: bool = True):
         super().__init__()
         self.config = config

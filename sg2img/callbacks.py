@@ -204,7 +204,28 @@ class AdapterExport(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
         self._write(trainer, pl_module)
         if trainer.is_global_zero:
+            if self.writes_card:
+                self.write_card(trainer, pl_module)
             self.log_artifact(trainer)
+
+    writes_card = True
+
+    def write_card(self, trainer: L.Trainer, pl_module) -> None:
+        """DIR as ``save_pretrained`` writes it: beside the adapter file, ``config.json`` and a model card
+        (the base it expects, what it was trained on, how long)."""
+        from ip_adapter.pretrained import write_card
+
+        from .data.datamodule import describe_source
+
+        data = getattr(trainer, "datamodule", None)
+        train = getattr(data, "sources", {}).get("train") if data is not None else None
+        card = {
+            "name": f"sg2img adapter ({Path(trainer.default_root_dir).name})",
+            "base": str(getattr(pl_module, "base", None) or ""),
+            "trained_on": describe_source(train) if train is not None else None,
+            "steps": trainer.global_step,
+        }
+        write_card(self.path(trainer).parent, self.path(trainer), card)
 
     artifact_type = "model"
 
@@ -237,12 +258,16 @@ class BaseExport(AdapterExport):
     def __init__(self, filename: str = "base.safetensors"):
         super().__init__(filename)
 
+    writes_card = False  # a base file is not an adapter folder
+
     def export(self, pl_module, out: Path) -> None:
         pl_module.export_base(out)
 
 
 class ClipExport(AdapterExport):
     """Keeps ``DIR/clip.safetensors`` (a tiny-CLIP file) current, as ``AdapterExport`` does."""
+
+    writes_card = False  # a tiny-CLIP file is not an adapter folder
 
     def __init__(self, filename: str = "clip.safetensors"):
         super().__init__(filename)

@@ -122,6 +122,9 @@ def _concat_hooks(
             h.remove()
 
 
+ADAPTER_FOLDER = "sg_adapter"  # where save_pretrained puts the adapter, inside the pipeline's folder
+
+
 class SceneGraphPipelineMixin:
     """The scene-graph adapter for a diffusers Stable Diffusion pipeline class (see the module doc)."""
 
@@ -133,11 +136,30 @@ class SceneGraphPipelineMixin:
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):
         """diffusers' ``from_pretrained`` (hub id or folder); the scheduler becomes DDIM, the paper's
-        sampler, unless one is passed."""
+        sampler, unless one is passed. A folder written by ``save_pretrained`` brings its adapter back."""
         pipe = super().from_pretrained(*args, **kwargs)
         if "scheduler" not in kwargs:
             pipe.use_ddim()
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        saved = Path(str(source)) / ADAPTER_FOLDER / "adapter.safetensors" if source is not None else None
+        if saved is not None and saved.is_file():  # a folder this pipeline's save_pretrained wrote
+            pipe.load_sg_adapter(saved)
         return pipe
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        """diffusers' ``save_pretrained`` for the base, with the UNet saved as plain diffusers (the adapter's
+        processors detached while it writes), and the adapter beside it as a ``save_pretrained`` folder,
+        ``sg_adapter/`` (not a pipeline component: stock diffusers reads the folder as a plain SD1.5)."""
+        adapter = self.sg_adapter
+        if adapter is not None:
+            adapter.detach(self.unet)
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if adapter is not None:
+                adapter.attach(self.unet)
+        if adapter is not None:
+            adapter.save_pretrained(Path(save_directory) / ADAPTER_FOLDER, base=str(save_directory))
 
     @classmethod
     def from_single_file(cls, *args: Any, **kwargs: Any):

@@ -321,3 +321,32 @@ def test_cached_kv_of_the_constant_streams_gives_the_same_images(files):
     uncached = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
     assert np.array_equal(cached, uncached)
     assert all(p.kv_cache is None for p in pipe.sg_adapter.attention.processors())
+
+
+# --- save and load like diffusers --------------------------------------------------------------
+def test_the_pipeline_saves_its_adapter_beside_a_plain_diffusers_base_and_loads_it_back(files, tmp_path):
+    from safetensors import safe_open
+
+    pipe = ours(files)
+    pipe.sg_adapter.set_scale(image_scale=0.7, sg_scale=0.9)
+    before = call(pipe, prompt="a sheep", scene_graph=GRAPH, ip_adapter_image=reference_image(),
+                  image_scale=0.7, sg_scale=0.9).images  # fmt: skip
+    pipe.save_pretrained(tmp_path / "saved")
+    with safe_open(str(tmp_path / "saved" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        saved_keys = set(f.keys())
+    assert saved_keys == set(build_components("tiny").unet.state_dict())  # a plain UNet: no adapter weights
+    assert sorted(p.name for p in (tmp_path / "saved" / "sg_adapter").iterdir()) == [
+        "README.md", "adapter.safetensors", "config.json",
+    ]  # fmt: skip
+    again = SG2ImgPipeline.from_pretrained(tmp_path / "saved", safety_checker=None)
+    again.set_progress_bar_config(disable=True)
+    assert again.sg_adapter is not None
+    after = call(again, prompt="a sheep", scene_graph=GRAPH, ip_adapter_image=reference_image(),
+                 image_scale=0.7, sg_scale=0.9).images  # fmt: skip
+    np.testing.assert_array_equal(before, after)
+    # the saving pipeline still has its adapter attached, and stock diffusers reads the folder as SD1.5
+    np.testing.assert_array_equal(
+        before, call(pipe, prompt="a sheep", scene_graph=GRAPH, ip_adapter_image=reference_image(),
+                     image_scale=0.7, sg_scale=0.9).images,
+    )  # fmt: skip
+    StableDiffusionPipeline.from_pretrained(tmp_path / "saved", safety_checker=None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -256,6 +257,11 @@ def test_a_resumed_fit_continues_its_wandb_run_and_validate_logs_a_run_of_its_ow
     assert artifact["name"] == f"adapter-{run_id}" and artifact["type"] == "model"
     assert artifact["files"] == ["adapter.safetensors", "config.yaml"] and "step-4" in artifact["aliases"]
     assert (root / "config.yaml").read_text() == config and (root / "config-validate.yaml").is_file()
+    # the run folder is an adapter folder, as save_pretrained writes it
+    card = json.loads((root / "config.json").read_text())
+    assert card["base"] == "tiny" and card["steps"] == 4 and card["sg"]["graph_branch"]
+    assert "- **Base it expects**: `tiny`" in (root / "README.md").read_text()
+    assert SceneGraphAdapter.from_pretrained(root, build_components("tiny").unet).config.graph_branch
     # a fit started again without --ckpt_path is a new run
     assert main(fit_args(tmp_path, root, "--trainer.max_steps", "1")) == 0
     assert read_offline_run(offline_runs(root)[-1])["run"]["id"] != run_id
