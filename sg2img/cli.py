@@ -33,8 +33,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    from .generate import quiet_loading
     from .models import save_tiny_model
 
+    quiet_loading()
     out = save_tiny_model(args.out, seed=args.seed)
     print(f"wrote a tiny diffusers-format SD model to {out}")
     if args.single_file is not None:

@@ -184,7 +184,7 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
 
     inputs = read_inputs(args)  # before any model loads: bad input costs nothing
     device, dtype = _device_and_dtype(args.device, args.dtype)
-    _quiet_loading()
+    quiet_loading()
     pipe, model_info = build_pipeline(args, device, dtype)
     adapter = pipe.sg_adapter
     branches = (
@@ -324,13 +324,14 @@ def layout_record(graph: SceneGraph, boxes: list[tuple[float, float, float, floa
     ]
 
 
-def _quiet_loading() -> None:
+def quiet_loading() -> None:
+    """No per-file progress bars or info logs from diffusers and transformers while models load and save."""
     import diffusers
     import transformers
 
     for lib in (diffusers, transformers):
         lib.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+        lib.utils.logging.disable_progress_bar()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -98,9 +98,12 @@ def test_info_on_a_missing_model_is_a_clear_error(tmp_path, capsys):
     assert "no model_index.json" in err and "make-tiny" in err and "Traceback" not in err
 
 
-def test_make_tiny_cli(tmp_path, capsys):
+def test_make_tiny_cli(tmp_path, capfd):
     assert main(["make-tiny", "--out", str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "model_index.json").is_file()
+    out = capfd.readouterr()
+    assert out.out.strip() == f"wrote a tiny diffusers-format SD model to {tmp_path / 'm'}"
+    assert "Writing model shards" not in out.err and "it/s" not in out.err  # no progress bars of saving
 
 
 def test_demo_runs_end_to_end(tmp_path):
