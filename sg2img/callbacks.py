@@ -120,8 +120,13 @@ def sample_grid(
 
 
 class SampleGrid(L.Callback):
-    """Every ``every_n_steps`` optimiser steps, generate from fixed validation graphs and prompts, save the
-    grid under ``DIR/samples/`` and log it (``samples``) to the logger that supports images (W&B)."""
+    """Every ``every_n_steps`` optimiser steps, generate from fixed graphs and prompts, save the grid under
+    ``DIR/samples/`` and log it (``samples``) to the logger that supports images (W&B), with a
+    ``samples_table`` (a ``wandb.Table`` of image, graph drawing and caption, one row per sample).
+
+    What it draws: the graphs of the file ``graphs`` names (with ``prompts``, else each graph's
+    description); without one, the first rows with a graph of the run's own validation data (their
+    captions), else of its training data; the example graphs only for a run that has neither."""
 
     def __init__(
         self,
@@ -139,7 +144,35 @@ class SampleGrid(L.Callback):
         self.steps, self.guidance, self.seed, self.panel = steps, guidance, seed, panel
         self._last_step = -1
 
-    def fixed_inputs(self) -> tuple[list[SceneGraph], list[str]]:
+    def rows_of_the_run(self, trainer: L.Trainer | None) -> tuple[list[SceneGraph], list[str]]:
+        """The first ``max_samples`` rows with a graph of the run's validation (else training) source."""
+        data = getattr(trainer, "datamodule", None) if trainer is not None else None
+        sources = getattr(data, "sources", {}) if data is not None else {}
+        for name in ("val", "train"):
+            source = sources.get(name)
+            if source is None or not hasattr(source, "example"):
+                continue
+            graphs, prompts = [], []
+            for i in range(min(len(source), 8 * self.max_samples)):
+                try:
+                    ex = source.example(i)
+                except Exception:  # a faulty row: the data module counts it; here it is passed over
+                    continue
+                if ex.graph is not None and len(ex.graph.objects):
+                    graphs.append(ex.graph)
+                    prompts.append(ex.caption)
+                if len(graphs) == self.max_samples:
+                    break
+            if graphs:
+                return graphs, prompts
+        return [], []
+
+    def fixed_inputs(self, trainer: L.Trainer | None = None) -> tuple[list[SceneGraph], list[str]]:
+        if self.graphs_path is None and not hasattr(self, "_run_rows"):
+            self._run_rows = self.rows_of_the_run(trainer)  # once: the same samples at every step
+        if self.graphs_path is None and self._run_rows[0]:
+            graphs, prompts = self._run_rows
+            return graphs, list(self.prompts)[: len(graphs)] if self.prompts else prompts
         graphs = load_scene_graphs(self.graphs_path or EXAMPLE_GRAPHS)[: self.max_samples]
         prompts = list(self.prompts) if self.prompts else [g.describe() for g in graphs]
         if len(prompts) < len(graphs):
@@ -155,7 +188,7 @@ class SampleGrid(L.Callback):
             self.log_samples(trainer, pl_module, step)
 
     def log_samples(self, trainer: L.Trainer, pl_module, step: int) -> Path:
-        graphs, prompts = self.fixed_inputs()
+        graphs, prompts = self.fixed_inputs(trainer)
         was_training = pl_module.training
         pl_module.eval()
         try:
@@ -171,6 +204,16 @@ class SampleGrid(L.Callback):
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key="samples", images=[grid], step=step, caption=[" | ".join(prompts)])
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                rows = [
+                    [step, wandb.Image(img), wandb.Image(draw_scene_graph(g, size=self.panel)), p]
+                    for img, g, p in zip(images, graphs, prompts, strict=True)
+                ]
+                logger.log_table(
+                    key="samples_table", columns=["step", "image", "graph", "caption"], data=rows, step=step
+                )
         return out
 
 

@@ -270,3 +270,26 @@ def test_a_resumed_fit_continues_its_wandb_run_and_validate_logs_a_run_of_its_ow
     for noise in ("💡 Tip", "anonymous setting", "git root", "Total FLOPs", "Trainer already configured"):
         assert noise not in shown, noise
     assert "trainable params" in shown  # the parameter summary itself stays
+
+
+def test_a_ten_step_smoke_fit_on_the_tiny_preset_shows_its_loss_speed_and_a_grid_of_its_own_rows(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    root = tmp_path / "smoke"
+    assert main(fit_args(tmp_path, root, "--trainer.max_steps", "10")) == 0
+    logged = read_offline_run(offline_runs(root)[0])
+    keys = set().union(*logged["history"])
+    assert {"train/loss", "train/device/samples_per_sec", "samples/filenames"} <= keys, sorted(keys)
+    assert sorted(p.name for p in (root / "samples").iterdir()) == ["step-0000010.png"]
+    assert (root / "checkpoints" / "last.ckpt").is_file()
+    # the grid draws the run's own rows (their captions), and W&B gets them as a table too
+    table = [row for row in logged["history"] if "samples_table/path" in row]
+    assert len(table) == 1 and any(p.startswith("media/table/samples_table") for p in logged["media"])
+    from sg2img.callbacks import SampleGrid
+
+    grid = SampleGrid()
+    graphs, prompts = grid.rows_of_the_run(None)
+    assert (
+        graphs == [] and prompts == []
+    )  # no trainer: no rows of a run (the example graphs are the fallback)
