@@ -34,25 +34,84 @@ def _layout_graph(sg: SceneGraph) -> nx.DiGraph:
     return g
 
 
-def draw_scene_graph(sg: SceneGraph, size: int = 384, title: str | None = None) -> Image.Image:
-    """Render to a ``size``×``size`` RGB image (deterministic layout)."""
+def _layers(g: nx.DiGraph) -> list[list]:
+    """Columns of a layered drawing, left to right: subjects, their predicates, their objects, ... (the
+    topological generations; a cycle, such as a left of b and b right of a, shares one column)."""
+    dag = nx.condensation(g)
+    members = dag.graph["mapping"]
+    groups: dict[int, list] = {}
+    for node, comp in members.items():
+        groups.setdefault(comp, []).append(node)
+    columns = []
+    for generation in nx.topological_generations(dag):
+        nodes = [n for comp in generation for n in groups[comp]]
+        columns.append(sorted(nodes, key=lambda n: (n[0] != "o", n[1])))
+    return columns
+
+
+def _fits(fig, texts) -> bool:
+    """No two labels overlap and none leaves the figure (in the renderer's pixel extents)."""
+    renderer = fig.canvas.get_renderer()
+    boxes = [(t.get_bbox_patch() or t).get_window_extent(renderer) for t in texts]  # the label's box, drawn
+    width, height = fig.canvas.get_width_height()
+    for k, b in enumerate(boxes):
+        if b.x0 < 0 or b.y0 < 0 or b.x1 > width or b.y1 > height:
+            return False
+        if any(b.overlaps(c) for c in boxes[k + 1 :]):
+            return False
+    return True
+
+
+def scene_graph_figure(sg: SceneGraph, size: int = 384, title: str | None = None):
+    """(figure, label texts) of a layered drawing: objects as boxes, each triple's predicate as its own
+    rounded node between subject and object (so a repeated triple shows twice), columns left to right.
+    The font shrinks, and then labels break at their spaces, until no label overlaps another or leaves the
+    figure (the last try is kept if none fits)."""
     g = _layout_graph(sg)
-    fig, ax = plt.subplots(figsize=(size / 96, size / 96), dpi=96)
-    ax.set_axis_off()
-    if title:
-        ax.set_title(title, fontsize=8)
-    if g.number_of_nodes():
-        pos = nx.spring_layout(g, seed=0) if g.number_of_nodes() > 1 else {n: (0.0, 0.0) for n in g}
-        nx.draw_networkx_edges(g, pos, ax=ax, arrows=True, arrowsize=10, edge_color="#555555", node_size=900)
-        for kind, style in (
-            ("object", {"boxstyle": "square,pad=0.3", "fc": "#dbe9ff", "ec": "#2255aa"}),
-            ("predicate", {"boxstyle": "round,pad=0.3", "fc": "#fff1cc", "ec": "#aa7700"}),
-        ):
-            labels = {n: d["label"] for n, d in g.nodes(data=True) if d["kind"] == kind}
-            nx.draw_networkx_labels(g, pos, labels=labels, ax=ax, font_size=8, bbox=style)
-        ax.margins(0.2)
-    else:
-        ax.text(0.5, 0.5, "(empty graph)", ha="center", va="center", fontsize=9)
+    tries = [(8, False), (7, False), (7, True), (6, True), (5, True)]
+    for font, wrap in tries:
+        fig, ax = plt.subplots(figsize=(size / 96, size / 96), dpi=96)
+        fig.subplots_adjust(0.02, 0.02, 0.98, 0.92 if title else 0.98)
+        ax.set_axis_off()
+        if title:
+            ax.set_title(title, fontsize=8)
+        texts = []
+        if g.number_of_nodes():
+            columns = _layers(g)
+            pos = {}
+            for x, column in enumerate(columns):
+                for y, node in enumerate(column):
+                    pos[node] = (x, -(y - (len(column) - 1) / 2))
+            nx.draw_networkx_edges(
+                g, pos, ax=ax, arrows=True, arrowsize=8, edge_color="#777777", node_size=600
+            )
+            for kind, style in (
+                ("object", {"boxstyle": "square,pad=0.25", "fc": "#dbe9ff", "ec": "#2255aa"}),
+                ("predicate", {"boxstyle": "round,pad=0.25", "fc": "#fff1cc", "ec": "#aa7700"}),
+            ):
+                labels = {
+                    n: d["label"].replace(" ", "\n") if wrap else d["label"]
+                    for n, d in g.nodes(data=True)
+                    if d["kind"] == kind
+                }
+                texts += list(
+                    nx.draw_networkx_labels(g, pos, labels=labels, ax=ax, font_size=font, bbox=style).values()
+                )
+            tallest = max(len(c) for c in columns)
+            ax.set_xlim(-0.6, len(columns) - 0.4)
+            ax.set_ylim(-(tallest - 1) / 2 - 0.6, (tallest - 1) / 2 + 0.6)
+        else:
+            texts.append(ax.text(0.5, 0.5, "(empty graph)", ha="center", va="center", fontsize=9))
+        fig.canvas.draw()
+        if _fits(fig, texts) or (font, wrap) == tries[-1]:
+            return fig, texts
+        plt.close(fig)
+    raise AssertionError("unreachable")
+
+
+def draw_scene_graph(sg: SceneGraph, size: int = 384, title: str | None = None) -> Image.Image:
+    """Render to a ``size``×``size`` RGB image (a deterministic layered layout, ``scene_graph_figure``)."""
+    fig, _ = scene_graph_figure(sg, size, title)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=96)
     plt.close(fig)

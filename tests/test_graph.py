@@ -158,3 +158,24 @@ def test_attention_maps_share_one_colour_scale_and_say_when_they_are_alike():
     blob[2:4, 2:4] = 1
     assert similar_maps({"a": ramp, "b": 0.5 * ramp + 0.01, "c": blob}) == [("a", "b", pytest.approx(1.0))]
     assert similar_maps({"a": ramp, "c": blob, "flat": torch.zeros(8, 8)}) == []
+
+
+def test_graph_drawings_keep_every_label_apart_and_inside_at_four_objects_and_six_triples():
+    import matplotlib.pyplot as plt
+
+    from sg2img.data.shapes import Shapes
+    from sg2img.drawing import scene_graph_figure
+
+    source = Shapes("test", num_rows=60)
+    graphs = [g for g in (source.example(i).graph for i in range(60)) if len(g.objects) == 4][:5]
+    assert graphs and all(len(g.relationships) == 6 for g in graphs)
+    for graph in [*graphs, SceneGraph.from_json(SHEEP)]:
+        fig, texts = scene_graph_figure(graph, size=256)
+        renderer = fig.canvas.get_renderer()
+        boxes = [t.get_bbox_patch().get_window_extent(renderer) for t in texts]
+        width, height = fig.canvas.get_width_height()
+        plt.close(fig)
+        assert len(texts) == len(graph.objects) + len(graph.relationships)  # a repeated triple shows twice
+        for k, b in enumerate(boxes):
+            assert b.x0 >= 0 and b.y0 >= 0 and b.x1 <= width and b.y1 <= height, (graph.describe(), texts[k])
+            assert not any(b.overlaps(c) for c in boxes[k + 1 :]), (graph.describe(), texts[k].get_text())
