@@ -59,6 +59,10 @@ def table(grid_path: Path, results: Path) -> list[str]:
             f"{cell(a, 'clip_i')} | {cell(a, 'relation_accuracy')} | {cell(a, 'object_recall')} |"
         )
     lines.append(f"| {PAPER[0]} | | {PAPER[1]} | {PAPER[2]} | {PAPER[3]} | – | – |")
+    missing = [(label, variant) for label, variant, evaluation in ROWS if variant not in records]
+    if missing:
+        lines += ["", "Rows without runs yet (the grid has not run these variants):", ""]
+        lines += [f"- {label}: variant `{variant}`" for label, variant in missing]
     return lines
 
 
