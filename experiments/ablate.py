@@ -375,10 +375,9 @@ def refs_folder(grid: Grid, run_dir: Path, evaluation: Evaluation | None = None)
         return str(samples_record(grid, run_dir, evaluation).parent / "refs")
     if "images" in flags:
         return str(flags["images"])
-    from sg2img.evaluate import read_protocol
+    from sg2img.cli import parse_settings
 
-    protocol = read_protocol(Path(flags["config"]))
-    return protocol[protocol.index("--images") + 1]
+    return str(parse_settings(["evaluate", "coco", "--config", str(flags["config"])]).images)
 
 
 def scores_path(run_dir: Path, evaluation: Evaluation | None = None) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -156,9 +157,15 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     import torch
 
     from .data.cache import write_cache
-    from .training_cli import SG2ImgCLI
+    from .training_cli import SG2ImgCLI, quiet_lightning
 
+    quiet_lightning()
     argv = [a for c in args.config for a in ("--config", str(c))] + list(args.set or [])
+    if args.print_config:  # the fit's config as resolved (jsonargparse's --print_config), then exit
+        SG2ImgCLI(args=[*argv, "--print_config"], run=False)
+        return 0
+    if args.out is None:
+        raise ValueError("--out is required: the folder the shards go to")
     cli = SG2ImgCLI(args=argv, run=False)
     module, data = cli.model, cli.datamodule
     source = data.sources[args.split]
@@ -182,27 +189,111 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _help_with_default(action: argparse.Action) -> str:
+    """An option's help with its default, unless it has none or the text already says it."""
+    text = action.help or ""
+    if (
+        not action.option_strings
+        or action.default is None
+        or action.default is False
+        or action.default == argparse.SUPPRESS
+        or "default" in text
+        or text == argparse.SUPPRESS
+    ):
+        return text
+    return f"{text} (default: %(default)s)"
+
+
 class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Help that shows each option's default, unless it has none or its text already says it."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if (
-            not action.option_strings
-            or action.default is None
-            or action.default is False
-            or action.default == argparse.SUPPRESS
-            or "default" in text
-            or text == argparse.SUPPRESS
-        ):
-            return text
-        return f"{text} (default: %(default)s)"
+        return _help_with_default(action)
 
 
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
+
+
+# --- the inference commands' settings: jsonargparse, as fit's, so `--config FILE` and `--print_config` ---
+# work the same everywhere: a YAML of the command's settings (its flags with underscores), flags after it win
+SETTINGS_COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("generate",): (
+        "images from scene-graph files, text and image prompts (embedded default model)",
+        "sg2img.generate:add_arguments",
+    ),
+    ("evaluate", "shapes"): (
+        "generate from shapes-world test graphs and print object recall and relation accuracy",
+        "sg2img.evaluate:add_shapes_arguments",
+    ),
+    ("evaluate", "coco"): (
+        "IP-Adapter's protocol: COCO images as image prompts, CLIP-T vs their captions, CLIP-I vs the prompts "
+        "(the protocol file: configs/eval/ip_adapter_coco2017.yaml)",
+        "sg2img.evaluate:add_coco_arguments",
+    ),
+    ("evaluate",): (
+        "score folders of images (--samples DIR --refs DIR --metrics ...), or generate and score: "
+        "`evaluate shapes` (the shapes world), `evaluate coco` (IP-Adapter's COCO protocol)",
+        "sg2img.metrics:add_arguments",
+    ),
+}
+
+
+def settings_command(argv: Sequence[str]) -> tuple[str, ...] | None:
+    """The words of the settings command ``argv`` starts with (the longest that matches), if any."""
+    for words in sorted(SETTINGS_COMMANDS, key=len, reverse=True):
+        if tuple(argv[: len(words)]) == words:
+            return words
+    return None
+
+
+def settings_parser(words: tuple[str, ...], argv: Sequence[str] = ()) -> Any:
+    """The jsonargparse parser of a settings command: its flags, ``--config FILE`` (repeatable) and
+    ``--print_config``; its errors are one line (``ConfigurationError``) naming the setting, the file and the
+    nearest valid setting."""
+    import importlib
+
+    from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
+
+    from .errors import describe_parse_error
+
+    class HelpFormatter(DefaultHelpFormatter):
+        def _get_help_string(self, action: argparse.Action) -> str:
+            return _help_with_default(action)
+
+    class Parser(ArgumentParser):
+        def error(self, message: str, ex: Exception | None = None) -> Any:
+            message = re.sub(  # flags, as the user types them, not Python names
+                r"(arguments are required: )(.*)",
+                lambda m: m[1] + ", ".join(f"--{k.strip().replace('_', '-')}" for k in m[2].split(",")),
+                message,
+            )
+            raise ConfigurationError(describe_parse_error(message, self, argv, " ".join(words))) from ex
+
+    description, where = SETTINGS_COMMANDS[words]
+    parser = Parser(prog=f"sg2img {' '.join(words)}", description=description, formatter_class=HelpFormatter)
+    parser.add_argument(
+        "--config", action=ActionConfigFile, help="a YAML of this command's settings (flags with underscores)"
+    )
+    module, name = where.split(":")
+    getattr(importlib.import_module(module), name)(parser)
+    if words == ("evaluate",):
+        parser.epilog = "subcommands: sg2img evaluate shapes --help, sg2img evaluate coco --help"
+    return parser
+
+
+def parse_settings(argv: Sequence[str]) -> argparse.Namespace:
+    """A settings command's parsed flags (``argv`` starts with its words), as the ``_cmd_*`` functions take
+    them: ``command``, ``what`` and the config files (as strings) beside the settings."""
+    words = settings_command(argv)
+    if words is None:
+        raise ValueError(f"not a settings command: {' '.join(argv[:2])}")
+    parsed = settings_parser(words, argv).parse_args(list(argv[len(words) :]))
+    values = parsed.as_dict()
+    values["config"] = [str(c) for c in values.get("config") or []]
+    return argparse.Namespace(**values, command=words[0], what=words[1] if len(words) > 1 else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,7 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
         "cache", help="run the frozen encoders once over a config's data and store the results in shards"
     )
     p.add_argument("--config", action="append", required=True, type=Path, help="as for fit; repeatable")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", type=Path, help="the folder the shards go to (required)")
+    p.add_argument(
+        "--print_config", action="store_true", help="print the fit config the data and model come from; exit"
+    )
     p.add_argument("--split", choices=("train", "val", "test"), default="train")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
     p.add_argument("--batch-size", type=int, default=16)
@@ -263,45 +357,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_cache)
 
-    p = sub.add_parser(
-        "generate", help="images from scene-graph files, text and image prompts (embedded default model)"
-    )
-    from .generate import add_arguments
-
-    add_arguments(p)
-    p.set_defaults(func=_cmd_generate)
-
-    p = sub.add_parser(
-        "evaluate",
-        help="score folders of images (--samples DIR --refs DIR --metrics ...), or generate and score: "
-        "`evaluate shapes` (the shapes world), `evaluate coco` (IP-Adapter's COCO protocol)",
-    )
-    from .metrics import add_arguments as add_metric_arguments
-
-    add_metric_arguments(p)
-    p.set_defaults(func=_cmd_evaluate_folder)
-    what = p.add_subparsers(dest="what", required=False)
-    q = what.add_parser(
-        "shapes", help="generate from shapes-world test graphs and print object recall and relation accuracy"
-    )
-    from .evaluate import add_shapes_arguments
-
-    add_shapes_arguments(q)
-    q.set_defaults(func=_cmd_evaluate_shapes)
-    q = what.add_parser(
-        "coco",
-        help="IP-Adapter's protocol: COCO images as image prompts, CLIP-T vs their captions, CLIP-I vs the prompts",
-    )
-    from .evaluate import add_coco_arguments
-
-    add_coco_arguments(q)
-    q.set_defaults(func=_cmd_evaluate_coco)
+    for name in ("generate", "evaluate"):  # listed for --help; main() parses them with settings_parser
+        sub.add_parser(name, help=SETTINGS_COMMANDS[(name,)][0], add_help=False)
 
     p = sub.add_parser("demo", help="end-to-end run on the tiny preset (no downloads)")
     p.add_argument("--out", type=Path, default=Path("build/demo"))
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
     return parser
+
+
+SETTINGS_HANDLERS = {
+    ("generate",): _cmd_generate,
+    ("evaluate", "shapes"): _cmd_evaluate_shapes,
+    ("evaluate", "coco"): _cmd_evaluate_coco,
+    ("evaluate",): _cmd_evaluate_folder,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -323,18 +394,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"sg2img {argv[0]}: stopped: {e}", file=sys.stderr)
             return EXIT_FAILED
         return 0
-    try:
-        if argv[:2] == ["evaluate", "coco"] and "--config" in argv:  # the protocol file, then the flags
-            from .evaluate import read_protocol
-
-            i = argv.index("--config")
-            if i + 1 >= len(argv):
-                raise ValueError("--config needs a file")
-            argv = ["evaluate", "coco", *read_protocol(Path(argv[i + 1])), *argv[2:i], *argv[i + 2 :]]
-    except ValueError as e:
-        print(f"sg2img evaluate: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    args = build_parser().parse_args(argv)
+    if words := settings_command(argv):
+        try:
+            args = parse_settings(argv)
+        except ConfigurationError as e:
+            print(f"sg2img {' '.join(words)}: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        args.func = SETTINGS_HANDLERS[words]
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (CheckpointError, OSError, ValueError) as e:

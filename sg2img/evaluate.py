@@ -121,9 +121,9 @@ def run_shapes(args: argparse.Namespace) -> dict[str, Any]:
         images.extend(out.images)
         layouts.extend(out.layouts if out.layouts is not None else [None] * (hi - lo))
     seconds = time.perf_counter() - start
-    scores = evaluator.evaluate(images, graphs)
+    per_image = [evaluator.score(img, g) for img, g in zip(images, graphs)]
     record = {
-        "scores": scores,
+        "scores": evaluator.summarise(per_image),
         "settings": {
             k: (str(v) if isinstance(v, Path) else v)
             for k, v in vars(args).items()
@@ -147,6 +147,7 @@ def run_shapes(args: argparse.Namespace) -> dict[str, Any]:
             ref_names,
             record,
             args.save_images,
+            per_image,
             shown,
             layouts,
         )
@@ -179,20 +180,19 @@ def save_outputs(
     ref_names: list[str],
     record: dict[str, Any],
     save_images: bool,
+    scores: list[dict[str, float]],
     shown: list[SceneGraph] | None = None,
     layouts: list[list[tuple[float, float, float, float]] | None] | None = None,
 ) -> None:
     """Images, one sheet per graph (its reference rendering, the graph, the layout the graph branch used,
-    and every image drawn for it), the manifest and the record. ``shown``: the graphs as the model saw them
-    (without boxes under ``--boxes none``)."""
-    from .data.shapes import ShapesEvaluator
+    and every image drawn for it), the manifest and the record. ``scores``: each image's counts from the
+    shapes evaluator; ``shown``: the graphs as the model saw them (without boxes under ``--boxes none``)."""
     from .drawing import contact_sheet, draw_layout, draw_scene_graph
     from .generate import layout_record, layout_source
 
     shown = shown or graphs
     layouts = layouts or [None] * len(images)
     (out / "refs").mkdir(parents=True, exist_ok=True)
-    evaluator = ShapesEvaluator()
     per_image, manifest = [], []
     by_graph: dict[str, list[int]] = {}  # a graph's name -> its images, in order
     for i, graph_name in enumerate(ref_names):
@@ -200,10 +200,7 @@ def save_outputs(
     sheets = list(by_graph.items()) if save_images else list(by_graph.items())[:16]
     for graph_name, idx in sheets:
         i = idx[0]
-        held = ", ".join(
-            f"{r['triples_held']}/{r['triples']}"
-            for r in (evaluator.score(images[k], graphs[k]) for k in idx)
-        )
+        held = ", ".join(f"{scores[k]['triples_held']}/{scores[k]['triples']}" for k in idx)
         caption = f"{prompts[i] or '(empty prompt)'} | relations held: {held}"
         layout = None
         if layouts[i] is not None:
@@ -216,8 +213,7 @@ def save_outputs(
             reference=refs[i],
         )
         sheet.save(out / f"{graph_name}-sheet.png")
-    for i, (img, g, p, name) in enumerate(zip(images, graphs, prompts, names)):
-        s = evaluator.score(img, g)
+    for i, (img, g, p, name, s) in enumerate(zip(images, graphs, prompts, names, scores)):
         per_image.append({"name": name, "prompt": p, **s})
         if save_images or i < 16:
             img.save(out / f"{name}.png")
@@ -287,25 +283,6 @@ def coco_rows(images: Path, captions: Path, n: int | None) -> list[tuple[str, st
     return rows
 
 
-def read_protocol(path: Path) -> list[str]:
-    """A protocol YAML (keys: the flags of ``evaluate coco``, with underscores) as command-line flags."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"--config {path}: cannot read ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
-    if unknown := sorted(set(data) - set(COCO_KEYS)):
-        raise ValueError(f"--config {path}: unknown setting(s) {unknown}; known: {', '.join(COCO_KEYS)}")
-    flags = []
-    for k, v in data.items():
-        if v is not None:
-            flags += [f"--{k.replace('_', '-')}", str(v)]
-    return flags
-
-
 def run_coco(args: argparse.Namespace) -> dict[str, Any]:
     """Generate from COCO images as image prompts, then CLIP-T against their captions and CLIP-I against
     the prompts themselves; the paper's figures go into the record beside ours."""
@@ -373,9 +350,6 @@ def run_coco(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_coco_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config", type=Path, default=None, help="a protocol YAML (configs/eval/); flags override it"
-    )
     p.add_argument("--images", type=Path, default=None, help="COCO images (val2017/)")
     p.add_argument("--captions", type=Path, default=None, help="COCO captions (captions_val2017.json)")
     p.add_argument("--n", type=int, default=None, help="first n images by id (default: all)")

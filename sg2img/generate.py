@@ -227,6 +227,7 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),
             "attention_maps": args.attention_maps,
+            "config": list(getattr(args, "config", None) or []),  # the settings files, flags after them won
         },
         **model_info,
         "versions": versions(),

@@ -19,28 +19,24 @@ world's tiny CLIP (``TinyClipModule``) and keeps ``DIR/clip.safetensors`` curren
 
 from __future__ import annotations
 
-import difflib
 import logging
 import netrc
 import os
-import re
 import secrets
 import string
 import sys
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
-import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .base_training import BaseModelModule
 from .callbacks import RUN_ID_FILE, SaveRunConfig
 from .data.datamodule import SG2ImgDataModule
-from .errors import ConfigurationError
+from .errors import ConfigurationError, describe_parse_error
 from .lit_module import SG2ImgModule
 from .models import ModelNotFoundError
 from .tiny_clip import TinyClipModule
@@ -80,45 +76,6 @@ def wandb_run_identity(root: Path, job: str, resuming: bool) -> dict[str, str]:
 def wandb_offline() -> bool:
     """Whether runs stay on this machine (offline or disabled)."""
     return wandb_mode() != "online"
-
-
-def _config_keys(node: Any, prefix: str = "") -> list[str]:
-    """Every dotted key of a parsed YAML mapping (``{"a": {"b": 1}}`` -> ``["a", "a.b"]``)."""
-    if not isinstance(node, dict):
-        return []
-    keys = []
-    for k, v in node.items():
-        key = f"{prefix}{k}"
-        keys += [key, *_config_keys(v, key + ".")]
-    return keys
-
-
-def _parser_keys(parser: Any) -> list[str]:
-    """The dotted settings a (sub)command parser accepts, as ``model.optimizer.lr``."""
-    return [a.dest for a in parser._actions if a.dest and a.dest not in ("help", "config", "==SUPPRESS==")]
-
-
-def describe_parse_error(message: str, parser: Any, args: Sequence[str]) -> str:
-    """One line for a command-line or config mistake: the setting, the config file that holds it, and the
-    nearest setting the command accepts (``optimiser`` -> ``optimizer``)."""
-    match = re.search(r"does not accept option '([^']+)'", message) or re.search(
-        r"unrecognized arguments: --([\w.\-]+)", message
-    )
-    if match is None:
-        return message.strip().splitlines()[0] if message.strip() else "invalid arguments"
-    key = match[1]
-    where = "on the command line"
-    files = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--config", "-c")]
-    for name in files:
-        try:
-            data = yaml.safe_load(Path(name).read_text())
-        except (OSError, yaml.YAMLError):
-            continue
-        if key in _config_keys(data):
-            where = f"in {name}"
-    near = difflib.get_close_matches(key, _parser_keys(parser), n=1, cutoff=0.6)
-    hint = f"; did you mean {near[0]}?" if near else f"; see `sg2img {args[0] if args else 'fit'} --help`"
-    return f"unknown setting {key} {where}{hint}"
 
 
 class _OneLineErrorParser(LightningArgumentParser):
@@ -268,13 +225,18 @@ class _LightningNoise(logging.Filter):
         return not str(record.getMessage()).startswith(self.NOISE)
 
 
-def cli_main(args: list[str] | None = None, cli: type[SG2ImgCLI] = SG2ImgCLI) -> SG2ImgCLI:
+def quiet_lightning() -> None:
+    """Silence the expected warnings and Lightning's noise (idempotent); what a user should act on stays."""
     for pattern in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _LightningNoise) for f in logger.filters):
             logger.addFilter(_LightningNoise())
+
+
+def cli_main(args: list[str] | None = None, cli: type[SG2ImgCLI] = SG2ImgCLI) -> SG2ImgCLI:
+    quiet_lightning()
     try:
         return cli(args=args)
     finally:

@@ -153,3 +153,45 @@ def test_the_top_level_help_lists_the_training_commands(capsys):
     out = capsys.readouterr().out
     for command in ("fit", "validate", "test", "fit-base", "fit-clip", "generate", "evaluate"):
         assert f"    {command} " in out, command
+
+
+def test_inference_commands_take_a_settings_file_and_print_their_settings(tmp_path, capsys):
+    import yaml
+
+    from sg2img.cli import parse_settings
+
+    settings = tmp_path / "gen.yaml"
+    settings.write_text(f"graph: {SHEEP}\nprompt: a sheep\nguidance: 3.0\nsteps: 4\n")
+    out = tmp_path / "out"
+    assert main(["generate", "--config", str(settings), "--steps", "2", "--out", str(out)]) == 0
+    record = json.loads((out / "generate.json").read_text())["settings"]
+    assert (record["guidance"], record["steps"], record["prompt"]) == (3.0, 2, "a sheep")  # flags after win
+    assert record["config"] == [str(settings)]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--config", str(settings), "--steps", "2", "--out", str(out), "--print_config"])
+    assert e.value.code == 0
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    assert yaml.safe_load(printed.read_text())["steps"] == 2
+    again = vars(parse_settings(["generate", "--config", str(printed)]))
+    first = vars(parse_settings(["generate", "--config", str(settings), "--steps", "2", "--out", str(out)]))
+    assert {k: v for k, v in again.items() if k != "config"} == {
+        k: v for k, v in first.items() if k != "config"
+    }
+    for words, default_steps in ((["evaluate", "shapes"], 25), (["evaluate", "coco"], 50)):
+        with pytest.raises(SystemExit):
+            main([*words, "--print_config"])
+        assert yaml.safe_load(capsys.readouterr().out)["steps"] == default_steps
+    settings.write_text("guidance: 3.0\nimage_scael: 0.5\n")  # a typo: one line, the file, the nearest key
+    assert main(["generate", "--config", str(settings), "--out", str(tmp_path / "typo")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"sg2img generate: error: unknown setting image_scael in {settings}; did you mean image_scale?\n"
+    )
+    assert not (tmp_path / "typo").exists()
+    assert main(["evaluate", "shapes", "--stepz", "3"]) == 2
+    assert "unknown setting stepz on the command line; did you mean steps?" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x"]) == 2
+    assert capsys.readouterr().err == "sg2img generate: error: the following arguments are required: --out\n"

@@ -438,15 +438,16 @@ def test_coco_protocol_generates_from_image_prompts_and_scores_clip_t_and_clip_i
 
 
 def test_the_shipped_protocol_file_reads_and_bad_ones_are_refused(tmp_path, capsys):
-    from sg2img.evaluate import read_protocol
+    from sg2img.cli import parse_settings
 
-    flags = read_protocol(Path(__file__).parent.parent / "configs" / "eval" / "ip_adapter_coco2017.yaml")
-    assert flags[flags.index("--steps") + 1] == "50" and flags[flags.index("--guidance") + 1] == "7.5"
-    assert flags[flags.index("--num-images") + 1] == "4" and flags[flags.index("--prompt") + 1] == "empty"
+    protocol = Path(__file__).parent.parent / "configs" / "eval" / "ip_adapter_coco2017.yaml"
+    args = parse_settings(["evaluate", "coco", "--config", str(protocol), "--n", "3"])  # flags after it win
+    assert (args.steps, args.guidance, args.num_images, args.prompt, args.n) == (50, 7.5, 4, "empty", 3)
+    assert args.images == Path("data/coco/val2017") and args.config == [str(protocol)]
     bad = tmp_path / "bad.yaml"
     bad.write_text("images: x\nstepz: 3\n")
     assert main(["evaluate", "coco", "--config", str(bad)]) == 2
-    assert "unknown setting(s) ['stepz']" in capsys.readouterr().err
+    assert f"unknown setting stepz in {bad}; did you mean steps?" in capsys.readouterr().err
     images, captions = fake_coco(tmp_path / "coco")
     (images / "000000000002.jpg").unlink()
     common = ["--images", str(images), "--model", "tiny", "--adapter", "none", "--clip", "open_clip:x"]

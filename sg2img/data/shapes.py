@@ -326,7 +326,11 @@ class ShapesEvaluator:
         so images are what is resampled)."""
         if len(images) != len(graphs):
             raise ValueError(f"{len(images)} images for {len(graphs)} graphs")
-        rows = [self.score(i, g) for i, g in zip(images, graphs)]
+        return self.summarise([self.score(i, g) for i, g in zip(images, graphs)], resamples)
+
+    @staticmethod
+    def summarise(rows: list[dict[str, float]], resamples: int = 1000) -> dict[str, float]:
+        """``evaluate`` from the per-image counts of ``score``."""
         if not rows:
             raise ValueError("no images to evaluate")
         c = {k: np.array([r[k] for r in rows], dtype=np.float64) for k in rows[0]}
