@@ -226,7 +226,8 @@ def prefixed(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
 
 def attention_tensors(attention: DecoupledAttention) -> dict[str, torch.Tensor]:
     """``<stream>_adapter.{i}.to_{k,v}_<stream>.weight`` for every stream and cross-attention layer, and
-    ``<stream>_adapter.{i}.pos_<stream>.{weight,bias}`` for a positional stream."""
+    ``<stream>_adapter.{i}.pos_<stream>.{weight,bias}`` for a positional stream and
+    ``<stream>_adapter.{i}.region_width_<stream>`` (the log width) for a softly confined one."""
     out = {}
     for idx, proc in attention.layers.items():
         for s in attention.stream_names:
@@ -237,6 +238,8 @@ def attention_tensors(attention: DecoupledAttention) -> dict[str, torch.Tensor]:
                 pos = getattr(proc, f"pos_{s}")
                 out[f"{layer_prefix(s)}.{idx}.pos_{s}.weight"] = pos.weight
                 out[f"{layer_prefix(s)}.{idx}.pos_{s}.bias"] = pos.bias
+            if s in proc.soft_regions:
+                out[f"{layer_prefix(s)}.{idx}.region_width_{s}"] = getattr(proc, f"region_width_{s}")
     return out
 
 

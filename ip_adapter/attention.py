@@ -10,7 +10,10 @@ with the same query Q, new ``to_k_{s}``/``to_v_{s}`` weights (initialised as cop
 A stream's tokens may be *confined to regions*: with ``Stream.regions`` each token has a box on the image,
 and a query sees the token only if its cell of the layer's grid overlaps that box (a token whose box is the
 whole image, (0, 0, 1, 1), is seen everywhere). A query that sees no token of the stream gets nothing from
-it. This is how a scene graph's object tokens act where their object is.
+it. This is how a scene graph's object tokens act where their object is. A stream may instead be confined
+*softly*: each layer learns a width w_s, and a query at distance d from a token's box (0 inside it) adds
+-(d / w_s)^2 to that token's score, so a token fades out around its box instead of vanishing at its edge (the
+hard mask is the limit w_s -> 0).
 
 A stream may also be *positional*: its branch then adds a learned encoding of each query's place on the
 latent grid to Q (``Q + P_s(x, y)``, Fourier features through a zero-initialised linear layer), so its
@@ -97,6 +100,19 @@ def region_mask(regions: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return cells.flatten(2).transpose(1, 2)
 
 
+def region_distance(regions: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, height * width, N): how far each grid cell (row-major) is from each token's box, in fractions of
+    the image: 0 for the cells ``region_mask`` marks, else from the cell's centre to the box (at least half
+    a cell), so a hard mask is the narrow limit of a soft one. ``regions`` as for ``region_mask``."""
+    xs = (torch.arange(width, device=regions.device, dtype=regions.dtype) + 0.5) / width
+    ys = (torch.arange(height, device=regions.device, dtype=regions.dtype) + 0.5) / height
+    x0, y0, x1, y1 = (regions[..., k, None] for k in range(4))  # (B, N, 1)
+    dx = torch.maximum(x0 - xs, xs - x1).clamp(min=0)  # (B, N, w)
+    dy = torch.maximum(y0 - ys, ys - y1).clamp(min=0)  # (B, N, h)
+    d = (dy[..., :, None] ** 2 + dx[..., None, :] ** 2).sqrt().flatten(2).transpose(1, 2)  # (B, S, N)
+    return d.masked_fill(region_mask(regions, height, width), 0.0)
+
+
 def layer_grid(latent: tuple[int, int], positions: int) -> tuple[int, int]:
     """The (h, w) of a layer with ``positions`` query positions in a UNet whose input is ``latent``: each
     level halves the grid, rounding up as a stride-2 convolution with padding 1 does."""
@@ -137,12 +153,20 @@ class DecoupledAttnProcessor(nn.Module):
         layer_name: str = "",
         positional: Sequence[str] = (),
         frequencies: int = 8,
+        soft_regions: Sequence[str] = (),
+        region_width: float = 0.1,
     ):
         super().__init__()
         if streams and (hidden_size is None or cross_attention_dim is None):
             raise ValueError("a processor with streams needs hidden_size and cross_attention_dim")
         if set(positional) - set(streams):
             raise ValueError(f"positional streams {sorted(set(positional) - set(streams))} are not streams")
+        if set(soft_regions) - set(streams):
+            raise ValueError(
+                f"soft-region streams {sorted(set(soft_regions) - set(streams))} are not streams"
+            )
+        if not region_width > 0:
+            raise ValueError(f"region_width must be positive, got {region_width}")
         self.hidden_size = hidden_size
         self.cross_attention_dim = cross_attention_dim
         self.stream_names: tuple[str, ...] = tuple(streams)
@@ -168,6 +192,10 @@ class DecoupledAttnProcessor(nn.Module):
             nn.init.zeros_(pos.weight)
             nn.init.zeros_(pos.bias)
             setattr(self, f"pos_{s}", pos)
+        # soft confinement: the log of the learned width (a fraction of the image), one per stream and layer
+        self.soft_regions = tuple(soft_regions)
+        for s in self.soft_regions:
+            setattr(self, f"region_width_{s}", nn.Parameter(torch.full((1,), float(region_width)).log()))
 
     def branch(self, stream: str) -> tuple[nn.Linear, nn.Linear]:
         return getattr(self, f"to_k_{stream}"), getattr(self, f"to_v_{stream}")
@@ -269,14 +297,20 @@ class DecoupledAttnProcessor(nn.Module):
             mask = None if mask is None else mask.expand(batch_size, -1)
         if name in self.positional:
             query = query + self._position_query(name, query.shape[2], heads).to(query)
+        bias = None  # soft confinement: (B, S, N) added to the scores
         if stream.regions is not None:
             regions = stream.regions
             if regions.shape[0] != batch_size:
                 regions = regions.expand(batch_size, -1, -1)
-            visible = region_mask(regions.float(), *self._grid(name, query.shape[2]))  # (B, S, N)
-            if mask is None:
-                mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-            mask = mask[:, None, :] & visible
+            grid = self._grid(name, query.shape[2])
+            if name in self.soft_regions:
+                width = getattr(self, f"region_width_{name}").exp()
+                bias = -((region_distance(regions.float(), *grid) / width) ** 2)
+            else:
+                visible = region_mask(regions.float(), *grid)  # (B, S, N)
+                if mask is None:
+                    mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+                mask = mask[:, None, :] & visible
         cache_key = (name, *_identity(tokens), query.dtype) if self.kv_cache is not None else None
         if cache_key is not None and cache_key in self.kv_cache:
             _, key, value = self.kv_cache[cache_key]
@@ -286,7 +320,14 @@ class DecoupledAttnProcessor(nn.Module):
             value = _heads(to_v(tokens), batch_size, heads)
             if cache_key is not None:
                 self.kv_cache[cache_key] = (source, key, value)
-        if mask is None:
+        if bias is not None:
+            # the soft mask: the bias, with -inf for padding; a sample with no real token gets exactly 0
+            real = mask[:, None, :] if mask is not None else torch.ones_like(bias[:, :1], dtype=torch.bool)
+            empty = ~real.any(dim=-1, keepdim=True)  # (B, 1, 1)
+            seen = bias.masked_fill(~(real | empty), float("-inf")).to(query.dtype)  # (B, S, N)
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=seen[:, None])
+            out = out.masked_fill(empty[:, None], 0.0)
+        elif mask is None:
             out = F.scaled_dot_product_attention(query, key, value)
             seen = None
         else:
@@ -339,10 +380,13 @@ class AttentionRecorder:
 
     @torch.no_grad()
     def add(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """``mask``: (B, 1 or S, N), bool (which tokens each query may see) or float (added to the scores)."""
         q, k = query[self.rows].float(), key[self.rows].float()  # (B, H, S, dh), (B, H, N, dh)
         scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5  # (B, H, S, N)
-        if mask is not None:  # (B, 1 or S, N): which tokens each query may see
+        if mask is not None and mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask[self.rows][:, None], float("-inf"))
+        elif mask is not None:
+            scores = scores + mask[self.rows][:, None].float()
         probs = scores.softmax(-1).mean(1)  # (B, S, N)
         h, w = self.latent_size
         factor = round((h * w / probs.shape[1]) ** 0.5)  # this layer's downsampling of the latent grid
@@ -394,6 +438,8 @@ class DecoupledAttention(nn.Module):
         streams: Sequence[str],
         init_from_base: bool = True,
         positional: Sequence[str] = (),
+        soft_regions: Sequence[str] = (),
+        region_width: float = 0.1,
     ):
         super().__init__()
         if not streams:
@@ -410,6 +456,8 @@ class DecoupledAttention(nn.Module):
                 streams=self.stream_names,
                 layer_name=name.removesuffix(PROCESSOR_SUFFIX),
                 positional=positional,
+                soft_regions=soft_regions,
+                region_width=region_width,
             )
             if init_from_base:
                 with torch.no_grad():
@@ -420,6 +468,7 @@ class DecoupledAttention(nn.Module):
             self.layers[str(idx)] = proc
         self._all_processor_names = list(unet.attn_processors)
         self.positional = tuple(positional)
+        self.soft_regions = tuple(soft_regions)
 
     @property
     def cross_attention_dim(self) -> int:

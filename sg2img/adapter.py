@@ -97,12 +97,15 @@ class SceneGraphAdapter(PretrainedMixin, nn.Module):
             if config.graph_branch
             else None
         )
+        soft = config.tokens.confine_objects and config.tokens.confinement == "soft"
         self.attention = (
             DecoupledAttention(
                 unet,
                 config.streams,
                 init_from_base,
                 positional=(SG_STREAM,) if config.positional_graph_query else (),
+                soft_regions=(SG_STREAM,) if config.graph_branch and soft else (),
+                region_width=config.tokens.region_width,
             )
             if config.injection == "decoupled"
             else None

@@ -228,6 +228,10 @@ class TokenConfig:
     resampler_depth: int = 2
     resampler_heads: int = 4
     confine_objects: bool = False  # an object token is seen only by queries inside its box (the layout)
+    # how: "hard", a mask at the box's edge; "soft", a score penalty -(d / w)^2 at distance d from the box
+    # with a width w learned per layer, starting at ``region_width`` (a fraction of the image)
+    confinement: Literal["hard", "soft"] = "hard"
+    region_width: float = 0.1
     # an object token adds its label's own embedding (the text encoder's pooled state of "red circle", a
     # token of the base's text space when the widths match, else through a linear map): which object a
     # token stands for is then readable by the branch's text-initialised K/V from the first step
@@ -238,6 +242,12 @@ class TokenConfig:
             raise ValueError(
                 "tokens.confine_objects needs one token per object: it cannot go with resample_to"
             )
+        if self.confinement not in ("hard", "soft"):
+            raise ValueError(f"tokens.confinement must be 'hard' or 'soft', got {self.confinement!r}")
+        if not self.region_width > 0:
+            raise ValueError(f"tokens.region_width must be positive, got {self.region_width}")
+        if self.confinement == "soft" and not self.confine_objects:
+            raise ValueError("tokens.confinement: soft needs tokens.confine_objects: true")
         if self.confine_objects and not self.object_tokens:
             raise ValueError("tokens.confine_objects needs object_tokens: true")
         if self.object_identity and not self.object_tokens:

@@ -108,11 +108,14 @@ def branch_of(name: str) -> str | None:
     if not name.startswith("adapter."):
         return None
     rest = name[len("adapter.") :]
+    # a processor's own parameters end in their stream's name: to_k_ip.weight, pos_sg.bias, region_width_sg
     if rest.startswith(f"{IMAGE_PROJ}.") or rest.endswith(
-        (f"_{IMAGE_STREAM}.weight", f"_{IMAGE_STREAM}.bias")
+        (f"_{IMAGE_STREAM}.weight", f"_{IMAGE_STREAM}.bias", f"_{IMAGE_STREAM}")
     ):
         return "image"
-    if rest.startswith(f"{SG_ENCODER}.") or rest.endswith((f"_{SG_STREAM}.weight", f"_{SG_STREAM}.bias")):
+    if rest.startswith(f"{SG_ENCODER}.") or rest.endswith(
+        (f"_{SG_STREAM}.weight", f"_{SG_STREAM}.bias", f"_{SG_STREAM}")
+    ):
         return "graph"
     return None
 

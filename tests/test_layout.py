@@ -7,7 +7,7 @@ from datafiles import write_manifest
 from diffusers.models.attention_processor import Attention
 from test_training import SMALL_GNN, first_batch, make_module
 
-from ip_adapter.attention import DecoupledAttnProcessor, Stream, region_mask
+from ip_adapter.attention import DecoupledAttnProcessor, Stream, region_distance, region_mask
 from sg2img.adapter import SGAdapterConfig
 from sg2img.gnn import FULL_IMAGE, GNNConfig, SceneGraphEncoder, TokenConfig, graphs_to_batch
 from sg2img.graph import SceneGraph
@@ -75,6 +75,57 @@ def test_a_confined_token_is_seen_only_inside_its_box(attention_layer):
     text_only = out(Stream(tokens, torch.tensor([[False, False]])))
     torch.testing.assert_close(nothing[:, 2:], text_only[:, 2:])
     assert torch.isfinite(nothing).all()
+
+
+def test_region_distance_is_zero_where_the_mask_sees_and_grows_away_from_the_box():
+    regions = torch.tensor([[FULL_IMAGE, LEFT, (0.30, 0.30, 0.31, 0.31)]])
+    d = region_distance(regions, 4, 4)  # (B, 16, N)
+    assert torch.equal(d == 0, region_mask(regions, 4, 4))  # 0 exactly where the hard mask sees
+    left = d[0, :, 1].reshape(4, 4)
+    torch.testing.assert_close(left[0], torch.tensor([0.0, 0.0, 0.125, 0.375]))  # centres to x = 0.5
+    speck = d[0, :, 2].reshape(4, 4)
+    torch.testing.assert_close(speck[3, 3], torch.tensor(2 * 0.565**2).sqrt())  # centre to corner
+
+
+def soft_layer(attention_layer, width):
+    attn = attention_layer[0]
+    soft = DecoupledAttnProcessor(8, 6, streams=("sg",), soft_regions=("sg",), region_width=width)
+    kv = {k: v for k, v in attn.processor.state_dict().items() if k.startswith(("to_k_", "to_v_"))}
+    soft.load_state_dict(kv, strict=False)  # the same K/V weights, its own width
+    attn.set_processor(soft)
+    return attn, soft
+
+
+def test_a_softly_confined_token_fades_with_its_learned_width(attention_layer):
+    attn, hidden, text, tokens = attention_layer
+    regions = torch.tensor([[FULL_IMAGE, LEFT]])
+
+    def out(stream):
+        with torch.no_grad():
+            return attn(hidden, encoder_hidden_states=text, streams={"sg": stream}).reshape(4, 4, 8)
+
+    hard, free = out(Stream(tokens, regions=regions)), out(Stream(tokens))
+    _, soft = soft_layer(attention_layer, 1e-3)  # the hard mask is its narrow limit
+    torch.testing.assert_close(out(Stream(tokens, regions=regions)), hard)
+    soft_layer(attention_layer, 1e3)  # and no mask its wide one
+    torch.testing.assert_close(out(Stream(tokens, regions=regions)), free)
+    _, soft = soft_layer(attention_layer, 0.1)
+    mid = out(Stream(tokens, regions=regions))
+    torch.testing.assert_close(mid[:, :2], free[:, :2])  # inside the box: as if unconfined
+    assert not torch.allclose(mid[:, 2:], hard[:, 2:]) and not torch.allclose(mid[:, 2:], free[:, 2:])
+    # padding still hides a token, and a sample with no real token gets nothing from the stream
+    torch.testing.assert_close(
+        out(Stream(tokens, torch.tensor([[True, False]]), regions)), out(Stream(tokens[:, :1]))
+    )
+    text_only = out(Stream(tokens, torch.tensor([[False, False]])))
+    torch.testing.assert_close(out(Stream(tokens, torch.tensor([[False, False]]), regions)), text_only)
+    # the width learns: the loss reaches its log
+    attn(hidden, encoder_hidden_states=text, streams={"sg": Stream(tokens, regions=regions)}).sum().backward()
+    assert soft.region_width_sg.grad is not None and soft.region_width_sg.grad.abs().item() > 0
+    with pytest.raises(ValueError, match="region_width must be positive"):
+        DecoupledAttnProcessor(8, 6, streams=("sg",), soft_regions=("sg",), region_width=0.0)
+    with pytest.raises(ValueError, match=r"soft-region streams \['ip'\] are not streams"):
+        DecoupledAttnProcessor(8, 6, streams=("sg",), soft_regions=("ip",))
 
 
 def test_stream_regions_must_match_the_tokens():
@@ -161,6 +212,12 @@ def test_confinement_config_errors():
         TokenConfig(object_identity=True, object_tokens=False)
     with pytest.raises(ValueError, match="confine_objects needs injection: decoupled"):
         SGAdapterConfig(injection="concat", tokens=TokenConfig(confine_objects=True))
+    with pytest.raises(ValueError, match=r"confinement: soft needs tokens\.confine_objects: true"):
+        TokenConfig(confinement="soft")
+    with pytest.raises(ValueError, match="confinement must be 'hard' or 'soft', got 'fuzzy'"):
+        TokenConfig(confine_objects=True, confinement="fuzzy")
+    with pytest.raises(ValueError, match="region_width must be positive, got -1"):
+        TokenConfig(confine_objects=True, confinement="soft", region_width=-1)
 
 
 LAYOUT_GNN = GNNConfig("triplet", num_layers=1, hidden_dim=16, mlp_dim=32, use_boxes=False, layout_head=True)
@@ -223,7 +280,7 @@ def test_layout_and_timestep_options_refuse_bad_values():
             SG2ImgModule(**kw)
 
 
-def layout_adapter(tiny, tiny_preset):
+def layout_adapter(tiny, tiny_preset, confinement="hard"):
     from sg2img.adapter import SceneGraphAdapter
 
     torch.manual_seed(0)
@@ -232,7 +289,7 @@ def layout_adapter(tiny, tiny_preset):
         image_branch=False,
         image=tiny_preset.adapter_config("cls"),
         gnn=GNNConfig("triplet", num_layers=1, hidden_dim=16, mlp_dim=32, use_boxes=False, layout_head=True),
-        tokens=TokenConfig(confine_objects=True),
+        tokens=TokenConfig(confine_objects=True, confinement=confinement),
     )
     adapter = SceneGraphAdapter(tiny.unet, cfg)
     with torch.no_grad():  # off the identity init, so the branch visibly matters
@@ -242,8 +299,11 @@ def layout_adapter(tiny, tiny_preset):
     return adapter
 
 
-def test_sg_scale_zero_with_confined_tokens_is_the_plain_unet(tiny, tiny_preset, unet_inputs, labels):
-    adapter = layout_adapter(tiny, tiny_preset)
+@pytest.mark.parametrize("confinement", ["hard", "soft"])
+def test_sg_scale_zero_with_confined_tokens_is_the_plain_unet(
+    tiny, tiny_preset, unet_inputs, labels, confinement
+):
+    adapter = layout_adapter(tiny, tiny_preset, confinement)
     latents, t, text = unet_inputs
     graphs = graphs_to_batch([BOXED, UNBOXED], labels)
     kwargs = adapter.unet_kwargs(text, None, graphs)
@@ -275,3 +335,29 @@ def test_the_pipeline_returns_the_layout_it_used(tiny, tiny_preset, labels):
     predicted = torch.tensor(out.layouts[2])
     assert predicted.shape == (2, 4) and ((predicted >= 0) & (predicted <= 1)).all()
     assert all(torch.isfinite(m.maps).all() for m in out.attention_maps)
+
+
+def test_soft_confinement_saves_its_widths_trains_them_and_loads_them_back(
+    tiny, tiny_preset, unet_inputs, labels, tmp_path
+):
+    import copy
+
+    from sg2img.adapter import SceneGraphAdapter
+    from sg2img.lit_module import branch_of
+
+    adapter = layout_adapter(tiny, tiny_preset, "soft")
+    path = adapter.save(tmp_path / "soft.safetensors")
+    widths = {k: v for k, v in adapter.state_dict().items() if k.endswith("region_width_sg")}
+    assert len(widths) == len(adapter.attention.processors())
+    fresh = copy.deepcopy(tiny.unet)
+    loaded = SceneGraphAdapter.from_file(path, fresh)
+    assert loaded.config.tokens.confinement == "soft"
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in widths.items())
+    loaded.attach(fresh)
+    latents, t, text = unet_inputs
+    graphs = graphs_to_batch([BOXED, UNBOXED], labels)
+    with torch.no_grad():
+        ours = tiny.unet(latents, t, **adapter.unet_kwargs(text, None, graphs)).sample
+        theirs = fresh(latents, t, **loaded.unet_kwargs(text, None, graphs)).sample
+    assert torch.equal(ours, theirs)
+    assert {branch_of(f"adapter.{k}") for k in widths} == {"graph"}  # in the graph branch's optimizer group
