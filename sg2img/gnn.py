@@ -253,6 +253,14 @@ class TokenConfig:
         if self.object_identity and not self.object_tokens:
             raise ValueError("tokens.object_identity needs object_tokens: true")
 
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The token order of a graph, the one place it is decided: ``"global"`` (one token), then
+        ``"object"`` (one per object), then ``"triple"`` (one per relationship), each padded to the batch's
+        largest graph; the kinds that are off are left out (resampled tokens replace them all)."""
+        on = {"global": self.global_token, "object": self.object_tokens, "triple": self.triple_tokens}
+        return tuple(k for k in ("global", "object", "triple") if on[k])
+
 
 FULL_IMAGE = (0.0, 0.0, 1.0, 1.0)  # the region of a token that is seen everywhere
 
@@ -291,15 +299,18 @@ def token_labels(graphs: Sequence[SceneGraph], tokens: TokenConfig) -> list[list
     out = []
     for g in graphs:
         names: list[str | None] = []
-        if tokens.global_token:
-            names.append("<graph>" if g.objects else None)
-        if tokens.object_tokens:
-            names += [f"{i}: {o.label}" for i, o in enumerate(g.objects)] + [None] * (omax - len(g.objects))
-        if tokens.triple_tokens:
-            names += [
-                f"{g.objects[r.subject].label} {r.predicate} {g.objects[r.object].label}"
-                for r in g.relationships
-            ] + [None] * (tmax - len(g.relationships))
+        for kind in tokens.kinds:
+            if kind == "global":
+                names.append("<graph>" if g.objects else None)
+            elif kind == "object":
+                names += [f"{i}: {o.label}" for i, o in enumerate(g.objects)]
+                names += [None] * (omax - len(g.objects))
+            else:
+                names += [
+                    f"{g.objects[r.subject].label} {r.predicate} {g.objects[r.object].label}"
+                    for r in g.relationships
+                ]
+                names += [None] * (tmax - len(g.relationships))
         out.append(names)
     return out
 
@@ -392,38 +403,35 @@ class SceneGraphEncoder(nn.Module):
             layout = torch.where(batch.has_box[:, None], batch.box.float(), fallback)
         if self.gnn_config.boxes_after_gnn:
             obj = obj + self.box_after(layout.to(dtype))
-        seqs, masks = [], []
+        seqs, masks, regions = [], [], []  # per kind of token, in TokenConfig.kinds order
         has_objects = torch.bincount(node_batch, minlength=num_graphs) > 0  # (B,)
-        if self.token_config.global_token:
-            if self.gnn_config.image_node:
-                pooled = x[num_obj:]
+        everywhere = batch.box.new_tensor(FULL_IMAGE).float()
+        for kind in self.token_config.kinds:
+            if kind == "global":
+                if self.gnn_config.image_node:
+                    pooled = x[num_obj:]
+                else:
+                    pooled = torch.zeros(num_graphs, x.shape[1], dtype=x.dtype, device=x.device)
+                    pooled = pooled.index_add_(0, node_batch, obj)
+                    pooled = pooled / torch.bincount(node_batch, minlength=num_graphs).clamp(min=1)[:, None]
+                t, m = self.global_out(pooled)[:, None], has_objects[:, None]  # (B, 1, C), (B, 1)
+                r = everywhere.expand(num_graphs, 1, 4)
+            elif kind == "object":
+                obj_tokens = self.object_out(obj)
+                if self.token_config.object_identity:
+                    obj_tokens = obj_tokens + self.identity(batch.x[:num_obj].to(dtype))
+                t, m = to_dense_batch(obj_tokens, node_batch, batch_size=num_graphs)  # (B, Omax, C)
+                r = everywhere.expand(num_graphs, t.shape[1], 4)
+                if self.token_config.confine_objects:
+                    r = to_dense_batch(layout, node_batch, batch_size=num_graphs, fill_value=1.0)[0].float()
             else:
-                pooled = torch.zeros(num_graphs, x.shape[1], dtype=x.dtype, device=x.device).index_add_(
-                    0, node_batch, obj
-                )
-                pooled = pooled / torch.bincount(node_batch, minlength=num_graphs).clamp(min=1)[:, None]
-            seqs.append(self.global_out(pooled)[:, None])  # (B, 1, C)
-            masks.append(has_objects[:, None])
-        regions = []
-        if self.token_config.global_token:
-            regions.append(batch.box.new_tensor(FULL_IMAGE).expand(num_graphs, 1, 4))
-        if self.token_config.object_tokens:
-            obj_tokens = self.object_out(obj)
-            if self.token_config.object_identity:
-                obj_tokens = obj_tokens + self.identity(batch.x[:num_obj].to(dtype))
-            t, m = to_dense_batch(obj_tokens, node_batch, batch_size=num_graphs)  # (B, Omax, C)
+                s, o = batch.edge_index
+                triples = self.triple_out(torch.cat([obj[s], e, obj[o]], dim=-1))  # (T, C)
+                t, m = to_dense_batch(triples, node_batch[s], batch_size=num_graphs)  # (B, Tmax, C)
+                r = everywhere.expand(num_graphs, t.shape[1], 4)
             seqs.append(t)
             masks.append(m)
-            if self.token_config.confine_objects:
-                r, _ = to_dense_batch(layout, node_batch, batch_size=num_graphs, fill_value=1.0)
-                regions.append(r.float())
-        if self.token_config.triple_tokens:
-            s, o = batch.edge_index
-            triples = self.triple_out(torch.cat([obj[s], e, obj[o]], dim=-1))  # (T, C)
-            t, m = to_dense_batch(triples, node_batch[s], batch_size=num_graphs)  # (B, Tmax, C)
-            seqs.append(t)
-            masks.append(m)
-            regions.append(batch.box.new_tensor(FULL_IMAGE).expand(num_graphs, t.shape[1], 4))
+            regions.append(r)
         tokens, mask = torch.cat(seqs, dim=1), torch.cat(masks, dim=1)
         if self.token_config.resample_to:
             resampled = self.resampler(tokens, mask)

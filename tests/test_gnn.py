@@ -106,6 +106,30 @@ def test_every_layer_gives_padded_tokens_with_masks(labels, layer, image_node):
     assert torch.isfinite(tokens).all()
 
 
+@pytest.mark.parametrize(
+    "on",
+    [(True, True, True), (False, True, True), (True, False, True), (True, True, False), (False, False, True)],
+)
+def test_token_labels_name_the_tokens_the_encoder_makes_in_its_order(labels, on):
+    from sg2img.gnn import token_labels
+
+    glob, objects, triples = on
+    config = dict(global_token=glob, object_tokens=objects, triple_tokens=triples)
+    enc = encoder(labels, confine_objects=objects, **config)
+    graphs = [A, B, SceneGraph()]
+    out = enc(graphs_to_batch(graphs, labels))
+    names = token_labels(graphs, TokenConfig(**config))
+    assert [[n is not None for n in row] for row in names] == out.mask.tolist()  # same length, same padding
+    b = names[1]  # B: dog chasing ball
+    expected = (
+        ["<graph>"] * glob + ["0: dog", "1: ball", None, None] * objects + ["dog chasing ball"] * triples
+    )
+    assert [n for n in b if n is not None] == [n for n in expected if n is not None]
+    if objects:  # A's boxed object: its region sits at the position its label names
+        boxed = (out.regions[0] != torch.tensor([0.0, 0.0, 1.0, 1.0])).any(-1) & out.mask[0]
+        assert [n for n, k in zip(names[0], boxed.tolist()) if k] == ["0: red circle"]
+
+
 def test_tokens_do_not_depend_on_the_rest_of_the_batch(labels):
     enc = encoder(labels, "transformer")
     alone, m1 = tokens_of(enc, [B], labels)
