@@ -81,8 +81,6 @@ VIT_H_14 = VisionTowerSpec(1280, 32, 16, 14, 224, 1024, 5120)
 # Toy size for tests and demos; widths differ from every other tiny part so shape bugs cannot hide.
 TINY_VIT = VisionTowerSpec(32, 2, 4, 8, 32, 24, 64)
 
-VISION_TOWERS = {"vit-h-14": VIT_H_14, "tiny": TINY_VIT}
-
 
 def clip_image_processor(image_size: int = 224) -> CLIPImageProcessor:
     """Shortest edge -> ``image_size`` (bicubic), center crop, OpenAI mean/std."""

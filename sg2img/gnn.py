@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -35,7 +35,6 @@ from ip_adapter.projection import Resampler, ResamplerConfig
 
 from .graph import SceneGraph
 
-IN_IMAGE = "__in_image__"
 LayerKind = Literal["triplet", "gine", "transformer", "gatv2"]
 
 
@@ -362,10 +361,6 @@ class SceneGraphEncoder(nn.Module):
                 ResamplerConfig(dim=c, depth=tok.resampler_depth, dim_head=c // tok.resampler_heads,
                                 heads=tok.resampler_heads, num_queries=tok.resample_to, embedding_dim=c, output_dim=c)
             )  # fmt: skip
-
-    def config_dict(self) -> dict:
-        return {"label_dim": self.label_dim, "cross_attention_dim": self.cross_attention_dim,
-                "gnn": asdict(self.gnn_config), "tokens": asdict(self.token_config)}  # fmt: skip
 
     def predict_boxes(self, obj: torch.Tensor) -> torch.Tensor:
         """(O, 4) boxes (x0, y0, x1, y1) in [0, 1] from the object vectors after the GNN."""

@@ -37,17 +37,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 
+from ip_adapter.image_encoder import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from .data.base import open_image as decode_image
 from .graph import SceneGraph, SceneGraphError, load_scene_graphs
 
 METRICS = ("clip-t", "clip-i", "fid", "shapes", "sg-geometry")
 MANIFEST = "samples.jsonl"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 GEOMETRIC_PREDICATES = ("left of", "right of", "above", "below", "inside", "surrounding")
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+OPENAI_MEAN, OPENAI_STD = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # CLIP's pixel normalisation
 
 
 class MetricError(ValueError):
@@ -146,10 +148,10 @@ def read_samples(samples: Path, refs: Path | None = None) -> list[Sample]:
 
 
 def open_image(path: Path) -> Image.Image:
+    """``data.open_image`` (fully decoded, RGB), its failure a ``MetricError`` naming the file."""
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
+        return decode_image(path)
+    except OSError as e:  # UnidentifiedImageError included
         raise MetricError(f"{path}: not a readable image ({e})") from None
 
 
