@@ -227,8 +227,9 @@ class TokenConfig:
     resampler_depth: int = 2
     resampler_heads: int = 4
     confine_objects: bool = False  # an object token is seen only by queries inside its box (the layout)
-    # how: "hard", a mask at the box's edge; "soft", a score penalty -(d / w)^2 at distance d from the box
-    # with a width w learned per layer, starting at ``region_width`` (a fraction of the image)
+    # how, when confine_objects is on: "hard", a mask at the box's edge; "soft", a score penalty -(d / w)^2
+    # at distance d from the box with a width w learned per layer, starting at ``region_width`` (a fraction
+    # of the image); an ablation file can then switch the kind alone
     confinement: Literal["hard", "soft"] = "hard"
     region_width: float = 0.1
     # an object token adds its label's own embedding (the text encoder's pooled state of "red circle", a
@@ -245,8 +246,6 @@ class TokenConfig:
             raise ValueError(f"tokens.confinement must be 'hard' or 'soft', got {self.confinement!r}")
         if not self.region_width > 0:
             raise ValueError(f"tokens.region_width must be positive, got {self.region_width}")
-        if self.confinement == "soft" and not self.confine_objects:
-            raise ValueError("tokens.confinement: soft needs tokens.confine_objects: true")
         if self.confine_objects and not self.object_tokens:
             raise ValueError("tokens.confine_objects needs object_tokens: true")
         if self.object_identity and not self.object_tokens:

@@ -212,8 +212,6 @@ def test_confinement_config_errors():
         TokenConfig(object_identity=True, object_tokens=False)
     with pytest.raises(ValueError, match="confine_objects needs injection: decoupled"):
         SGAdapterConfig(injection="concat", tokens=TokenConfig(confine_objects=True))
-    with pytest.raises(ValueError, match=r"confinement: soft needs tokens\.confine_objects: true"):
-        TokenConfig(confinement="soft")
     with pytest.raises(ValueError, match="confinement must be 'hard' or 'soft', got 'fuzzy'"):
         TokenConfig(confine_objects=True, confinement="fuzzy")
     with pytest.raises(ValueError, match="region_width must be positive, got -1"):
