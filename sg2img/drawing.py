@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -138,14 +138,39 @@ def draw_layout(
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     img = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(img)
-    for i, (o, box) in enumerate(zip(sg.objects, boxes)):
+    pixels = [tuple(round(v * (size - 1)) for v in box) for box in boxes]
+    for i, (o, (x0, y0, x1, y1)) in enumerate(zip(sg.objects, pixels)):
         colour = o.attributes[0] if o.attributes and is_color_like(o.attributes[0]) else cycle[i % len(cycle)]
-        x0, y0, x1, y1 = (round(v * (size - 1)) for v in box)
         width = 3 if o.box is not None else 2
         draw.rectangle((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)), outline=to_hex(colour), width=width)
-        draw.text((x0 + 4, y0 + 3), f"{i}: {o.label}", fill="black")
+    labels = [f"{i}: {o.label}" for i, o in enumerate(sg.objects)]
+    for text, (x, y, *_) in zip(labels, layout_label_boxes(draw, labels, pixels, size)):
+        draw.text((x, y), text, fill="black")
     draw.text((4, size - 14), title, fill="gray")
     return img
+
+
+def layout_label_boxes(
+    draw: Any, labels: list[str], boxes: list[tuple[int, ...]], size: int
+) -> list[tuple[int, int, int, int]]:
+    """Where each box's label goes, as its text's (x0, y0, x1, y1) in pixels: the first of inside the top
+    left corner, inside the bottom left, above the box and below it that stays on the canvas and overlaps
+    no label placed before it (else the first that stays on the canvas), so adjacent boxes keep readable
+    labels."""
+
+    def overlap(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+        return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+    placed: list[tuple[int, int, int, int]] = []
+    for text, (x0, y0, _, y1) in zip(labels, boxes):
+        left, top, right, bottom = draw.textbbox((0, 0), text)
+        w, h = right - left, bottom - top + 2
+        candidates = [(x0 + 4, y0 + 3), (x0 + 4, y1 - h - 3), (x0, y0 - h - 2), (x0, y1 + 3)]
+        spans = [(x, y, x + w, y + h) for x, y in candidates]
+        on_canvas = [p for p in spans if p[0] >= 0 and p[1] >= 0 and p[2] <= size and p[3] <= size - 16]
+        free = [p for p in on_canvas if not any(overlap(p, q) for q in placed)]
+        placed.append((free or on_canvas or spans)[0])
+    return placed
 
 
 def _caption_strip(text: str, width: int, height: int = 22) -> Image.Image:

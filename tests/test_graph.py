@@ -179,3 +179,26 @@ def test_graph_drawings_keep_every_label_apart_and_inside_at_four_objects_and_si
         for k, b in enumerate(boxes):
             assert b.x0 >= 0 and b.y0 >= 0 and b.x1 <= width and b.y1 <= height, (graph.describe(), texts[k])
             assert not any(b.overlaps(c) for c in boxes[k + 1 :]), (graph.describe(), texts[k].get_text())
+
+
+def test_layout_labels_of_adjacent_boxes_do_not_overlap():
+    from PIL import Image, ImageDraw
+
+    from sg2img.drawing import draw_layout, layout_label_boxes
+
+    g = SceneGraph.from_names(
+        ["magenta square", "green triangle", "yellow square", "cyan circle"],
+        [(0, "below", 1), (2, "left of", 3)],
+    )
+    # boxes side by side at the same height, as a layout head puts two objects it cannot tell apart
+    boxes = [(0.35, 0.35, 0.6, 0.6), (0.5, 0.35, 0.75, 0.6), (0.2, 0.1, 0.45, 0.3), (0.4, 0.05, 0.6, 0.25)]
+    size = 256
+    pixels = [tuple(round(v * (size - 1)) for v in b) for b in boxes]
+    draw = ImageDraw.Draw(Image.new("RGB", (size, size)))
+    labels = [f"{i}: {o.label}" for i, o in enumerate(g.objects)]
+    placed = layout_label_boxes(draw, labels, pixels, size)
+    for i, a in enumerate(placed):
+        assert min(a[:2]) >= 0 and max(a[2:]) <= size
+        for b in placed[i + 1 :]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+    assert draw_layout(g, boxes, size=size).size == (size, size)
