@@ -37,6 +37,39 @@ def export_checkpoint(run: Path, ckpt: Path, out: Path) -> Path:
     return module.export_base(out)
 
 
+def evaluate_base(flags: list[str], folder: Path, record_path: Path, **extra: object) -> dict:
+    """``sg2img evaluate shapes --adapter none FLAGS --out FOLDER``, its record (totals, no per-image rows,
+    plus ``extra``) written to ``record_path``; the record's scores."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "sg2img",
+        "evaluate",
+        "shapes",
+        "--adapter",
+        "none",
+        *flags,
+        "--out",
+        str(folder),
+    ]
+    print("$", " ".join(["sg2img", *cmd[3:]]), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    record = json.loads((folder / "shapes-eval.json").read_text())
+    record.pop("images", None)
+    record.update(extra)
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    return record["scores"]
+
+
+def score_cells(s: dict) -> str:
+    """Object recall, relation accuracy and graph accuracy, each ± its error, as table cells."""
+    return (
+        f"{s['object_recall']:.3f} ± {s['object_recall_se']:.3f} | "
+        f"{s['relation_accuracy']:.3f} ± {s['relation_accuracy_se']:.3f} | "
+        f"{s['graph_accuracy']:.3f} ± {s['graph_accuracy_se']:.3f}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, help="a fit-base run folder (config.yaml, checkpoints/)")
@@ -58,21 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         record_path = args.out / f"step-{step}-{args.prompt}.json"
         if not record_path.is_file():
             base = export_checkpoint(args.run, ckpt, args.work / f"step-{step}.safetensors")
-            folder = args.work / f"step-{step}-{args.prompt}"
-            cmd = [sys.executable, "-m", "sg2img", "evaluate", "shapes", "--model", str(base), "--adapter", "none",
-                   "--prompt", args.prompt, "--n", str(args.n), "--out", str(folder)]  # fmt: skip
-            print("$", " ".join(["sg2img", *cmd[3:]]), flush=True)
-            subprocess.run(cmd, cwd=ROOT, check=True)
-            record = json.loads((folder / "shapes-eval.json").read_text())
-            record.pop("images", None)
-            record["step"] = step
-            record_path.write_text(json.dumps(record, indent=2) + "\n")
-        s = json.loads(record_path.read_text())["scores"]
-        rows.append(
-            f"| {step} | {s['object_recall']:.3f} ± {s['object_recall_se']:.3f} | "
-            f"{s['relation_accuracy']:.3f} ± {s['relation_accuracy_se']:.3f} | "
-            f"{s['graph_accuracy']:.3f} ± {s['graph_accuracy_se']:.3f} |"
-        )
+            flags = ["--model", str(base), "--prompt", args.prompt, "--n", str(args.n)]
+            evaluate_base(flags, args.work / f"step-{step}-{args.prompt}", record_path, step=step)
+        rows.append(f"| {step} | {score_cells(json.loads(record_path.read_text())['scores'])} |")
     table = [
         f"Base `{args.run}`, EMA weights per checkpoint, `--prompt {args.prompt}`, first {args.n} test graphs:",
         "",

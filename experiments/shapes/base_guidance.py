@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from base_curve import ROOT, evaluate_base, score_cells  # this script's folder is on sys.path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,20 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     for g in args.guidance:
         record_path = args.out / f"g{g}.json"
         if not record_path.is_file():
-            folder = args.work / f"g{g}"
-            cmd = [sys.executable, "-m", "sg2img", "evaluate", "shapes", "--adapter", "none", "--prompt",
-                   "objects", "--n", str(args.n), "--guidance", str(g), "--out", str(folder)]  # fmt: skip
-            print("$", " ".join(["sg2img", *cmd[3:]]), flush=True)
-            subprocess.run(cmd, cwd=ROOT, check=True)
-            record = json.loads((folder / "shapes-eval.json").read_text())
-            record.pop("images", None)
-            record_path.write_text(json.dumps(record, indent=2) + "\n")
-        s = json.loads(record_path.read_text())["scores"]
-        rows.append(
-            f"| {g:g} | {s['object_recall']:.3f} ± {s['object_recall_se']:.3f} | "
-            f"{s['relation_accuracy']:.3f} ± {s['relation_accuracy_se']:.3f} | "
-            f"{s['graph_accuracy']:.3f} ± {s['graph_accuracy_se']:.3f} |"
-        )
+            flags = ["--prompt", "objects", "--n", str(args.n), "--guidance", str(g)]
+            evaluate_base(flags, args.work / f"g{g}", record_path)
+        rows.append(f"| {g:g} | {score_cells(json.loads(record_path.read_text())['scores'])} |")
     table = [
         f"The shipped base, objects in the caption, first {args.n} test graphs, 25 DDIM steps:",
         "",
