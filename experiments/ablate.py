@@ -3,6 +3,7 @@ is scored the same way; the table gives each variant's mean over seeds with its 
 
     python experiments/ablate.py --grid experiments/grids/shapes_ablations.yaml
     python experiments/ablate.py --grid experiments/grids/shapes.yaml --only concat   # one variant
+    python experiments/ablate.py --grid experiments/grids/shapes.yaml --seeds 1       # second seeds only
     python experiments/ablate.py --grid experiments/grids/shapes.yaml --table         # tables only
 
 A grid file names a base (config files composed first), the variants (each a list of delta configs,
@@ -708,6 +709,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=Path, default=None, help="default: runs/ablations/<grid name>")
     ap.add_argument("--results", type=Path, default=ROOT / "experiments" / "results" / "ablations")
     ap.add_argument("--only", nargs="+", default=None, metavar="VARIANT", help="run these variants only")
+    ap.add_argument(
+        "--seeds", nargs="+", type=int, default=None, metavar="SEED", help="run these training seeds only"
+    )
     ap.add_argument("--table", action="store_true", help="only write the results of finished runs")
     ap.add_argument("--no-wandb", action="store_true", help="do not log the evaluations to W&B")
     ap.add_argument(
@@ -728,7 +732,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         chosen = [v for v in grid.variants if v.name in args.only or v.slug in args.only]
     # seed by seed: every variant's first run before any variant's second
-    order = [Run(grid, v, s, runs) for v in chosen for s in grid.seeds_of(v)]
+    order = [
+        Run(grid, v, s, runs)
+        for v in chosen
+        for s in grid.seeds_of(v)
+        if args.seeds is None or s is None or s in args.seeds
+    ]
     rank = {id(r): (grid.seeds_of(r.variant).index(r.seed), i) for i, r in enumerate(order)}
     failed: list[str] = []
     if not args.table:

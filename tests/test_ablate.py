@@ -183,19 +183,24 @@ def test_seeds_evaluations_and_an_untrained_variant(tmp_path, monkeypatch):
     fake = FakeStages()
     monkeypatch.setattr(ablate, "run", fake)
     runs, results = tmp_path / "runs", tmp_path / "results"
-    assert (
-        ablate.main(["--grid", str(grid), "--runs", str(runs), "--results", str(results), "--no-wandb"]) == 0
-    )
+    common = ["--grid", str(grid), "--runs", str(runs), "--results", str(results), "--no-wandb"]
+    # --seeds picks the training seeds to run now; the rest of the grid waits for the next command
+    assert ablate.main([*common, "--seeds", "2"]) == 0
+    fits = [c[3:] for c in fake.commands if c[3] == "fit"]
+    assert [f[f.index("--trainer.default_root_dir") + 1] for f in fits] == [
+        str(runs / "reference" / "seed-2")
+    ]
+    assert ablate.main(common) == 0
     fits = [c[3:] for c in fake.commands if c[3] == "fit"]
     seeds = [
         (f[f.index("--trainer.default_root_dir") + 1], f[f.index("--seed_everything") + 1]) for f in fits
     ]
     assert seeds == [
+        (str(runs / "reference" / "seed-2"), "2"),
         (str(runs / "reference" / "seed-0"), "0"),
         (str(runs / "concat-injection" / "seed-0"), "0"),
         (str(runs / "reference" / "seed-1"), "1"),
         (str(runs / "concat-injection" / "seed-1"), "1"),
-        (str(runs / "reference" / "seed-2"), "2"),
     ]
     assert all(f[f.index("--model.seed") + 1] == f[f.index("--seed_everything") + 1] for f in fits)
     gens = [c[3:] for c in fake.commands if c[3:5] == ["evaluate", "shapes"]]
