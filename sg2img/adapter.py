@@ -4,8 +4,8 @@
 
 The graph tokens come from ``SceneGraphEncoder`` and reach every cross-attention layer as the named
 stream "sg", with their own ``to_k_sg``/``to_v_sg`` (initialised from ``to_k``/``to_v``) and scale.
-The ``concat`` injection is the ablation: graph (and image) tokens are appended to the text tokens and
-go through the frozen K/V, with the padding in ``encoder_attention_mask``.
+How the streams reach the UNet is the config's ``injection``, a strategy of ``sg2img.injection``:
+``decoupled`` as above, or the ``concat`` ablation (graph and image tokens appended to the text tokens).
 
 Saved as one flat file: ``image_proj.*`` and ``ip_adapter.*`` in the official layout (stock diffusers
 loads that part), plus ``sg_adapter.{i}.to_{k,v}_sg.weight`` and ``sg_encoder.*``.
@@ -37,6 +37,7 @@ from ip_adapter.image_encoder import ImageFeatures
 from ip_adapter.pretrained import PretrainedMixin
 
 from .gnn import GNNConfig, GraphTokens, SceneGraphEncoder, TokenConfig
+from .injection import Injection, injection
 
 SG_STREAM = "sg"
 SG_ENCODER = "sg_encoder"
@@ -58,17 +59,16 @@ class SGAdapterConfig:
     positional_graph_query: bool = False
 
     def __post_init__(self) -> None:
-        if self.injection not in ("decoupled", "concat"):
-            raise ValueError(f"injection must be 'decoupled' or 'concat', got {self.injection!r}")
+        own_attention = injection(self.injection).has_attention  # also: a known strategy
         if not (self.image_branch or self.graph_branch):
             raise ValueError("at least one of image_branch and graph_branch must be on")
-        if self.positional_graph_query and not (self.graph_branch and self.injection == "decoupled"):
+        if self.positional_graph_query and not (self.graph_branch and own_attention):
             raise ValueError("positional_graph_query needs graph_branch: true and injection: decoupled")
         for name, cls in (("image", IPAdapterConfig), ("gnn", GNNConfig), ("tokens", TokenConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, cls(**value))
-        if self.tokens.confine_objects and self.injection != "decoupled":
+        if self.tokens.confine_objects and not own_attention:
             raise ValueError(
                 "tokens.confine_objects needs injection: decoupled (concat shares the text's attention, which "
                 "has no per-query mask); give concat the layout with gnn.boxes_after_gnn instead"
@@ -86,6 +86,7 @@ class SceneGraphAdapter(PretrainedMixin, nn.Module):
     def __init__(self, unet: nn.Module, config: SGAdapterConfig, init_from_base: bool = True):
         super().__init__()
         self.config = config
+        self.injection: Injection = injection(config.injection)
         cross = unet.config.cross_attention_dim
         if config.image_branch and config.image.cross_attention_dim != cross:
             raise ValueError(
@@ -107,7 +108,7 @@ class SceneGraphAdapter(PretrainedMixin, nn.Module):
                 soft_regions=(SG_STREAM,) if config.graph_branch and soft else (),
                 region_width=config.tokens.region_width,
             )
-            if config.injection == "decoupled"
+            if self.injection.has_attention
             else None
         )
 
@@ -123,36 +124,28 @@ class SceneGraphAdapter(PretrainedMixin, nn.Module):
             raise ValueError("this adapter has no graph branch (graph_branch: false)")
         return self.sg_encoder(graphs)  # tokens (B, L, C), mask (B, L), regions, layout
 
+    def streams(
+        self, image_features: ImageFeatures | None = None, graphs: Batch | GraphTokens | None = None
+    ) -> dict[str, Stream]:
+        """The named streams of the given conditions: ``graphs`` is a graph batch or what ``graph_tokens``
+        made of one."""
+        out = {}
+        if image_features is not None:
+            out[IMAGE_STREAM] = Stream(self.image_tokens(image_features))
+        if graphs is not None:
+            sg = graphs if isinstance(graphs, GraphTokens) else self.graph_tokens(graphs)
+            out[SG_STREAM] = sg.stream()
+        return out
+
     def unet_kwargs(
         self,
         text_embeds: torch.Tensor,
         image_features: ImageFeatures | None = None,
         graphs: Batch | GraphTokens | None = None,
     ) -> dict[str, Any]:
-        """The conditioning arguments of ``unet(latents, t, **kwargs)`` for either injection; ``graphs`` is a
-        graph batch or what ``graph_tokens`` made of one."""
-        img = None if image_features is None else self.image_tokens(image_features)
-        sg = graphs if graphs is None or isinstance(graphs, GraphTokens) else self.graph_tokens(graphs)
-        if self.config.injection == "decoupled":
-            streams = {}
-            if img is not None:
-                streams[IMAGE_STREAM] = Stream(img)
-            if sg is not None:
-                streams[SG_STREAM] = Stream(sg.tokens, sg.mask, sg.regions)
-            return {"encoder_hidden_states": text_embeds, "cross_attention_kwargs": {"streams": streams}}
-        parts, masks = (
-            [text_embeds],
-            [torch.ones(text_embeds.shape[:2], dtype=torch.bool, device=text_embeds.device)],
-        )
-        if img is not None:
-            parts.append(img.to(text_embeds.dtype))
-            masks.append(torch.ones(img.shape[:2], dtype=torch.bool, device=img.device))
-        if sg is not None:
-            parts.append(sg.tokens.to(text_embeds.dtype))
-            masks.append(sg.mask)
-        if len(parts) == 1:
-            return {"encoder_hidden_states": text_embeds}
-        return {"encoder_hidden_states": torch.cat(parts, 1), "encoder_attention_mask": torch.cat(masks, 1)}
+        """The conditioning arguments of ``unet(latents, t, **kwargs)``, as this adapter's injection makes
+        them from the text and the given conditions (see ``streams``)."""
+        return self.injection.unet_kwargs(text_embeds, self.streams(image_features, graphs))
 
     # --- UNet --------------------------------------------------------------------------------------
     def attach(self, unet: nn.Module) -> None:
@@ -163,12 +156,9 @@ class SceneGraphAdapter(PretrainedMixin, nn.Module):
         DecoupledAttention.detach(unet)
 
     def set_scale(self, image_scale: Scale | None = None, sg_scale: Scale | None = None) -> None:
-        if self.attention is None:
-            raise ValueError("branch scales exist only with injection: decoupled")
-        if image_scale is not None:
-            self.attention.set_scale(image_scale, IMAGE_STREAM)
-        if sg_scale is not None:
-            self.attention.set_scale(sg_scale, SG_STREAM)
+        """The branch scales for the next calls (None: unchanged); with ``concat``, 0 or 1 only."""
+        scales = {IMAGE_STREAM: image_scale, SG_STREAM: sg_scale}
+        self.injection.set_scales(self.attention, {s: v for s, v in scales.items() if v is not None})
 
     # --- the file ----------------------------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:

@@ -31,6 +31,7 @@ from torch_geometric.data import Batch, Data
 from torch_geometric.nn import GATv2Conv, GINEConv, MessagePassing, TransformerConv
 from torch_geometric.utils import to_dense_batch
 
+from ip_adapter.attention import Stream
 from ip_adapter.projection import Resampler, ResamplerConfig
 
 from .graph import SceneGraph
@@ -278,6 +279,10 @@ class GraphTokens:
     regions: torch.Tensor | None = None
     layout: torch.Tensor | None = None
     predicted: torch.Tensor | None = None
+
+    def stream(self) -> Stream:
+        """The graph branch's stream: the tokens, their padding mask and their regions."""
+        return Stream(self.tokens, self.mask, self.regions)
 
     def rows(self, index: slice | torch.Tensor) -> GraphTokens:
         """The per-graph fields of some graphs (``layout`` and ``predicted`` are per object: dropped)."""

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from ip_adapter.attention import AttentionRecorder, Scale
 from .adapter import SG_STREAM, SceneGraphAdapter
 from .gnn import GraphTokens, graphs_to_batch, token_labels
 from .graph import SceneGraph
+from .injection import is_zero
 from .labels import LabelEmbedder
 from .models import IP_ADAPTER_IMAGE_ENCODER, Components, load_image_encoder
 
@@ -97,11 +98,11 @@ def as_graphs(scene_graph: Any) -> list[SceneGraph] | None:
 
 
 @contextmanager
-def _concat_hooks(
+def _padding_mask_hooks(
     unet: torch.nn.Module, controlnet: torch.nn.Module | None, mask: torch.Tensor, text_len: int
 ):
-    """For the ``concat`` injection: give the UNet the key-padding mask of the extended prompt, and the
-    ControlNet (trained on text alone) only the text tokens."""
+    """For an injection that extends the prompt (``concat``): give the UNet the key-padding mask of the
+    extended prompt, and the ControlNet (trained on text alone) only the text tokens."""
 
     def unet_hook(module, args, kwargs):
         rows = kwargs["encoder_hidden_states"].shape[0]
@@ -288,6 +289,37 @@ class SceneGraphPipelineMixin:
         batch = graphs_to_batch(graphs, self.label_embedder).to(self.unet.device)
         return self.sg_adapter.graph_tokens(batch)
 
+    def _image_stream(
+        self, images: list[Image.Image] | None, batch: int, rows: Callable[..., torch.Tensor]
+    ) -> Stream:
+        """The image branch's stream over the UNet rows: the negative image's tokens, then the prompt
+        images' (or the negative again when none is given). Every row goes through the projection as one
+        batch, as diffusers does."""
+        neg = self.clip.negative_features(batch)
+        feats = self.clip.encode_images(images) if images is not None else neg
+        return Stream(
+            self.sg_adapter.image_tokens(
+                ImageFeatures(rows(neg.embeds, feats.embeds), rows(neg.patch_tokens, feats.patch_tokens))
+            )
+        )
+
+    def _graph_stream(
+        self, graphs: list[SceneGraph] | None, batch: int, negatives: bool, rows: Callable[..., torch.Tensor]
+    ) -> tuple[Stream, list[list[tuple[float, float, float, float]]] | None]:
+        """The graph branch's stream over the UNet rows (the empty graph for the negatives, and for the
+        positives when none is given), and per graph the layout it used (None without graphs or boxes)."""
+        empty = [SceneGraph()] * batch
+        encoded = self._graph_tokens((empty if negatives else []) + (graphs or empty))
+        unc = encoded.rows(slice(0, batch if negatives else 0))
+        cond = encoded.rows(slice(-batch, None))
+        regions = None if cond.regions is None else rows(unc.regions, cond.regions)
+        stream = Stream(rows(unc.tokens, cond.tokens), rows(unc.mask, cond.mask), regions)
+        if graphs is None or encoded.layout is None:  # the empty graphs have no objects: all boxes are ours
+            return stream, None
+        boxes = [tuple(b) for b in encoded.layout.float().cpu().tolist()]
+        starts = [0, *itertools.accumulate(len(g.objects) for g in graphs)]
+        return stream, [boxes[a:b] for a, b in itertools.pairwise(starts)]
+
     @torch.no_grad()
     def __call__(
         self,
@@ -347,39 +379,47 @@ class SceneGraphPipelineMixin:
         n = num_images_per_prompt
 
         def rows(uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+            """The UNet's rows: with guidance every prompt's negative images, then its positive ones."""
             cond = cond.repeat_interleave(n, dim=0)
             return torch.cat([uncond.repeat_interleave(n, dim=0), cond]) if do_cfg else cond
 
-        concat = adapter is not None and adapter.config.injection == "concat"
-        image_tok = neg_tok = graph_unc = graph_cond = layouts = None
-        use_image = images is not None and not _is_zero(image_scale)
-        use_graph = graphs is not None and not _is_zero(sg_scale)
-        if adapter is not None and adapter.config.image_branch and (use_image or concat):
-            neg = self.clip.negative_features(batch)
-            feats = self.clip.encode_images(images) if use_image else neg
-            if concat:  # one row per prompt; the parent call repeats the prompt embeddings
-                both = adapter.image_tokens(_cat_features(neg, feats))
-                neg_tok, image_tok = both[:batch], both[batch:]
-            else:  # every UNet row through the projection as one batch, as diffusers does
-                image_tok = adapter.image_tokens(
-                    ImageFeatures(rows(neg.embeds, feats.embeds), rows(neg.patch_tokens, feats.patch_tokens))
+        text, negative_text = self.encode_prompt(
+            prompts, self.unet.device, 1, do_cfg, negative_prompt, clip_skip=kwargs.get("clip_skip")
+        )
+        text_rows = rows(negative_text, text) if do_cfg else rows(text, text)
+        streams: dict[str, Stream] = {}
+        layouts = None
+        used = {IMAGE_STREAM: images is not None and not is_zero(image_scale),
+                SG_STREAM: graphs is not None and not is_zero(sg_scale)}  # fmt: skip
+        if adapter is None:
+            unet_kwargs: dict[str, Any] = {"encoder_hidden_states": text_rows}
+        else:
+            wanted = {s for s in adapter.config.streams if used[s] or adapter.injection.every_stream}
+            if IMAGE_STREAM in wanted:
+                streams[IMAGE_STREAM] = self._image_stream(
+                    images if used[IMAGE_STREAM] else None, batch, rows
                 )
-        if adapter is not None and adapter.config.graph_branch and (use_graph or concat):
-            cond_graphs = graphs if use_graph else [SceneGraph()] * batch
-            encoded = self._graph_tokens(([SceneGraph()] * batch if do_cfg else []) + cond_graphs)
-            graph_unc, graph_cond = (
-                encoded.rows(slice(0, batch if do_cfg else 0)),
-                encoded.rows(slice(-batch, None)),
+            if SG_STREAM in wanted:
+                streams[SG_STREAM], layouts = self._graph_stream(
+                    graphs if used[SG_STREAM] else None, batch, do_cfg, rows
+                )
+                layouts = None if layouts is None else [layouts[r // n] for r in range(batch * n)]
+            adapter.injection.set_scales(
+                adapter.attention,
+                {
+                    s: scale
+                    for s, scale in ((IMAGE_STREAM, image_scale), (SG_STREAM, sg_scale))
+                    if s in streams
+                },
             )
-            if (
-                use_graph and encoded.layout is not None
-            ):  # the empty graphs have no objects: all rows are ours
-                boxes = [tuple(b) for b in encoded.layout.float().cpu().tolist()]
-                starts = [0, *itertools.accumulate(len(g.objects) for g in graphs)]
-                per_graph = [boxes[a:b] for a, b in itertools.pairwise(starts)]
-                layouts = [per_graph[r // n] for r in range(batch * n)]
+            unet_kwargs = adapter.injection.unet_kwargs(text_rows, streams)
 
+        # the parent call takes one row of prompt embeddings per prompt (it repeats them per image); the
+        # rest of the conditioning is per UNet row and reaches the UNet as it is
+        hidden = unet_kwargs.pop("encoder_hidden_states")
         call = dict(
+            prompt_embeds=hidden[-batch * n :][::n],
+            negative_prompt_embeds=hidden[: batch * n][::n] if do_cfg else None,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             generator=generator,
@@ -388,71 +428,32 @@ class SceneGraphPipelineMixin:
             width=width,
             **kwargs,
         )
-        cak = dict(cross_attention_kwargs or {})
-        hooks: Any = nullcontext()
-        if concat:
-            for name, scale in (("image_scale", image_scale), ("sg_scale", sg_scale)):
-                if not (_is_zero(scale) or scale == 1.0):
-                    raise ValueError(f"{name} must be 0 or 1 with the concat injection, got {scale!r}")
-            text, neg_text = self.encode_prompt(prompts, self.unet.device, 1, do_cfg, negative_prompt)
-            cond_parts, uncond_parts = [text], [neg_text if do_cfg else text]
-            cond_mask = [torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)]
-            uncond_mask = list(cond_mask)
-            if image_tok is not None:
-                cond_parts.append(image_tok.to(text.dtype))
-                uncond_parts.append(neg_tok.to(text.dtype))
-                ones = torch.ones(image_tok.shape[:2], dtype=torch.bool, device=text.device)
-                cond_mask.append(ones)
-                uncond_mask.append(ones)
-            if graph_cond is not None:
-                unc = graph_unc if do_cfg else graph_cond
-                cond_parts.append(graph_cond.tokens.to(text.dtype))
-                cond_mask.append(graph_cond.mask)
-                uncond_parts.append(unc.tokens.to(text.dtype))
-                uncond_mask.append(unc.mask)
-            call["prompt_embeds"] = torch.cat(cond_parts, 1)
-            if do_cfg:
-                call["negative_prompt_embeds"] = torch.cat(uncond_parts, 1)
-            mask = rows(torch.cat(uncond_mask, 1), torch.cat(cond_mask, 1))
-            hooks = _concat_hooks(self.unet, getattr(self, "controlnet", None), mask, text.shape[1])
-        else:
-            call.update(prompt=prompts, negative_prompt=negative_prompt)
-            streams = {}
-            if image_tok is not None:
-                adapter.set_scale(image_scale=image_scale)
-                streams[IMAGE_STREAM] = Stream(image_tok)
-            if graph_cond is not None:
-                adapter.set_scale(sg_scale=sg_scale)
-                regions = None
-                if graph_cond.regions is not None:
-                    regions = rows(graph_unc.regions, graph_cond.regions)
-                streams[SG_STREAM] = Stream(
-                    rows(graph_unc.tokens, graph_cond.tokens), rows(graph_unc.mask, graph_cond.mask), regions
-                )
-            if streams:
-                cak["streams"] = streams
+        cak = {**(cross_attention_kwargs or {}), **unet_kwargs.pop("cross_attention_kwargs", {})}
         call["cross_attention_kwargs"] = cak or None
+        mask = unet_kwargs.pop("encoder_attention_mask", None)
 
         recorder = None
         if attention_maps:
-            if concat or graph_cond is None or not use_graph:
+            if not used[SG_STREAM] or adapter.attention is None:
                 raise ValueError(
                     "attention_maps need a scene graph, a non-zero sg_scale and the decoupled graph branch"
                 )
             h = (height or self.unet.config.sample_size * self.vae_scale_factor) // self.vae_scale_factor
             w = (width or self.unet.config.sample_size * self.vae_scale_factor) // self.vae_scale_factor
             recorder = AttentionRecorder(SG_STREAM, (h, w), rows=slice(batch * n if do_cfg else 0, None))
-            hooks = adapter.attention.recording(recorder)
         output_type = call.get("output_type", "pil")
         if self.vae is None:  # pixel space: the denoised sample is the image
             call["output_type"] = "latent"
-        # the text and stream tokens are the same at every step: project them to K/V once per generation
-        caching = (
-            adapter.attention.caching()
-            if adapter is not None and adapter.attention is not None
-            else nullcontext()
-        )
-        with hooks, caching:
+        with ExitStack() as hooks:
+            if mask is not None:
+                hooks.enter_context(
+                    _padding_mask_hooks(self.unet, getattr(self, "controlnet", None), mask, text.shape[1])
+                )
+            if recorder is not None:
+                hooks.enter_context(adapter.attention.recording(recorder))
+            # the text and stream tokens are the same at every step: project them to K/V once per generation
+            if adapter is not None and adapter.attention is not None:
+                hooks.enter_context(adapter.attention.caching())
             out = super().__call__(**call, return_dict=True)
         images = out.images
         if self.vae is None and output_type != "latent":
@@ -468,16 +469,6 @@ class SceneGraphPipelineMixin:
             attention_maps=maps,
             layouts=layouts,
         )
-
-
-def _cat_features(a: ImageFeatures, b: ImageFeatures) -> ImageFeatures:
-    return ImageFeatures(torch.cat([a.embeds, b.embeds]), torch.cat([a.patch_tokens, b.patch_tokens]))
-
-
-def _is_zero(scale: Scale) -> bool:
-    if isinstance(scale, (int, float)):
-        return float(scale) == 0.0
-    return False
 
 
 class SG2ImgPipeline(SceneGraphPipelineMixin, StableDiffusionPipeline):

@@ -119,8 +119,15 @@ def test_concat_injection(tiny, tiny_preset, features, unet_inputs, labels):
     assert not torch.allclose(run(tiny.unet, unet_inputs, kwargs), plain, atol=1e-4)
     empty = adapter.unet_kwargs(text, None, graphs_to_batch([SceneGraph(), SceneGraph()], labels))
     torch.testing.assert_close(run(tiny.unet, unet_inputs, empty), plain, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="only with injection: decoupled"):
+    adapter.set_scale(sg_scale=1.0)  # concat has no scale between "in" (1) and "as its negative" (0)
+    with pytest.raises(ValueError, match="'sg' branch's scale must be 0 or 1 with the concat injection"):
         adapter.set_scale(sg_scale=0.5)
+    assert adapter.unet_kwargs(text) == {"encoder_hidden_states": text}  # no stream: the text alone
+
+
+def test_an_unknown_injection_is_named():
+    with pytest.raises(ValueError, match=r"injection must be one of \['concat', 'decoupled'\], got 'sum'"):
+        SGAdapterConfig(injection="sum")
 
 
 def test_concat_with_image_appends_both(tiny, tiny_preset, features, unet_inputs, labels):
