@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the fixture writers the test suite pl
 
 from datafiles import plant_faults, tiny_fit_args, write_manifest  # noqa: E402
 
-from ip_adapter.checkpoint import PARTIAL_WRITE  # noqa: E402
+from ip_adapter.atomic_files import PARTIAL_WRITE  # noqa: E402
 
 STEP_FILE = re.compile(r"step=(\d+)")
 

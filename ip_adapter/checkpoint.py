@@ -9,7 +9,7 @@ On disk an adapter is a *flat* safetensors file, in the layout of the official
 
 with the model configuration as JSON in the safetensors metadata. The official nested ``.bin``
 (``{"image_proj": {...}, "ip_adapter": {...}}``) is read too, with ``torch.load(weights_only=True)``,
-so a pickle that would run code is refused. Writes are atomic (temp file + fsync + rename).
+so a pickle that would run code is refused. Writes are atomic (``atomic_files``).
 """
 
 from __future__ import annotations
@@ -17,9 +17,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
-import socket
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +24,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from .atomic_files import atomic_write
 
 CONFIG_KEY = "config"
 FORMAT_KEY = "format"
@@ -133,42 +132,6 @@ def write_adapter_file(
     return p
 
 
-def _host() -> str:
-    return socket.gethostname().replace(".", "_")
-
-
-def _writer_tag() -> str:
-    return f"{_host()}-{os.getpid()}"
-
-
-PARTIAL_WRITE = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]*)-(?P<pid>\d+)\.[^.]+\.tmp$")
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then move the result into place with one rename.
-
-    The temporary file (``.NAME.HOST-PID.XXXX.tmp``, beside the target) is removed on any error; one left
-    by a process that was killed outright is removed by ``remove_partial_writes``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer_tag()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a saved file gets the usual permissions
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def check_state_dict(
     expected: Mapping[str, torch.Size | tuple[int, ...]],
     found: Mapping[str, torch.Tensor],
@@ -196,31 +159,3 @@ def check_state_dict(
             lines.append(f"  {title} ({len(items)}):")
             lines.extend(f"    {x}" for x in shown)
     raise CheckpointError("\n".join(lines))
-
-
-def remove_partial_writes(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files that ``atomic_write`` calls on this host left behind when their process
-    was killed (SIGKILL, out of memory, power). A file whose writer is still running is kept. Returns
-    the files removed."""
-    removed: list[Path] = []
-    folder = Path(folder)
-    if not folder.is_dir():
-        return removed
-    host = _host()
-    for f in folder.iterdir():
-        m = PARTIAL_WRITE.match(f.name)
-        if m is None or m["host"] != host or _alive(int(m["pid"])):
-            continue
-        f.unlink(missing_ok=True)
-        removed.append(f)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True

@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError, atomic_write, read_adapter_file
+from .atomic_files import atomic_write
+from .checkpoint import CheckpointError, read_adapter_file
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "config.json"

@@ -2,7 +2,7 @@
 
 Lightning's own writer goes through an fsspec transaction, which on a local disk leaves a temporary file
 with a random name beside the checkpoint when the process is killed mid-write, and does not fsync. Here
-checkpoints are written the way every other file of a run is (``ip_adapter.checkpoint.atomic_write``:
+checkpoints are written the way every other file of a run is (``ip_adapter.atomic_files.atomic_write``:
 a named temporary file in the same folder, fsync, one rename), so a reader finds either the previous
 complete file or the new complete file, and what a killed writer left behind is recognised and removed
 when the run starts again.
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
-from ip_adapter.checkpoint import atomic_write, remove_partial_writes
+from ip_adapter.atomic_files import atomic_write, remove_partial_writes
 
 log = logging.getLogger(__name__)
 

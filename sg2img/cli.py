@@ -109,7 +109,7 @@ def _cmd_evaluate_folder(args: argparse.Namespace) -> int:
 
     print(format_scores(record["scores"]))
     if args.out is not None:
-        from ip_adapter.checkpoint import atomic_write
+        from ip_adapter.atomic_files import atomic_write
 
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))

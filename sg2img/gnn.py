@@ -28,8 +28,8 @@ from typing import Literal
 import torch
 from torch import nn
 from torch_geometric.data import Batch, Data
-from torch_geometric.nn import GATv2Conv, GINEConv, MessagePassing, TransformerConv
-from torch_geometric.utils import to_dense_batch
+from torch_geometric.nn import GATv2Conv, GINEConv, TransformerConv
+from torch_geometric.utils import scatter, to_dense_batch
 
 from ip_adapter.attention import Stream
 from ip_adapter.projection import Resampler, ResamplerConfig
@@ -127,8 +127,8 @@ def _mlp(dims: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class GraphTripleConv(MessagePassing):
-    """sg2im's graph convolution (Johnson et al. 2018, Sec. 3) as a ``MessagePassing`` layer.
+class GraphTripleConv(nn.Module):
+    """sg2im's graph convolution (Johnson et al. 2018, Sec. 3).
 
     Each triple (s, p, o) goes through net1: [x_s, e_p, x_o] -> [s', p', o']; the edge vector becomes p',
     each object averages its candidates s'/o' over every triple it takes part in (0 if none), and net2
@@ -136,7 +136,7 @@ class GraphTripleConv(MessagePassing):
     """
 
     def __init__(self, dim: int, hidden_dim: int, out_dim: int | None = None):
-        super().__init__(aggr="mean")
+        super().__init__()
         out_dim = out_dim or dim
         self.hidden_dim, self.out_dim = hidden_dim, out_dim
         self.net1 = _mlp([3 * dim, hidden_dim, 2 * hidden_dim + out_dim])
@@ -150,7 +150,7 @@ class GraphTripleConv(MessagePassing):
         t = self.net1(torch.cat([x[s], edge_attr, x[o]], dim=-1))  # (T, 2H + D)
         new_s, new_p, new_o = t[:, :h], t[:, h : h + d], t[:, h + d :]
         # mean over every candidate of an object, as subject and as object; objects in no triple get 0
-        pooled = self.aggregate(torch.cat([new_s, new_o]), torch.cat([s, o]), dim_size=x.shape[0])  # (O, H)
+        pooled = scatter(torch.cat([new_s, new_o]), torch.cat([s, o]), 0, x.shape[0], reduce="mean")  # (O, H)
         return self.net2(pooled), new_p
 
 

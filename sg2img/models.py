@@ -311,7 +311,7 @@ def save_base_file(
     """Write ``parts`` as one base file (floating weights stored as ``dtype``), atomically."""
     from safetensors.torch import save_file
 
-    from ip_adapter.checkpoint import atomic_write
+    from ip_adapter.atomic_files import atomic_write
 
     out = Path(path)
     if out.suffix != ".safetensors":

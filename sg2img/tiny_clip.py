@@ -323,7 +323,7 @@ def save_tiny_clip(
     written atomically."""
     from safetensors.torch import save_file
 
-    from ip_adapter.checkpoint import atomic_write
+    from ip_adapter.atomic_files import atomic_write
 
     out = Path(path)
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}

@@ -17,7 +17,7 @@ import torch
 from datafiles import tiny_fit_args, write_manifest
 from safetensors.torch import load_file
 
-from ip_adapter.checkpoint import PARTIAL_WRITE, atomic_write, remove_partial_writes
+from ip_adapter.atomic_files import PARTIAL_WRITE, atomic_write, remove_partial_writes
 from sg2img.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs PO
 KILLED_WRITER = """
 import os, signal, sys
 from pathlib import Path
-from ip_adapter.checkpoint import atomic_write
+from ip_adapter.atomic_files import atomic_write
 
 def half_then_die(tmp):
     with open(tmp, "wb") as f:

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
-from ip_adapter.checkpoint import atomic_write
+from ip_adapter.atomic_files import atomic_write
 
 from ..graph import SceneGraph
 from .records import Preprocess, SkipLog, collate
