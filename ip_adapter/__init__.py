@@ -3,7 +3,7 @@
 Works alone, on any SD1.5-style ``UNet2DConditionModel``; ``sg2img`` builds on it, never the reverse.
 """
 
-from .adapter import IMAGE_STREAM, IPAdapter, IPAdapterConfig, layer_prefix
+from .adapter import IMAGE_STREAM, Adapter, Branch, ImageBranch, IPAdapter, IPAdapterConfig, layer_prefix
 from .attention import DecoupledAttention, DecoupledAttnProcessor, Stream, expand_scale
 from .checkpoint import AdapterFile, CheckpointError, read_adapter_file, write_adapter_file
 from .image_encoder import (
@@ -24,12 +24,15 @@ __all__ = [
     "IMAGE_STREAM",
     "TINY_VIT",
     "VIT_H_14",
+    "Adapter",
     "AdapterFile",
+    "Branch",
     "CheckpointError",
     "DecoupledAttention",
     "DecoupledAttnProcessor",
     "IPAdapter",
     "IPAdapterConfig",
+    "ImageBranch",
     "ImageEncoder",
     "ImageFeatures",
     "ImageProjection",

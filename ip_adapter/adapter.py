@@ -3,8 +3,12 @@
     image -> CLIP -> ImageFeatures -> image_proj -> c_i (B, N, d) -> K'_i, V'_i in every cross-attn layer
 
 Only ``image_proj`` and the new ``to_k_ip``/``to_v_ip`` weights train. One adapter works on any UNet with
-the same attention layout (all SD1.5 fine-tunes). Further named streams (the scene-graph branch of
-sg2img) can be added beside "ip" and are saved as ``<stream>_adapter.{i}.*`` in the same file.
+the same attention layout (all SD1.5 fine-tunes).
+
+``Adapter`` is the general form: named ``Branch``es, each a module that makes one stream's tokens, saved
+under its own section, plus the decoupled K/V of every stream. ``IPAdapter`` is the adapter with the
+``ImageBranch`` alone; sg2img adds a graph branch beside it, saved as ``sg_encoder.*`` and
+``sg_adapter.{i}.*`` in the same file.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -115,11 +119,150 @@ class IPAdapterConfig:
         )
 
 
-class IPAdapter(PretrainedMixin, nn.Module):
-    """Image projection + decoupled K/V weights for every cross-attention layer of ``unet``.
+class Branch:
+    """One named source of an adapter's tokens.
 
-    ``extra_streams`` adds more decoupled branches (same processors, their own K/V and scale).
-    """
+    ``stream`` names the tokens' path through the UNet (its K/V are ``<stream>_adapter.{i}.*`` in the file),
+    ``section`` the checkpoint section of ``module``, the trainable part that makes the tokens (for the image
+    branch ``image_proj``, as in the official files). A branch owns no K/V itself: the adapter's
+    ``DecoupledAttention`` holds those of every stream."""
+
+    stream: str
+    section: str
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return prefixed(self.section, self.module)
+
+
+class ImageBranch(Branch):
+    """IP-Adapter's image branch: CLIP features -> ``image_proj`` -> ``config.tokens`` tokens."""
+
+    stream, section = IMAGE_STREAM, IMAGE_PROJ
+
+    def __init__(self, config: IPAdapterConfig):
+        super().__init__(config.build_projection())
+        self.config = config
+
+    def tokens(self, features: ImageFeatures) -> torch.Tensor:
+        """(B, N, cross_attention_dim) from CLIP features: the global embed or the patch tokens."""
+        x = features.embeds if self.config.image_tokens == "cls" else features.patch_tokens
+        return self.module(x)
+
+    def stream_of(self, features: ImageFeatures) -> Stream:
+        return Stream(self.tokens(features))
+
+
+class Adapter(PretrainedMixin, nn.Module):
+    """Named branches on a frozen UNet, and the decoupled K/V of every cross-attention layer for their
+    streams.
+
+    Each branch's module is registered under its checkpoint section (``adapter.image_proj``), so module
+    paths and files read the same whatever the set of branches. ``own_attention=False`` builds no K/V (an
+    injection that feeds the tokens through the UNet's own, such as concatenation to the text);
+    ``extra_streams`` adds K/V for streams whose tokens come from elsewhere."""
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        branches: Sequence[Branch],
+        *,
+        own_attention: bool = True,
+        extra_streams: Sequence[str] = (),
+        init_from_base: bool = True,
+        positional: Sequence[str] = (),
+        soft_regions: Sequence[str] = (),
+        region_width: float = 0.1,
+    ):
+        super().__init__()
+        if not branches:
+            raise ValueError("an adapter needs at least one branch")
+        self.branches: dict[str, Branch] = {}
+        for b in branches:
+            if b.stream in self.branches or b.stream in extra_streams:
+                raise ValueError(f"two branches on the stream {b.stream!r}")
+            self.branches[b.stream] = b
+            self.add_module(b.section, b.module)
+        self.attention = (
+            DecoupledAttention(
+                unet,
+                (*self.branches, *extra_streams),
+                init_from_base,
+                positional=positional,
+                soft_regions=soft_regions,
+                region_width=region_width,
+            )
+            if own_attention
+            else None
+        )
+
+    branch_kinds: ClassVar[Mapping[str, str]] = {
+        IMAGE_STREAM: "image"
+    }  # what a user calls the branch of a stream
+
+    def branch(self, stream: str) -> Branch:
+        if stream not in self.branches:
+            raise ValueError(f"this adapter has no {self.branch_kinds.get(stream, repr(stream))} branch")
+        return self.branches[stream]
+
+    # --- UNet ------------------------------------------------------------------------------------
+    def attach(self, unet: nn.Module) -> None:
+        if self.attention is not None:
+            self.attention.attach(unet)
+
+    def detach(self, unet: nn.Module) -> None:
+        DecoupledAttention.detach(unet)
+
+    def set_scale(self, scale: Scale, stream: str = IMAGE_STREAM) -> None:
+        if self.attention is None:
+            raise ValueError("this adapter has no attention processors of its own, so no branch scales")
+        self.attention.set_scale(scale, stream)
+
+    # --- the file layout -------------------------------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat tensors: each branch's module under its section (``image_proj.*`` in the official layout)
+        and ``<stream>_adapter.{i}.*`` for the K/V of every stream (``ip_adapter.{i}.to_{k,v}_ip.weight``)."""
+        out: dict[str, torch.Tensor] = {}
+        for b in self.branches.values():
+            out |= b.state_tensors()
+        if self.attention is not None:
+            out |= attention_tensors(self.attention)
+        return out
+
+    def load_adapter_state_dict(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        source: str = "<state dict>",
+        streams: Sequence[str] | None = None,
+    ) -> None:
+        """Load flat tensors, checking keys and shapes first. ``streams`` limits which streams' K/V are read
+        (default: all of this adapter's); every branch module is read; tensors of other sections are
+        ignored."""
+        own = self.adapter_state_dict()
+        if streams is None:
+            sections = {k.split(".", 1)[0] for k in own}
+        else:
+            sections = {b.section for b in self.branches.values()} | {layer_prefix(s) for s in streams}
+        load_sections(own, tensors, tuple(sorted(sections)), source)
+
+    def metadata(self) -> dict[str, str]:
+        """The safetensors metadata ``save`` writes: the adapter's config."""
+        raise NotImplementedError
+
+    def save(self, path: str | Path, **metadata: object) -> Path:
+        """Write the flat adapter file (atomically), config in the metadata."""
+        meta = self.metadata()
+        if metadata:
+            meta = {CONFIG_KEY: json.dumps({**json.loads(meta[CONFIG_KEY]), **metadata}, sort_keys=True)}
+        return write_adapter_file(path, self.adapter_state_dict(), meta)
+
+
+class IPAdapter(Adapter):
+    """The adapter with the image branch alone: image projection + decoupled K/V for every cross-attention
+    layer of ``unet``. ``extra_streams`` adds more decoupled branches (same processors, their own K/V and
+    scale) whose tokens the caller supplies."""
 
     def __init__(
         self,
@@ -128,43 +271,24 @@ class IPAdapter(PretrainedMixin, nn.Module):
         extra_streams: Sequence[str] = (),
         init_from_base: bool = True,
     ):
-        super().__init__()
-        self.config = config or IPAdapterConfig(cross_attention_dim=unet.config.cross_attention_dim)
-        if self.config.cross_attention_dim != unet.config.cross_attention_dim:
-            raise ValueError(
-                f"adapter cross_attention_dim {self.config.cross_attention_dim} does not match the UNet's "
-                f"{unet.config.cross_attention_dim}"
-            )
+        config = config or IPAdapterConfig(cross_attention_dim=unet.config.cross_attention_dim)
+        check_cross_attention_dim(config, unet)
         if IMAGE_STREAM in extra_streams:
             raise ValueError(f"stream name {IMAGE_STREAM!r} is the image branch itself")
-        self.image_proj = self.config.build_projection()
-        self.attention = DecoupledAttention(unet, (IMAGE_STREAM, *extra_streams), init_from_base)
+        super().__init__(
+            unet, [ImageBranch(config)], extra_streams=extra_streams, init_from_base=init_from_base
+        )
+        self.config = config
 
     # --- tokens ---------------------------------------------------------------------------------
     def image_tokens(self, features: ImageFeatures) -> torch.Tensor:
         """(B, N, cross_attention_dim) from CLIP features: the global embed or the patch tokens."""
-        x = features.embeds if self.config.image_tokens == "cls" else features.patch_tokens
-        return self.image_proj(x)
+        return self.branch(IMAGE_STREAM).tokens(features)
 
     def image_stream(self, features: ImageFeatures) -> Stream:
-        return Stream(self.image_tokens(features))
-
-    # --- UNet ------------------------------------------------------------------------------------
-    def attach(self, unet: nn.Module) -> None:
-        self.attention.attach(unet)
-
-    def detach(self, unet: nn.Module) -> None:
-        self.attention.detach(unet)
-
-    def set_scale(self, scale: Scale, stream: str = IMAGE_STREAM) -> None:
-        self.attention.set_scale(scale, stream)
+        return self.branch(IMAGE_STREAM).stream_of(features)
 
     # --- the file layout -------------------------------------------------------------------------
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Flat tensors in the official layout: ``image_proj.*`` and ``ip_adapter.{i}.to_{k,v}_ip.weight``,
-        plus ``<stream>_adapter.{i}.*`` for extra streams."""
-        return {**prefixed(IMAGE_PROJ, self.image_proj), **attention_tensors(self.attention)}
-
     def official_state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         """The nested form of ``ip-adapter_sd15.bin`` (image branch only)."""
         flat = self.adapter_state_dict()
@@ -177,22 +301,8 @@ class IPAdapter(PretrainedMixin, nn.Module):
             },
         }
 
-    def load_adapter_state_dict(
-        self,
-        tensors: Mapping[str, torch.Tensor],
-        source: str = "<state dict>",
-        streams: Sequence[str] | None = None,
-    ) -> None:
-        """Load flat tensors, checking keys and shapes first. ``streams`` limits which branches are read
-        (default: all of this adapter's); tensors of other sections are ignored."""
-        streams = self.attention.stream_names if streams is None else tuple(streams)
-        load_sections(
-            self.adapter_state_dict(), tensors, (IMAGE_PROJ, *(layer_prefix(s) for s in streams)), source
-        )
-
-    def save(self, path: str | Path, **metadata: object) -> Path:
-        """Write the flat adapter file (atomically), config in the metadata."""
-        return write_adapter_file(path, self.adapter_state_dict(), adapter_metadata(self.config, **metadata))
+    def metadata(self) -> dict[str, str]:
+        return adapter_metadata(self.config)
 
     @classmethod
     def from_file(cls, path: str | Path, unet: nn.Module, extra_streams: Sequence[str] = ()) -> IPAdapter:
@@ -205,6 +315,14 @@ class IPAdapter(PretrainedMixin, nn.Module):
             raise CheckpointError(f"{path}: no 'ip_adapter.*' tensors: not an IP-Adapter file")
         adapter.load_adapter_state_dict(f.tensors, source=str(path), streams=present)
         return adapter
+
+
+def check_cross_attention_dim(config: IPAdapterConfig, unet: nn.Module) -> None:
+    if config.cross_attention_dim != unet.config.cross_attention_dim:
+        raise ValueError(
+            f"adapter cross_attention_dim {config.cross_attention_dim} does not match the UNet's "
+            f"{unet.config.cross_attention_dim}"
+        )
 
 
 def load_sections(

@@ -2,8 +2,9 @@
 
     Z = Attn(Q, K, V) + lambda_i * Attn(Q, K'_i, V'_i) + lambda_g * Attn(Q, K'_g, V'_g, mask_g)
 
-The graph tokens come from ``SceneGraphEncoder`` and reach every cross-attention layer as the named
-stream "sg", with their own ``to_k_sg``/``to_v_sg`` (initialised from ``to_k``/``to_v``) and scale.
+``SceneGraphAdapter`` is ``ip_adapter.Adapter`` with two named branches, the ``ImageBranch`` (stream "ip")
+and the ``GraphBranch`` (stream "sg"); either may be off. The graph tokens come from ``SceneGraphEncoder``
+and reach every cross-attention layer as the stream "sg", with their own ``to_k_sg``/``to_v_sg`` (initialised from ``to_k``/``to_v``) and scale.
 How the streams reach the UNet is the config's ``injection``, a strategy of ``sg2img.injection``:
 ``decoupled`` as above, or the ``concat`` ablation (graph and image tokens appended to the text tokens).
 
@@ -14,9 +15,10 @@ loads that part), plus ``sg_adapter.{i}.to_{k,v}_sg.weight`` and ``sg_encoder.*`
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -25,16 +27,17 @@ from torch_geometric.data import Batch
 from ip_adapter import IMAGE_STREAM, IPAdapterConfig, Stream
 from ip_adapter.adapter import (
     IMAGE_PROJ,
-    attention_tensors,
+    Adapter,
+    Branch,
+    ImageBranch,
+    check_cross_attention_dim,
     config_from_file,
     layer_prefix,
     load_sections,
-    prefixed,
 )
-from ip_adapter.attention import DecoupledAttention, Scale
-from ip_adapter.checkpoint import CONFIG_KEY, CheckpointError, read_adapter_file, write_adapter_file
+from ip_adapter.attention import Scale
+from ip_adapter.checkpoint import CONFIG_KEY, CheckpointError, read_adapter_file
 from ip_adapter.image_encoder import ImageFeatures
-from ip_adapter.pretrained import PretrainedMixin
 
 from .gnn import GNNConfig, GraphTokens, SceneGraphEncoder, TokenConfig
 from .injection import Injection, injection
@@ -82,60 +85,65 @@ class SGAdapterConfig:
         return tuple(s for s, on in ((IMAGE_STREAM, self.image_branch), (SG_STREAM, self.graph_branch)) if on)
 
 
-class SceneGraphAdapter(PretrainedMixin, nn.Module):
+class GraphBranch(Branch):
+    """The scene-graph branch: a graph batch -> ``SceneGraphEncoder`` -> tokens, mask, regions, layout."""
+
+    stream, section = SG_STREAM, SG_ENCODER
+
+    def __init__(self, encoder: SceneGraphEncoder):
+        super().__init__(encoder)
+
+    def tokens(self, graphs: Batch) -> GraphTokens:
+        return self.module(graphs)  # tokens (B, L, C), mask (B, L), regions, layout
+
+    def stream_of(self, graphs: Batch | GraphTokens) -> Stream:
+        return (graphs if isinstance(graphs, GraphTokens) else self.tokens(graphs)).stream()
+
+
+class SceneGraphAdapter(Adapter):
+    """The image branch and the graph branch (either may be off), fed to the UNet by the config's
+    injection."""
+
+    branch_kinds: ClassVar[Mapping[str, str]] = {IMAGE_STREAM: "image", SG_STREAM: "graph"}
+
     def __init__(self, unet: nn.Module, config: SGAdapterConfig, init_from_base: bool = True):
-        super().__init__()
+        branches: list[Branch] = []
+        if config.image_branch:
+            check_cross_attention_dim(config.image, unet)
+            branches.append(ImageBranch(config.image))
+        if config.graph_branch:
+            cross = unet.config.cross_attention_dim
+            branches.append(
+                GraphBranch(SceneGraphEncoder(config.label_dim, cross, config.gnn, config.tokens))
+            )
+        strategy = injection(config.injection)
+        soft = config.graph_branch and config.tokens.confine_objects and config.tokens.confinement == "soft"
+        super().__init__(
+            unet,
+            branches,
+            own_attention=strategy.has_attention,
+            init_from_base=init_from_base,
+            positional=(SG_STREAM,) if config.positional_graph_query else (),
+            soft_regions=(SG_STREAM,) if soft else (),
+            region_width=config.tokens.region_width,
+        )
         self.config = config
-        self.injection: Injection = injection(config.injection)
-        cross = unet.config.cross_attention_dim
-        if config.image_branch and config.image.cross_attention_dim != cross:
-            raise ValueError(
-                f"image.cross_attention_dim {config.image.cross_attention_dim} does not match the UNet's {cross}"
-            )
-        self.image_proj = config.image.build_projection() if config.image_branch else None
-        self.sg_encoder = (
-            SceneGraphEncoder(config.label_dim, cross, config.gnn, config.tokens)
-            if config.graph_branch
-            else None
-        )
-        soft = config.tokens.confine_objects and config.tokens.confinement == "soft"
-        self.attention = (
-            DecoupledAttention(
-                unet,
-                config.streams,
-                init_from_base,
-                positional=(SG_STREAM,) if config.positional_graph_query else (),
-                soft_regions=(SG_STREAM,) if config.graph_branch and soft else (),
-                region_width=config.tokens.region_width,
-            )
-            if self.injection.has_attention
-            else None
-        )
+        self.injection: Injection = strategy
 
     # --- tokens ------------------------------------------------------------------------------------
     def image_tokens(self, features: ImageFeatures) -> torch.Tensor:
-        if self.image_proj is None:
-            raise ValueError("this adapter has no image branch (image_branch: false)")
-        x = features.embeds if self.config.image.image_tokens == "cls" else features.patch_tokens
-        return self.image_proj(x)  # (B, N, C)
+        return self.branch(IMAGE_STREAM).tokens(features)  # (B, N, C)
 
     def graph_tokens(self, graphs: Batch) -> GraphTokens:
-        if self.sg_encoder is None:
-            raise ValueError("this adapter has no graph branch (graph_branch: false)")
-        return self.sg_encoder(graphs)  # tokens (B, L, C), mask (B, L), regions, layout
+        return self.branch(SG_STREAM).tokens(graphs)
 
     def streams(
         self, image_features: ImageFeatures | None = None, graphs: Batch | GraphTokens | None = None
     ) -> dict[str, Stream]:
         """The named streams of the given conditions: ``graphs`` is a graph batch or what ``graph_tokens``
         made of one."""
-        out = {}
-        if image_features is not None:
-            out[IMAGE_STREAM] = Stream(self.image_tokens(image_features))
-        if graphs is not None:
-            sg = graphs if isinstance(graphs, GraphTokens) else self.graph_tokens(graphs)
-            out[SG_STREAM] = sg.stream()
-        return out
+        given = {IMAGE_STREAM: image_features, SG_STREAM: graphs}
+        return {s: self.branch(s).stream_of(c) for s, c in given.items() if c is not None}
 
     def unet_kwargs(
         self,
@@ -148,39 +156,15 @@ class SceneGraphAdapter(PretrainedMixin, nn.Module):
         return self.injection.unet_kwargs(text_embeds, self.streams(image_features, graphs))
 
     # --- UNet --------------------------------------------------------------------------------------
-    def attach(self, unet: nn.Module) -> None:
-        if self.attention is not None:
-            self.attention.attach(unet)
-
-    def detach(self, unet: nn.Module) -> None:
-        DecoupledAttention.detach(unet)
-
     def set_scale(self, image_scale: Scale | None = None, sg_scale: Scale | None = None) -> None:
         """The branch scales for the next calls (None: unchanged); with ``concat``, 0 or 1 only."""
         scales = {IMAGE_STREAM: image_scale, SG_STREAM: sg_scale}
         self.injection.set_scales(self.attention, {s: v for s, v in scales.items() if v is not None})
 
     # --- the file ----------------------------------------------------------------------------------
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        if self.image_proj is not None:
-            out |= prefixed(IMAGE_PROJ, self.image_proj)
-        if self.attention is not None:
-            out |= attention_tensors(self.attention)
-        if self.sg_encoder is not None:
-            out |= prefixed(SG_ENCODER, self.sg_encoder)
-        return out
-
     def metadata(self) -> dict[str, str]:
         cfg = self.config.to_dict()
         return {CONFIG_KEY: json.dumps({"ip_adapter": cfg.pop("image"), "sg": cfg}, sort_keys=True)}
-
-    def save(self, path: str | Path) -> Path:
-        return write_adapter_file(path, self.adapter_state_dict(), self.metadata())
-
-    def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], source: str = "<state dict>") -> None:
-        sections = {k.split(".", 1)[0] for k in self.adapter_state_dict()}
-        load_sections(self.adapter_state_dict(), tensors, tuple(sections), source)
 
     @classmethod
     def from_file(

@@ -516,10 +516,9 @@ class SG2ImgModule(DiffusionSteps, L.LightningModule):
                 m.eval()
         if self.adapter is not None:
             self.adapter.train(mode)
-            if self.adapter.image_proj is not None and not self.train_image:
-                self.adapter.image_proj.eval()
-            if self.adapter.sg_encoder is not None and not self.train_graph:
-                self.adapter.sg_encoder.eval()
+            for stream, trained in ((IMAGE_STREAM, self.train_image), (SG_STREAM, self.train_graph)):
+                if stream in self.adapter.branches and not trained:
+                    self.adapter.branches[stream].module.eval()
         return self
 
     # --- conditioning ---------------------------------------------------------------------------

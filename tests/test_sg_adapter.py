@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
-from ip_adapter import IPAdapter
+from ip_adapter import Adapter, IPAdapter
 from ip_adapter.checkpoint import CheckpointError
 from sg2img.adapter import SceneGraphAdapter, SGAdapterConfig
 from sg2img.gnn import TokenConfig, gnn_preset, graphs_to_batch
@@ -199,3 +199,28 @@ def test_positional_graph_query_needs_the_decoupled_graph_branch(tiny, tiny_pres
         ValueError, match="positional_graph_query needs graph_branch: true and injection: decoupled"
     ):
         make(tiny, tiny_preset, injection="concat", positional_graph_query=True)
+
+
+def test_one_adapter_class_of_named_branches(tiny, tiny_preset):
+    """The scene-graph adapter and IPAdapter are the same Adapter with other branches: the image-only one has
+    IPAdapter's file sections, module paths and weights (same seed), and a missing branch is named."""
+    torch.manual_seed(0)
+    ip = IPAdapter(tiny.unet, tiny_preset.adapter_config("cls"))
+    torch.manual_seed(0)
+    image_only = SceneGraphAdapter(
+        tiny.unet, SGAdapterConfig(label_dim=48, image=tiny_preset.adapter_config("cls"), graph_branch=False)
+    )
+    assert (
+        isinstance(image_only, Adapter)
+        and isinstance(ip, Adapter)
+        and list(image_only.branches) == list(ip.branches) == ["ip"]
+    )
+    assert [n for n, _ in image_only.named_parameters()] == [n for n, _ in ip.named_parameters()]
+    theirs, ours = ip.adapter_state_dict(), image_only.adapter_state_dict()
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    with pytest.raises(ValueError, match="this adapter has no graph branch"):
+        image_only.graph_tokens(None)
+    graph_only = make(tiny, tiny_preset, image_branch=False)
+    assert list(graph_only.branches) == ["sg"] and hasattr(graph_only, "sg_encoder")
+    with pytest.raises(ValueError, match="this adapter has no image branch"):
+        graph_only.image_tokens(None)

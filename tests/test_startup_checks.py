@@ -145,7 +145,7 @@ def test_an_image_branch_without_an_image_encoder_is_one_message(tmp_path, monke
     # a graph-only adapter needs no image encoder: the same base trains it
     m = SG2ImgModule(base=str(base), image_branch=False, gnn=SMALL_GNN)
     m.configure_model()
-    assert m.image_encoder is None and m.adapter.image_proj is None
+    assert m.image_encoder is None and "ip" not in m.adapter.branches
 
 
 class _CachedRows(torch.utils.data.Dataset):
