@@ -16,7 +16,6 @@ from .gnn import (  # noqa: E402
     SceneGraphEncoder,
     TokenConfig,
     gnn_preset,
-    graphs_to_batch,
 )
 from .graph import (  # noqa: E402
     Limits,
@@ -26,6 +25,7 @@ from .graph import (  # noqa: E402
     SGObject,
     load_scene_graphs,
 )
+from .graph_batch import graphs_to_batch  # noqa: E402
 from .labels import LabelEmbedder, LearnedVocabulary  # noqa: E402
 
 __all__ = [

@@ -37,8 +37,9 @@ from .adapter import SG_ENCODER, SG_STREAM, SceneGraphAdapter, SGAdapterConfig
 from .checkpointing import continue_after_epoch_end
 from .data.records import SkipLog, TrainBatch
 from .errors import ConfigurationError, NonFiniteLossError
-from .gnn import GNNConfig, GraphTokens, TokenConfig, drop_graphs, embed_label_batch
+from .gnn import GNNConfig, GraphTokens, TokenConfig
 from .graph import SceneGraph
+from .graph_batch import drop_graphs, embed_label_batch
 from .labels import LabelEmbedder
 from .models import (
     EMBEDDED,

@@ -39,8 +39,9 @@ from ip_adapter import IMAGE_STREAM, ImageEncoder, ImageFeatures, Stream, Transf
 from ip_adapter.attention import AttentionRecorder, Scale
 
 from .adapter import SG_STREAM, SceneGraphAdapter
-from .gnn import GraphTokens, graphs_to_batch, token_labels
+from .gnn import GraphTokens, token_labels
 from .graph import SceneGraph
+from .graph_batch import graphs_to_batch
 from .injection import is_zero
 from .labels import LabelEmbedder
 from .models import IP_ADAPTER_IMAGE_ENCODER, Components, load_image_encoder

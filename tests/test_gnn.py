@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from sg2img.gnn import GraphTripleConv, SceneGraphEncoder, TokenConfig, gnn_preset, graphs_to_batch
+from sg2img.gnn import GraphTripleConv, SceneGraphEncoder, TokenConfig, gnn_preset
 from sg2img.graph import SceneGraph
+from sg2img.graph_batch import graphs_to_batch
 from sg2img.labels import LabelEmbedder, LearnedVocabulary
 
 A = SceneGraph.from_json(

@@ -9,8 +9,9 @@ from test_training import SMALL_GNN, first_batch, make_module
 
 from ip_adapter.attention import DecoupledAttnProcessor, Stream, region_distance, region_mask
 from sg2img.adapter import SGAdapterConfig
-from sg2img.gnn import FULL_IMAGE, GNNConfig, SceneGraphEncoder, TokenConfig, graphs_to_batch
+from sg2img.gnn import FULL_IMAGE, GNNConfig, SceneGraphEncoder, TokenConfig
 from sg2img.graph import SceneGraph
+from sg2img.graph_batch import graphs_to_batch
 from sg2img.labels import LabelEmbedder
 from sg2img.lit_module import ConditionDropout, SG2ImgModule
 

@@ -10,8 +10,9 @@ from safetensors import safe_open
 from ip_adapter import Adapter, IPAdapter
 from ip_adapter.checkpoint import CheckpointError
 from sg2img.adapter import SceneGraphAdapter, SGAdapterConfig
-from sg2img.gnn import TokenConfig, gnn_preset, graphs_to_batch
+from sg2img.gnn import TokenConfig, gnn_preset
 from sg2img.graph import SceneGraph
+from sg2img.graph_batch import graphs_to_batch
 from sg2img.labels import LabelEmbedder
 
 A = SceneGraph.from_names(
