@@ -412,7 +412,7 @@ def log_eval_run(
     """One W&B run per run's evaluation, in the grid's group (offline unless W&B can authenticate)."""
     import wandb
 
-    from sg2img.training_cli import wandb_mode
+    from sg2img.train.cli import wandb_mode
 
     parts = [variant.slug, *([f"seed-{seed}"] if seed is not None else []), slugify(evaluation) or "eval"]
     run = wandb.init(

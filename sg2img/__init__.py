@@ -9,15 +9,7 @@ import warnings
 # warning is about that library, not about anything a user of sg2img can change.
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
 
-from .adapter import SceneGraphAdapter, SGAdapterConfig  # noqa: E402
-from .gnn import (  # noqa: E402
-    GNN_PRESETS,
-    GNNConfig,
-    SceneGraphEncoder,
-    TokenConfig,
-    gnn_preset,
-)
-from .graph import (  # noqa: E402
+from sg2img.graph import (  # noqa: E402
     Limits,
     Relationship,
     SceneGraph,
@@ -25,8 +17,16 @@ from .graph import (  # noqa: E402
     SGObject,
     load_scene_graphs,
 )
-from .graph_batch import graphs_to_batch  # noqa: E402
-from .labels import LabelEmbedder, LearnedVocabulary  # noqa: E402
+from sg2img.graph_batch import graphs_to_batch  # noqa: E402
+from sg2img.model.adapter import SceneGraphAdapter, SGAdapterConfig  # noqa: E402
+from sg2img.model.gnn import (  # noqa: E402
+    GNN_PRESETS,
+    GNNConfig,
+    SceneGraphEncoder,
+    TokenConfig,
+    gnn_preset,
+)
+from sg2img.model.labels import LabelEmbedder, LearnedVocabulary  # noqa: E402
 
 __all__ = [
     "GNN_PRESETS",

@@ -1,5 +1,5 @@
 """``python -m sg2img``: the same as the ``sg2img`` command."""
 
-from .cli import main
+from sg2img.cli import main
 
 raise SystemExit(main())

@@ -13,16 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from ip_adapter import CheckpointError
-
-from .errors import ConfigurationError, NonFiniteLossError
+from sg2img.errors import ConfigurationError, NonFiniteLossError
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1  # a run that stopped itself (a non-finite loss)
-TRAINING_SUBCOMMANDS = ("fit", "validate", "test")  # LightningCLI (see training_cli.py)
+TRAINING_SUBCOMMANDS = ("fit", "validate", "test")  # LightningCLI (see sg2img/train/cli.py)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .info import format_rows, info_rows
+    from sg2img.model.parameter_counts import format_rows, info_rows
 
     rows = info_rows(args.model, gnn=args.gnn)
     if args.json:
@@ -34,8 +33,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
-    from .generate import quiet_loading
-    from .models import save_tiny_model
+    from sg2img.base.components import save_tiny_model
+    from sg2img.infer.generate import quiet_loading
 
     quiet_loading()
     out = save_tiny_model(args.out, seed=args.seed)
@@ -43,7 +42,7 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     if args.single_file is not None:
         from diffusers import StableDiffusionPipeline
 
-        from .convert import export_single_file
+        from sg2img.base.single_file import export_single_file
 
         pipe = StableDiffusionPipeline.from_pretrained(
             out, safety_checker=None, requires_safety_checker=False
@@ -54,7 +53,7 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import run_generate
+    from sg2img.infer.generate import run_generate
 
     record = run_generate(args)
     n = sum(len(o["images"]) for o in record["outputs"])
@@ -65,7 +64,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate_shapes(args: argparse.Namespace) -> int:
-    from .evaluate import format_scores, run_shapes
+    from sg2img.eval.protocols import format_scores, run_shapes
 
     record = run_shapes(args)
     print(f"model: {record['model']}\nadapter: {record['adapter']}\nprompt: {args.prompt}")
@@ -76,7 +75,7 @@ def _cmd_evaluate_shapes(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate_coco(args: argparse.Namespace) -> int:
-    from .evaluate import COCO_RESULT, format_scores, run_coco
+    from sg2img.eval.protocols import COCO_RESULT, format_scores, run_coco
 
     record = run_coco(args)
     print(f"model: {record['model']}\nadapter: {record['adapter']}\nCLIP: {record['clip']}")
@@ -88,7 +87,7 @@ def _cmd_evaluate_coco(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate_folder(args: argparse.Namespace) -> int:
-    from .metrics import MetricSettings, evaluate_folder, parse_metrics
+    from sg2img.eval.metrics import MetricSettings, evaluate_folder, parse_metrics
 
     if args.samples is None:
         raise ValueError("give --samples DIR (a folder of images), or a subcommand: shapes, coco")
@@ -105,7 +104,7 @@ def _cmd_evaluate_folder(args: argparse.Namespace) -> int:
         device=args.device,
     )
     record = evaluate_folder(args.samples, args.refs, parse_metrics(args.metrics), settings)
-    from .evaluate import format_scores
+    from sg2img.eval.protocols import format_scores
 
     print(format_scores(record["scores"]))
     if args.out is not None:
@@ -118,14 +117,14 @@ def _cmd_evaluate_folder(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from sg2img.shapes.demo import run_demo
 
     run_demo(Path(args.out), seed=args.seed)
     return 0
 
 
 def _cmd_check_graph(args: argparse.Namespace) -> int:
-    from .graph import Limits, SceneGraphError, load_scene_graphs
+    from sg2img.graph import Limits, SceneGraphError, load_scene_graphs
 
     limits = Limits(max_objects=args.max_objects, max_relationships=args.max_relationships)
     status = 0
@@ -144,7 +143,7 @@ def _cmd_check_graph(args: argparse.Namespace) -> int:
             where = f"{path}[{i}]" if len(graphs) > 1 else str(path)
             print(f"{where}: ok: {g.summary()}")
         if args.draw:
-            from .drawing import save_scene_graph_drawing
+            from sg2img.drawing import save_scene_graph_drawing
 
             for i, g in enumerate(graphs):
                 out = args.draw / f"{Path(path).stem}_{i}.png"
@@ -156,8 +155,8 @@ def _cmd_check_graph(args: argparse.Namespace) -> int:
 def _cmd_cache(args: argparse.Namespace) -> int:
     import torch
 
-    from .data.cache import write_cache
-    from .training_cli import SG2ImgCLI, quiet_lightning
+    from sg2img.data.cache import write_cache
+    from sg2img.train.cli import SG2ImgCLI, quiet_lightning
 
     quiet_lightning()
     argv = [a for c in args.config for a in ("--config", str(c))] + list(args.set or [])
@@ -222,21 +221,21 @@ class _Parser(argparse.ArgumentParser):
 SETTINGS_COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("generate",): (
         "images from scene-graph files, text and image prompts (embedded default model)",
-        "sg2img.generate:add_arguments",
+        "sg2img.infer.generate:add_arguments",
     ),
     ("evaluate", "shapes"): (
         "generate from shapes-world test graphs and print object recall and relation accuracy",
-        "sg2img.evaluate:add_shapes_arguments",
+        "sg2img.eval.protocols:add_shapes_arguments",
     ),
     ("evaluate", "coco"): (
         "IP-Adapter's protocol: COCO images as image prompts, CLIP-T vs their captions, CLIP-I vs the prompts "
         "(the protocol file: configs/eval/ip_adapter_coco2017.yaml)",
-        "sg2img.evaluate:add_coco_arguments",
+        "sg2img.eval.protocols:add_coco_arguments",
     ),
     ("evaluate",): (
         "score folders of images (--samples DIR --refs DIR --metrics ...), or generate and score: "
         "`evaluate shapes` (the shapes world), `evaluate coco` (IP-Adapter's COCO protocol)",
-        "sg2img.metrics:add_arguments",
+        "sg2img.eval.metrics:add_arguments",
     ),
 }
 
@@ -257,7 +256,7 @@ def settings_parser(words: tuple[str, ...], argv: Sequence[str] = ()) -> Any:
 
     from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 
-    from .errors import describe_parse_error
+    from sg2img.errors import describe_parse_error
 
     class HelpFormatter(DefaultHelpFormatter):
         def _get_help_string(self, action: argparse.Action) -> str:
@@ -378,7 +377,7 @@ SETTINGS_HANDLERS = {
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in (*TRAINING_SUBCOMMANDS, "fit-base", "fit-clip"):
-        from .training_cli import BaseModelCLI, ClipCLI, SG2ImgCLI, cli_main
+        from sg2img.train.cli import BaseModelCLI, ClipCLI, SG2ImgCLI, cli_main
 
         try:
             if argv[0] == "fit-base":

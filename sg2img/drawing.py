@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 import networkx as nx
 from PIL import Image
 
-from .graph import SceneGraph
+from sg2img.graph import SceneGraph
 
 if TYPE_CHECKING:
     import torch

@@ -367,3 +367,27 @@ def _parse_relationship(r: Any, at: str, n: int, fail, limits: Limits) -> Relati
             _index(r["object"], _join(at, "object"), n, fail),
         )
     raise fail(f"a relationship must be [s, 'predicate', o] or an object, got {_type_name(r)}", at)
+
+
+# --- relations from geometry ------------------------------------------------------------------------
+Box = tuple[float, float, float, float]
+
+
+def geometric_predicate(s: Box, o: Box) -> str:
+    """sg2im's COCO rule for the predicate of subject box ``s`` and object box ``o`` (x0, y0, x1, y1)."""
+    sx0, sy0, sx1, sy1 = s
+    ox0, oy0, ox1, oy1 = o
+    dx = (sx0 + sx1) / 2 - (ox0 + ox1) / 2
+    dy = (sy0 + sy1) / 2 - (oy0 + oy1) / 2
+    theta = math.atan2(dy, dx)
+    if sx0 < ox0 and sx1 > ox1 and sy0 < oy0 and sy1 > oy1:
+        return "surrounding"
+    if sx0 > ox0 and sx1 < ox1 and sy0 > oy0 and sy1 < oy1:
+        return "inside"
+    if theta >= 3 * math.pi / 4 or theta <= -3 * math.pi / 4:
+        return "left of"
+    if -3 * math.pi / 4 <= theta < -math.pi / 4:
+        return "above"
+    if -math.pi / 4 <= theta < math.pi / 4:
+        return "right of"
+    return "below"

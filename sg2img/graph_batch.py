@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch_geometric.data import Batch, Data
 
-from .graph import SceneGraph
+from sg2img.graph import SceneGraph
 
 
 def graphs_to_label_batch(graphs: Sequence[SceneGraph]) -> tuple[Batch, list[str]]:

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 from ip_adapter import ImageFeatures
-from sg2img.models import Components, build_components, get_preset
+from sg2img.base.components import Components, build_components, get_preset
 
 # Property-based tests: `make test` and CI draw the same examples every run (profile "ci", derandomised);
 # HYPOTHESIS_PROFILE=random draws new ones each run, to search further.

@@ -244,7 +244,7 @@ def test_a_stopped_fit_resumes_from_its_last_checkpoint_and_a_failure_does_not_s
 
 
 def test_evaluations_are_logged_to_wandb_in_the_grids_group(tmp_path, monkeypatch):
-    from sg2img.wandb_runs import read_offline_run
+    from sg2img.train.wandb_runs import read_offline_run
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     grid = ablate.load_grid(write_grid(tmp_path / "g.yaml"))

@@ -13,12 +13,7 @@ from diffusers import DDIMScheduler
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ip_adapter import CheckpointError
-from sg2img.base_training import BaseModelModule
-from sg2img.callbacks import BaseExport
-from sg2img.data import SG2ImgDataModule, Shapes
-from sg2img.gnn import GNNConfig
-from sg2img.lit_module import ConditionDropout, SG2ImgModule
-from sg2img.models import (
+from sg2img.base.components import (
     PRESETS,
     build_components,
     is_base_file,
@@ -26,7 +21,12 @@ from sg2img.models import (
     read_base_file,
     save_base_file,
 )
-from sg2img.pipeline import SG2ImgPipeline
+from sg2img.data import SG2ImgDataModule, Shapes
+from sg2img.infer.pipeline import SG2ImgPipeline
+from sg2img.model.gnn import GNNConfig
+from sg2img.train.adapter_module import ConditionDropout, SG2ImgModule
+from sg2img.train.base_module import BaseModelModule
+from sg2img.train.callbacks import BaseExport
 
 
 def shapes_data(n: int = 8, batch_size: int = 4, **kw) -> SG2ImgDataModule:
@@ -136,7 +136,7 @@ def test_the_embedded_base_is_a_shipped_trained_base_file():
     ids = parts.tokenizer([r.caption for r in rows], padding="max_length", max_length=77, return_tensors="pt")
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     t = torch.full((8,), 500)
-    from sg2img.models import ddpm_scheduler
+    from sg2img.base.components import ddpm_scheduler
 
     noisy = ddpm_scheduler("shapes").add_noise(x0, noise, t)
     with torch.no_grad():
@@ -151,7 +151,7 @@ def test_the_embedded_base_is_a_shipped_trained_base_file():
 
 
 def test_the_embedded_base_reads_the_shipped_tiny_clip():
-    from sg2img.tiny_clip import transformers_towers
+    from sg2img.shapes.tiny_clip import transformers_towers
 
     parts = load_base("embedded")
     text, vision = transformers_towers("embedded")
@@ -221,7 +221,7 @@ def test_fit_base_resumes_with_its_ema(tmp_path):
 
 
 def test_min_snr_weighting_changes_the_loss_and_bad_settings_fail():
-    from sg2img.data.records import collate
+    from sg2img.data.rows import collate
 
     plain, weighted = small_base(snr_gamma=None), small_base(snr_gamma=1.0)
     weighted.unet.load_state_dict(plain.unet.state_dict())

@@ -9,7 +9,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import save_file
 
 from ip_adapter import CheckpointError, IPAdapter, IPAdapterConfig, read_adapter_file, write_adapter_file
-from sg2img.models import SD15_UNET, get_preset
+from sg2img.base.components import SD15_UNET, get_preset
 
 
 def randomised(adapter, seed=5):

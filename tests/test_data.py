@@ -10,6 +10,7 @@ import torch
 from datafiles import write_coco_stuff, write_laion_sg, write_manifest, write_visual_genome
 from PIL import Image
 
+from sg2img.base.tokenizer import clip_tokenizer
 from sg2img.data import (
     CachedRows,
     CocoStuff,
@@ -27,7 +28,6 @@ from sg2img.data import (
     write_shards,
 )
 from sg2img.graph import SceneGraph
-from sg2img.tokenizer import clip_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datafiles import plant_faults, tiny_fit_args, write_manifest
 
 from sg2img.cli import main
-from sg2img.wandb_runs import offline_runs, read_offline_run
+from sg2img.train.wandb_runs import offline_runs, read_offline_run
 
 
 def test_planted_faults_are_skipped_counted_once_and_summarised(tmp_path, monkeypatch, caplog):

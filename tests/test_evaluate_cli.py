@@ -62,7 +62,7 @@ def test_bad_settings_exit_2_before_any_model_loads(flags, message, capsys, monk
     def no_model(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr("sg2img.generate.build_pipeline", no_model)
+    monkeypatch.setattr("sg2img.infer.generate.build_pipeline", no_model)
     assert evaluate(*flags) == 2
     assert message in capsys.readouterr().err
 
@@ -86,10 +86,10 @@ def test_samples_folder_scores_the_same_through_evaluate_samples(tmp_path):
 
 
 def test_an_image_branch_adapter_gets_the_graphs_rendering_as_image_prompt(tmp_path, capsys):
-    from sg2img.adapter import SceneGraphAdapter, SGAdapterConfig
-    from sg2img.defaults import EMBEDDED_BASE_FILE, embedded_base
-    from sg2img.gnn import gnn_preset
-    from sg2img.models import base_file_preset
+    from sg2img.base.components import base_file_preset
+    from sg2img.model.adapter import SceneGraphAdapter, SGAdapterConfig
+    from sg2img.model.gnn import gnn_preset
+    from sg2img.shapes.embedded import EMBEDDED_BASE_FILE, embedded_base
 
     parts = embedded_base()
     config = SGAdapterConfig(
@@ -116,10 +116,10 @@ def test_an_image_branch_adapter_gets_the_graphs_rendering_as_image_prompt(tmp_p
 
 
 def test_the_layout_is_predicted_without_boxes_given_with_them_and_recorded(tmp_path):
-    from sg2img.adapter import SceneGraphAdapter, SGAdapterConfig
     from sg2img.data import Shapes
-    from sg2img.defaults import embedded_base
-    from sg2img.gnn import GNNConfig, TokenConfig
+    from sg2img.model.adapter import SceneGraphAdapter, SGAdapterConfig
+    from sg2img.model.gnn import GNNConfig, TokenConfig
+    from sg2img.shapes.embedded import embedded_base
 
     parts = embedded_base()
     config = SGAdapterConfig(

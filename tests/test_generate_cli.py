@@ -6,11 +6,11 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-import sg2img.generate
+import sg2img.infer.generate
+from sg2img.base.components import save_tiny_model
+from sg2img.base.single_file import export_single_file
 from sg2img.cli import main
-from sg2img.convert import export_single_file
-from sg2img.demo import reference_image
-from sg2img.models import save_tiny_model
+from sg2img.shapes.demo import reference_image
 
 SHEEP = "data/examples/sheep.json"  # a list of two graphs
 
@@ -75,9 +75,9 @@ def test_model_folder_single_file_and_adapter(tmp_path):
     base = save_tiny_model(tmp_path / "tiny-sd")
     from diffusers import StableDiffusionPipeline
 
-    from sg2img.adapter import SceneGraphAdapter, SGAdapterConfig
-    from sg2img.gnn import gnn_preset
-    from sg2img.models import get_preset
+    from sg2img.base.components import get_preset
+    from sg2img.model.adapter import SceneGraphAdapter, SGAdapterConfig
+    from sg2img.model.gnn import gnn_preset
 
     pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
     config = SGAdapterConfig(
@@ -103,7 +103,7 @@ def test_invalid_graph_exits_2_before_any_model_loads(tmp_path, capsys, monkeypa
     def no_model(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(sg2img.generate, "build_pipeline", no_model)
+    monkeypatch.setattr(sg2img.infer.generate, "build_pipeline", no_model)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"objects": ["sheep"], "relationships": [[0, "near", 3]]}))
     out = tmp_path / "out"

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from sg2img.gnn import GraphTripleConv, SceneGraphEncoder, TokenConfig, gnn_preset
 from sg2img.graph import SceneGraph
 from sg2img.graph_batch import graphs_to_batch
-from sg2img.labels import LabelEmbedder, LearnedVocabulary
+from sg2img.model.gnn import GraphTripleConv, SceneGraphEncoder, TokenConfig, gnn_preset
+from sg2img.model.labels import LabelEmbedder, LearnedVocabulary
 
 A = SceneGraph.from_json(
     {
@@ -112,7 +112,7 @@ def test_every_layer_gives_padded_tokens_with_masks(labels, layer, image_node):
     [(True, True, True), (False, True, True), (True, False, True), (True, True, False), (False, False, True)],
 )
 def test_token_labels_name_the_tokens_the_encoder_makes_in_its_order(labels, on):
-    from sg2img.gnn import token_labels
+    from sg2img.model.gnn import token_labels
 
     glob, objects, triples = on
     config = dict(global_token=glob, object_tokens=objects, triple_tokens=triples)

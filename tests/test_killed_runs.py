@@ -149,8 +149,8 @@ def test_resuming_from_a_step_checkpoint_ends_with_the_same_adapter(
 def test_the_fit_command_writes_checkpoints_atomically_unless_told_otherwise(tmp_path, monkeypatch):
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-    from sg2img.checkpointing import AtomicCheckpointIO
-    from sg2img.training_cli import SG2ImgCLI
+    from sg2img.train.checkpointing import AtomicCheckpointIO
+    from sg2img.train.cli import SG2ImgCLI
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     args = [*fit_config(tmp_path)[1:], "--trainer.default_root_dir", str(tmp_path / "run")]
@@ -165,7 +165,7 @@ def test_the_fit_command_writes_checkpoints_atomically_unless_told_otherwise(tmp
 def test_a_nan_loss_stops_the_fit_command_with_the_last_good_checkpoint_on_disk(
     tmp_path, monkeypatch, capsys
 ):
-    from sg2img.lit_module import SG2ImgModule
+    from sg2img.train.adapter_module import SG2ImgModule
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     original = SG2ImgModule.diffusion_loss

@@ -8,12 +8,12 @@ from diffusers.models.attention_processor import Attention
 from test_training import SMALL_GNN, first_batch, make_module
 
 from ip_adapter.attention import DecoupledAttnProcessor, Stream, region_distance, region_mask
-from sg2img.adapter import SGAdapterConfig
-from sg2img.gnn import FULL_IMAGE, GNNConfig, SceneGraphEncoder, TokenConfig
 from sg2img.graph import SceneGraph
 from sg2img.graph_batch import graphs_to_batch
-from sg2img.labels import LabelEmbedder
-from sg2img.lit_module import ConditionDropout, SG2ImgModule
+from sg2img.model.adapter import SGAdapterConfig
+from sg2img.model.gnn import FULL_IMAGE, GNNConfig, SceneGraphEncoder, TokenConfig
+from sg2img.model.labels import LabelEmbedder
+from sg2img.train.adapter_module import ConditionDropout, SG2ImgModule
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +280,7 @@ def test_layout_and_timestep_options_refuse_bad_values():
 
 
 def layout_adapter(tiny, tiny_preset, confinement="hard"):
-    from sg2img.adapter import SceneGraphAdapter
+    from sg2img.model.adapter import SceneGraphAdapter
 
     torch.manual_seed(0)
     cfg = SGAdapterConfig(
@@ -316,7 +316,7 @@ def test_sg_scale_zero_with_confined_tokens_is_the_plain_unet(
 
 
 def test_the_pipeline_returns_the_layout_it_used(tiny, tiny_preset, labels):
-    from sg2img.pipeline import SG2ImgPipeline
+    from sg2img.infer.pipeline import SG2ImgPipeline
 
     pipe = SG2ImgPipeline.from_components(tiny)
     pipe.set_sg_adapter(layout_adapter(tiny, tiny_preset), labels=labels)
@@ -341,8 +341,8 @@ def test_soft_confinement_saves_its_widths_trains_them_and_loads_them_back(
 ):
     import copy
 
-    from sg2img.adapter import SceneGraphAdapter
-    from sg2img.lit_module import branch_of
+    from sg2img.model.adapter import SceneGraphAdapter
+    from sg2img.train.adapter_module import branch_of
 
     adapter = layout_adapter(tiny, tiny_preset, "soft")
     path = adapter.save(tmp_path / "soft.safetensors")

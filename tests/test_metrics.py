@@ -8,10 +8,18 @@ import pytest
 import torch
 from PIL import Image
 
-from sg2img import metrics
 from sg2img.cli import main
-from sg2img.data.shapes import Shapes, objects_from_graph, render
-from sg2img.metrics import Detection, MetricError, MetricSettings, evaluate_folder, load_clip, sg_geometry
+from sg2img.data.shapes import Shapes
+from sg2img.eval import metrics
+from sg2img.eval.metrics import (
+    Detection,
+    MetricError,
+    MetricSettings,
+    evaluate_folder,
+    load_clip,
+    sg_geometry,
+)
+from sg2img.shapes.world import objects_from_graph, render
 
 TINY_OPEN_CLIP = {
     "embed_dim": 16,
@@ -38,7 +46,7 @@ def open_clip_spec(tmp_path_factory):
 def hf_clip(tmp_path_factory):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from sg2img.tokenizer import clip_tokenizer
+    from sg2img.base.tokenizer import clip_tokenizer
 
     root = tmp_path_factory.mktemp("hf_clip") / "clip"
     torch.manual_seed(0)
@@ -176,7 +184,7 @@ def test_fid_with_a_custom_feature_extractor_and_with_clip_features(tmp_path, op
     # constant samples have no covariance: FID = |mu_refs - mu_samples|^2 + trace(cov_refs)
     from my_features import pixel_features
 
-    from sg2img.metrics import _uint8
+    from sg2img.eval.metrics import _uint8
 
     f = pixel_features()(_uint8([Image.open(p) for p in sorted(refs.glob("*.png"))], 32)).double()
     g = pixel_features()(_uint8([Image.new("RGB", (32, 32), (100, 110, 120))], 32)).double()[0]
@@ -399,8 +407,8 @@ def fake_coco(root: Path) -> tuple[Path, Path]:
 
 
 def test_coco_protocol_generates_from_image_prompts_and_scores_clip_t_and_clip_i(tmp_path, open_clip_spec):
-    from sg2img.adapter import SceneGraphAdapter, SGAdapterConfig
-    from sg2img.models import build_components, get_preset
+    from sg2img.base.components import build_components, get_preset
+    from sg2img.model.adapter import SceneGraphAdapter, SGAdapterConfig
 
     images, captions = fake_coco(tmp_path / "coco")
     unet = build_components("tiny", seed=0).unet

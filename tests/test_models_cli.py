@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from sg2img.base.components import build_components, save_tiny_model
 from sg2img.cli import main
-from sg2img.models import build_components, save_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_make_tiny_cli(tmp_path, capfd):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    from sg2img.demo import run_demo
+    from sg2img.shapes.demo import run_demo
 
     figures = run_demo(tmp_path / "demo")
     assert figures["max |ours - diffusers|"] < 1e-5

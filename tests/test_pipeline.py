@@ -7,19 +7,19 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionPipeline
 
 from ip_adapter import IPAdapter
-from sg2img.adapter import SceneGraphAdapter, SGAdapterConfig
-from sg2img.convert import export_single_file
-from sg2img.demo import reference_image
-from sg2img.gnn import gnn_preset
-from sg2img.graph import SceneGraph
-from sg2img.models import (
+from sg2img.base.components import (
     ModelNotFoundError,
     build_components,
     get_preset,
     load_pipeline_parts,
     save_tiny_model,
 )
-from sg2img.pipeline import SG2ImgControlNetPipeline, SG2ImgPipeline
+from sg2img.base.single_file import export_single_file
+from sg2img.graph import SceneGraph
+from sg2img.infer.pipeline import SG2ImgControlNetPipeline, SG2ImgPipeline
+from sg2img.model.adapter import SceneGraphAdapter, SGAdapterConfig
+from sg2img.model.gnn import gnn_preset
+from sg2img.shapes.demo import reference_image
 
 GRAPH = SceneGraph.from_names(["sheep", "tree", "grass"], [(0, "left of", 1), (0, "standing on", 2)])
 OTHER = SceneGraph.from_names(["dog"], [])

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from ip_adapter import CheckpointError, IPAdapter
-from sg2img.adapter import SceneGraphAdapter, SGAdapterConfig
-from sg2img.gnn import gnn_preset
-from sg2img.models import build_components, get_preset
+from sg2img.base.components import build_components, get_preset
+from sg2img.model.adapter import SceneGraphAdapter, SGAdapterConfig
+from sg2img.model.gnn import gnn_preset
 
 
 def same_weights(a, b) -> bool:

@@ -9,11 +9,11 @@ from safetensors import safe_open
 
 from ip_adapter import Adapter, IPAdapter
 from ip_adapter.checkpoint import CheckpointError
-from sg2img.adapter import SceneGraphAdapter, SGAdapterConfig
-from sg2img.gnn import TokenConfig, gnn_preset
 from sg2img.graph import SceneGraph
 from sg2img.graph_batch import graphs_to_batch
-from sg2img.labels import LabelEmbedder
+from sg2img.model.adapter import SceneGraphAdapter, SGAdapterConfig
+from sg2img.model.gnn import TokenConfig, gnn_preset
+from sg2img.model.labels import LabelEmbedder
 
 A = SceneGraph.from_names(
     ["red circle", "blue square", "tree"], [(0, "left of", 1), (1, "above", 0), (0, "left of", 1)]

@@ -3,16 +3,16 @@
 import numpy as np
 import pytest
 
-from sg2img.data.shapes import (
+from sg2img.data.shapes import Shapes
+from sg2img.graph import SceneGraph
+from sg2img.shapes.world import (
     PALETTE,
-    Shapes,
     ShapesEvaluator,
     caption,
     centre_predicate,
     render,
     sample_scene,
 )
-from sg2img.graph import SceneGraph
 
 N = 200
 
@@ -110,7 +110,7 @@ def test_evaluator_on_a_blank_image_finds_nothing(test_rows):
 
 
 def test_the_evaluator_says_which_graphs_it_cannot_judge():
-    from sg2img.data.shapes import ShapesEvaluator
+    from sg2img.shapes.world import ShapesEvaluator
 
     judge = ShapesEvaluator().cannot_judge
     ok = {"objects": [{"name": "circle", "attributes": ["red"]}, {"name": "square", "attributes": ["blue"]}],
@@ -127,7 +127,7 @@ def test_the_evaluator_says_which_graphs_it_cannot_judge():
 
 
 def test_words_outside_the_world_are_named_once_each():
-    from sg2img.data.shapes import outside_world
+    from sg2img.shapes.world import outside_world
 
     sheep = SceneGraph.from_json({"objects": ["sheep", {"name": "circle", "attributes": ["plaid"]}],
                                   "relationships": [[0, "next to", 1], [1, "above", 0]]})  # fmt: skip

@@ -13,14 +13,14 @@ from datafiles import tiny_fit_args, write_manifest
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from sg2img.adapter import SceneGraphAdapter, SGAdapterConfig
+from sg2img.base.components import TINY_TEXT, TINY_UNET, get_preset, save_tiny_model
 from sg2img.cli import main
 from sg2img.data import JsonlManifest, SG2ImgDataModule
 from sg2img.data.datamodule import check_source
 from sg2img.errors import ConfigurationError
-from sg2img.gnn import GNNConfig
-from sg2img.lit_module import SG2ImgModule
-from sg2img.models import TINY_TEXT, TINY_UNET, get_preset, save_tiny_model
+from sg2img.model.adapter import SceneGraphAdapter, SGAdapterConfig
+from sg2img.model.gnn import GNNConfig
+from sg2img.train.adapter_module import SG2ImgModule
 
 SMALL_GNN = GNNConfig(layer="triplet", num_layers=1, hidden_dim=16, mlp_dim=32)
 
@@ -196,8 +196,8 @@ def test_the_data_module_reads_the_models_requirements(tmp_path):
 
 
 def test_graphless_webdataset_shards_are_refused_for_a_graph_branch(tmp_path):
+    from sg2img.base.tokenizer import clip_tokenizer
     from sg2img.data import Preprocess, WebDatasetShards, write_shards
-    from sg2img.tokenizer import clip_tokenizer
 
     examples = [JsonlManifest(graphless_manifest(tmp_path / "d"))[i] for i in range(6)]
     assert all(e.graph is None for e in examples)

@@ -11,12 +11,12 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ip_adapter import CheckpointError
 from ip_adapter.image_encoder import TransformersImageEncoder, open_clip_to_transformers
-from sg2img.base_training import BaseModelModule
+from sg2img.base.components import PRESETS, read_base_file
+from sg2img.base.tokenizer import clip_tokenizer
 from sg2img.cli import main
 from sg2img.data import Shapes
-from sg2img.data.records import Preprocess, collate
-from sg2img.models import PRESETS, read_base_file
-from sg2img.tiny_clip import (
+from sg2img.data.rows import Preprocess, collate
+from sg2img.shapes.tiny_clip import (
     TinyClipConfig,
     TinyClipModule,
     binding_negative,
@@ -30,7 +30,7 @@ from sg2img.tiny_clip import (
     text_tower_to_transformers,
     transformers_towers,
 )
-from sg2img.tokenizer import clip_tokenizer
+from sg2img.train.base_module import BaseModelModule
 
 CLIP_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "experiments" / "shapes" / "clip.yaml"
 SMALL = TinyClipConfig(embed_dim=16, vision_width=32, vision_layers=2, text_width=48, text_layers=2)

@@ -1,7 +1,7 @@
 import open_clip
 import pytest
 
-from sg2img.tokenizer import BOS, EOS, clip_tokenizer, clip_vocab_and_merges, write_clip_tokenizer_files
+from sg2img.base.tokenizer import BOS, EOS, clip_tokenizer, clip_vocab_and_merges, write_clip_tokenizer_files
 
 PROMPTS = [
     "a red circle left of a blue square",

@@ -12,12 +12,18 @@ from datafiles import write_manifest
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ip_adapter import IPAdapter
-from sg2img.adapter import SceneGraphAdapter
+from sg2img.base.components import save_tiny_model
 from sg2img.data import CachedRows, JsonlManifest, SG2ImgDataModule, collate, write_cache
-from sg2img.gnn import GNNConfig
 from sg2img.graph import SceneGraph
-from sg2img.lit_module import ConditionDropout, OptimizerConfig, SG2ImgModule, branch_of, diffusion_target
-from sg2img.models import save_tiny_model
+from sg2img.model.adapter import SceneGraphAdapter
+from sg2img.model.gnn import GNNConfig
+from sg2img.train.adapter_module import (
+    ConditionDropout,
+    OptimizerConfig,
+    SG2ImgModule,
+    branch_of,
+    diffusion_target,
+)
 
 SMALL_GNN = GNNConfig(layer="triplet", num_layers=1, hidden_dim=16, mlp_dim=32)
 NO_DROPOUT = ConditionDropout(0.0, 0.0, 0.0, 0.0)

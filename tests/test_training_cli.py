@@ -13,11 +13,11 @@ import torch
 import yaml
 from datafiles import write_manifest
 
-from sg2img.adapter import SceneGraphAdapter
+from sg2img.base.components import build_components
 from sg2img.cli import main
-from sg2img.models import build_components
-from sg2img.training_cli import BaseModelCLI, ClipCLI, SG2ImgCLI, wandb_offline
-from sg2img.wandb_runs import offline_runs, read_offline_run
+from sg2img.model.adapter import SceneGraphAdapter
+from sg2img.train.cli import BaseModelCLI, ClipCLI, SG2ImgCLI, wandb_offline
+from sg2img.train.wandb_runs import offline_runs, read_offline_run
 
 ROOT = Path(__file__).resolve().parent.parent
 # training configs; configs/eval/ holds evaluation protocols (tests/test_metrics.py reads those)
@@ -55,14 +55,14 @@ def test_fit_leaves_config_adapter_checkpoint_and_wandb_run(tmp_path, monkeypatc
     monkeypatch.setenv("WANDB_MODE", "offline")
     root = tmp_path / "run"
     args = fit_args(tmp_path, root, "--trainer.max_steps", "4",
-                    "--trainer.callbacks+=sg2img.callbacks.SampleGrid", "--trainer.callbacks.every_n_steps", "2",
+                    "--trainer.callbacks+=sg2img.train.callbacks.SampleGrid", "--trainer.callbacks.every_n_steps", "2",
                     "--trainer.callbacks.steps", "2", "--trainer.callbacks.panel", "64",
-                    "--trainer.callbacks+=sg2img.callbacks.SamplesPerSecond", "--trainer.callbacks.window_size", "2")  # fmt: skip
+                    "--trainer.callbacks+=sg2img.train.callbacks.SamplesPerSecond", "--trainer.callbacks.window_size", "2")  # fmt: skip
     assert main(args) == 0
 
     config = yaml.safe_load((root / "config.yaml").read_text())
     assert config["model"]["base"] == "tiny" and config["trainer"]["precision"] == "32-true"
-    assert config["trainer"]["logger"]["class_path"] == "sg2img.callbacks.RunLogger"
+    assert config["trainer"]["logger"]["class_path"] == "sg2img.train.callbacks.RunLogger"
 
     adapter = SceneGraphAdapter.from_file(root / "adapter.safetensors", build_components("tiny").unet)
     assert adapter.config.graph_branch and adapter.config.gnn.num_layers == 2
@@ -286,7 +286,7 @@ def test_a_ten_step_smoke_fit_on_the_tiny_preset_shows_its_loss_speed_and_a_grid
     # the grid draws the run's own rows (their captions), and W&B gets them as a table too
     table = [row for row in logged["history"] if "samples_table/path" in row]
     assert len(table) == 1 and any(p.startswith("media/table/samples_table") for p in logged["media"])
-    from sg2img.callbacks import SampleGrid
+    from sg2img.train.callbacks import SampleGrid
 
     grid = SampleGrid()
     graphs, prompts = grid.rows_of_the_run(None)

@@ -49,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from PIL import Image
 
-    from sg2img.adapter import SceneGraphAdapter, SGAdapterConfig
-    from sg2img.gnn import gnn_preset
-    from sg2img.models import build_components, get_preset
-    from sg2img.pipeline import SG2ImgPipeline
+    from sg2img.base.components import build_components, get_preset
+    from sg2img.infer.pipeline import SG2ImgPipeline
+    from sg2img.model.adapter import SceneGraphAdapter, SGAdapterConfig
+    from sg2img.model.gnn import gnn_preset
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)

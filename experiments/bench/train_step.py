@@ -36,9 +36,9 @@ VARIANTS = ("official", "ours", "unet_forward", "gnn+labels")
 
 
 def build(args, device):
-    from sg2img.data.records import Example, Preprocess, collate
+    from sg2img.data.rows import Example, Preprocess, collate
     from sg2img.graph import SceneGraph
-    from sg2img.lit_module import SG2ImgModule
+    from sg2img.train.adapter_module import SG2ImgModule
 
     module = SG2ImgModule(base="sd15", image_tokens="cls", seed=0, base_dtype=args.base_dtype)
     module.configure_model()

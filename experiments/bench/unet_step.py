@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ip_adapter import IMAGE_STREAM, ImageFeatures, IPAdapter, Stream
     from ip_adapter.attention import DecoupledAttnProcessor
-    from sg2img.models import PRESETS
+    from sg2img.base.components import PRESETS
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)

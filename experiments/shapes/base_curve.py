@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def export_checkpoint(run: Path, ckpt: Path, out: Path) -> Path:
     """The EMA weights of one checkpoint as a base file, built as the run's config builds its model."""
-    from sg2img.base_training import BaseModelModule
+    from sg2img.train.base_module import BaseModelModule
 
     model_config = yaml.safe_load((run / "config.yaml").read_text())["model"]
     module = BaseModelModule(**model_config)

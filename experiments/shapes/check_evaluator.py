@@ -13,8 +13,9 @@ import argparse
 
 import numpy as np
 
-from sg2img.data.shapes import Shapes, ShapesEvaluator, render, sample_scene
-from sg2img.evaluate import format_scores
+from sg2img.data.shapes import Shapes
+from sg2img.eval.protocols import format_scores
+from sg2img.shapes.world import ShapesEvaluator, render, sample_scene
 
 
 def main(argv: list[str] | None = None) -> int:

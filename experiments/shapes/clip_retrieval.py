@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
+from sg2img.base.tokenizer import clip_tokenizer
 from sg2img.data import Shapes
-from sg2img.data.records import Preprocess, collate
-from sg2img.tiny_clip import build_tiny_clip, load_tiny_clip, retrieval_counts
-from sg2img.tokenizer import clip_tokenizer
+from sg2img.data.rows import Preprocess, collate
+from sg2img.shapes.tiny_clip import build_tiny_clip, load_tiny_clip, retrieval_counts
 
 
 def scores(model: torch.nn.Module, n: int) -> dict[str, dict[str, float]]:

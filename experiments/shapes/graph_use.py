@@ -31,7 +31,7 @@ CONDITIONS = ("true", "other", "none")
 
 def load_run(run: Path):
     from ip_adapter.checkpoint import read_adapter_file
-    from sg2img.training_cli import SG2ImgCLI
+    from sg2img.train.cli import SG2ImgCLI
 
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     for key in ("ckpt_path", "weights_only"):  # fit-only keys of the saved config

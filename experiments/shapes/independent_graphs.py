@@ -24,8 +24,8 @@ import math
 import random
 from pathlib import Path
 
-from sg2img.data.shapes import PALETTE, SHAPES, centre_predicate
 from sg2img.graph import SceneGraph
+from sg2img.shapes.world import PALETTE, SHAPES, centre_predicate
 
 CANVAS = 32.0
 

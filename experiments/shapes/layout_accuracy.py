@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from PIL import Image  # noqa: E402
 
-from sg2img.data.shapes import ShapesEvaluator, centre_predicate  # noqa: E402
 from sg2img.graph import SceneGraph  # noqa: E402
+from sg2img.shapes.world import ShapesEvaluator, centre_predicate  # noqa: E402
 
 
 def _inside(point: tuple[float, float], box: list[float]) -> bool:

@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             clip = args.runs / "clip" / "clip.safetensors"
             run([sys.executable, "experiments/shapes/clip_retrieval.py", str(clip), "--out", str(out)], log)
         elif stage == "ship-clip":
-            from sg2img.tiny_clip import load_tiny_clip, save_tiny_clip
+            from sg2img.shapes.tiny_clip import load_tiny_clip, save_tiny_clip
 
             model, config = load_tiny_clip(args.runs / "clip" / "clip.safetensors")
             save_tiny_clip(model, config, ASSETS / "shapes-clip.safetensors", dtype=torch.float16)
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"shipped {args.runs / 'clip' / 'clip.safetensors'} -> {ASSETS / 'shapes-clip.safetensors'} (fp16)"
             )
         elif stage == "ship-base":
-            from sg2img.models import convert_base_file
+            from sg2img.base.components import convert_base_file
 
             convert_base_file(args.runs / "base" / "base.safetensors", ASSETS / "shapes-base.safetensors")
             print(

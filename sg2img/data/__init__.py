@@ -1,15 +1,16 @@
 """Data: sources in their native formats, preprocessing, the typed batch, the encoder cache."""
 
-from .base import RowSource, open_image
-from .cache import CachedRows, write_cache
-from .coco_stuff import CocoStuff, geometric_predicate, synthesize_relationships
-from .datamodule import SG2ImgDataModule
-from .jsonl import JsonlManifest
-from .laion_sg import LaionSG
-from .records import Example, Preprocess, SkipLog, Skipped, TrainBatch, collate
-from .shapes import Shapes, ShapesEvaluator
-from .visual_genome import VisualGenome
-from .webdataset import WebDatasetShards, write_shards
+from sg2img.data.base import RowSource, open_image
+from sg2img.data.cache import CachedRows, write_cache
+from sg2img.data.coco_stuff import CocoStuff, synthesize_relationships
+from sg2img.data.datamodule import SG2ImgDataModule
+from sg2img.data.jsonl import JsonlManifest
+from sg2img.data.laion_sg import LaionSG
+from sg2img.data.rows import Example, Preprocess, SkipLog, Skipped, TrainBatch, collate
+from sg2img.data.shapes import Shapes
+from sg2img.data.visual_genome import VisualGenome
+from sg2img.data.webdataset import WebDatasetShards, write_shards
+from sg2img.graph import geometric_predicate
 
 __all__ = [
     "CachedRows",
@@ -21,7 +22,6 @@ __all__ = [
     "RowSource",
     "SG2ImgDataModule",
     "Shapes",
-    "ShapesEvaluator",
     "SkipLog",
     "Skipped",
     "TrainBatch",

@@ -9,7 +9,7 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .records import Example, Skipped, skipped
+from sg2img.data.rows import Example, Skipped, skipped
 
 
 def open_image(path: str | Path) -> Image.Image:

@@ -21,9 +21,8 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from ip_adapter.atomic_files import atomic_write
-
-from ..graph import SceneGraph
-from .records import Preprocess, SkipLog, collate
+from sg2img.data.rows import Preprocess, SkipLog, collate
+from sg2img.graph import SceneGraph
 
 log = logging.getLogger(__name__)
 FORMAT = 1
@@ -108,7 +107,7 @@ def write_cache(
 
 def batch_graphs(batch) -> list[SceneGraph]:
     """The scene graphs of a collated batch, back from its label-index form."""
-    from ..graph import Relationship, SGObject
+    from sg2img.graph import Relationship, SGObject
 
     out = []
     for d in batch.graphs.to_data_list():

@@ -16,37 +16,14 @@ Captions come from ``captions_*.json`` when given, else from the graph's descrip
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ..graph import Relationship, SceneGraph, SGObject
-from .base import RowSource, open_image
-from .records import Example
-
-Box = tuple[float, float, float, float]
-
-
-def geometric_predicate(s: Box, o: Box) -> str:
-    """sg2im's COCO rule for the predicate of subject box ``s`` and object box ``o`` (x0, y0, x1, y1)."""
-    sx0, sy0, sx1, sy1 = s
-    ox0, oy0, ox1, oy1 = o
-    dx = (sx0 + sx1) / 2 - (ox0 + ox1) / 2
-    dy = (sy0 + sy1) / 2 - (oy0 + oy1) / 2
-    theta = math.atan2(dy, dx)
-    if sx0 < ox0 and sx1 > ox1 and sy0 < oy0 and sy1 > oy1:
-        return "surrounding"
-    if sx0 > ox0 and sx1 < ox1 and sy0 > oy0 and sy1 < oy1:
-        return "inside"
-    if theta >= 3 * math.pi / 4 or theta <= -3 * math.pi / 4:
-        return "left of"
-    if -3 * math.pi / 4 <= theta < -math.pi / 4:
-        return "above"
-    if -math.pi / 4 <= theta < math.pi / 4:
-        return "right of"
-    return "below"
+from sg2img.data.base import RowSource, open_image
+from sg2img.data.rows import Example
+from sg2img.graph import Box, Relationship, SceneGraph, SGObject, geometric_predicate
 
 
 def synthesize_relationships(boxes: list[Box], rng: random.Random) -> list[Relationship]:

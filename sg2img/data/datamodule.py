@@ -11,9 +11,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from ..errors import ConfigurationError
-from ..tokenizer import clip_tokenizer
-from .records import Preprocess, SkipLog, Skipped, collate
+from sg2img.base.tokenizer import clip_tokenizer
+from sg2img.data.rows import Preprocess, SkipLog, Skipped, collate
+from sg2img.errors import ConfigurationError
 
 PROBE_ROWS = 32  # rows of the training data read at start-up to check it suits the model
 

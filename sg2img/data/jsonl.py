@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..graph import SceneGraph, SceneGraphError, load_scene_graphs
-from .base import RowSource, open_image
-from .records import Example
+from sg2img.data.base import RowSource, open_image
+from sg2img.data.rows import Example
+from sg2img.graph import SceneGraph, SceneGraphError, load_scene_graphs
 
 
 class JsonlManifest(RowSource):

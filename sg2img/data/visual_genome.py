@@ -15,9 +15,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..graph import Relationship, SceneGraph, SGObject
-from .base import RowSource, open_image
-from .records import Example
+from sg2img.data.base import RowSource, open_image
+from sg2img.data.rows import Example
+from sg2img.graph import Relationship, SceneGraph, SGObject
 
 
 def _name(x: dict[str, Any]) -> str:

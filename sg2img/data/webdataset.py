@@ -18,8 +18,8 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import IterableDataset
 
-from ..graph import SceneGraph
-from .records import Example, Skipped, skipped
+from sg2img.data.rows import Example, Skipped, skipped
+from sg2img.graph import SceneGraph
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 

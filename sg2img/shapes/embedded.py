@@ -1,7 +1,7 @@
 """The embedded default model: what ``sg2img generate`` and ``sg2img evaluate shapes`` use when no
 ``--model`` / ``--adapter`` is given, and what ``--model embedded`` names.
 
-It is the shapes world's model (``sg2img.data.shapes``), trained with this package's own commands and
+It is the shapes world's model (``sg2img.shapes.world``), trained with this package's own commands and
 shipped in ``sg2img/assets/``: a pixel-space base at 32 px (``configs/experiments/shapes/base.yaml``) and
 its decoupled graph adapter (``configs/experiments/shapes/graph_decoupled.yaml``). It needs no download
 and draws in seconds on a CPU. How it was trained and how it scores: ``experiments/results/shapes.md``.
@@ -9,7 +9,7 @@ and draws in seconds on a CPU. How it was trained and how it scores: ``experimen
 
 from __future__ import annotations
 
-from .models import ASSETS, EMBEDDED, EMBEDDED_BASE_FILE, Components, read_base_file
+from sg2img.base.components import ASSETS, EMBEDDED, EMBEDDED_BASE_FILE, Components, read_base_file
 
 EMBEDDED_ADAPTER_FILE = ASSETS / "shapes-adapter.safetensors"
 DESCRIPTION = (

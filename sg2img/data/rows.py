@@ -22,8 +22,8 @@ from PIL import Image
 from torch_geometric.data import Batch
 from torchvision.transforms.v2 import functional as TF
 
-from ..graph import SceneGraph
-from ..graph_batch import graphs_to_label_batch
+from sg2img.graph import SceneGraph
+from sg2img.graph_batch import graphs_to_label_batch
 
 
 @dataclass

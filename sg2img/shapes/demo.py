@@ -16,9 +16,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from ip_adapter import IPAdapter, Stream
-
-from .info import format_rows, info_rows
-from .models import build_components, get_preset, save_tiny_model
+from sg2img.base.components import build_components, get_preset, save_tiny_model
+from sg2img.model.parameter_counts import format_rows, info_rows
 
 
 def reference_image(size: int = 64) -> Image.Image:

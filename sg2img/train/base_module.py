@@ -1,13 +1,13 @@
 """Training a small base model from scratch: ``sg2img fit-base`` (the shapes world's text-to-image model).
 
 The adapter recipes need a frozen base that already draws its world from text. For SD1.5 that base is
-downloaded; for the shapes world (``sg2img.data.shapes``) it is trained here, on CPU in minutes: every
+downloaded; for the shapes world (``sg2img.shapes.world``) it is trained here, on CPU in minutes: every
 UNet weight trains on the captions, the text encoder stays frozen (as SD's CLIP text encoder does), the
 caption is dropped to the empty prompt with probability ``caption_dropout`` so that classifier-free
 guidance works, and an exponential moving average of the weights (diffusers' ``EMAModel``, with its
 warm-up) is what gets exported. A base without a VAE (``vae: null`` in the preset) denoises pixels.
 
-The result is a base file (``sg2img.models.save_base_file``): ``DIR/base.safetensors``, written with every
+The result is a base file (``sg2img.base.components.save_base_file``): ``DIR/base.safetensors``, written with every
 checkpoint and at the end of fit, loadable everywhere a base is accepted (``--model``, ``model.base``).
 """
 
@@ -27,10 +27,17 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from PIL import Image
 
-from .data.records import SkipLog, TrainBatch
-from .graph import SceneGraph
-from .lit_module import DiffusionSteps, diffusion_target, snr_loss_weights
-from .models import Components, build_components, ddpm_scheduler, get_preset, load_base, save_base_file
+from sg2img.base.components import (
+    Components,
+    build_components,
+    ddpm_scheduler,
+    get_preset,
+    load_base,
+    save_base_file,
+)
+from sg2img.data.rows import SkipLog, TrainBatch
+from sg2img.graph import SceneGraph
+from sg2img.train.adapter_module import DiffusionSteps, diffusion_target, snr_loss_weights
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +46,7 @@ class BaseModelModule(DiffusionSteps, L.LightningModule):
     """Trains a base model's UNet on captioned images.
 
     Args:
-        preset: the architecture (``sg2img.models.PRESETS``, e.g. ``shapes``), built with random weights.
+        preset: the architecture (``sg2img.base.components.PRESETS``, e.g. ``shapes``), built with random weights.
         unet: UNet config entries that replace the preset's (``block_out_channels``, ``down_block_types``,
             ...), to try another size; the base file records the config that was used.
         clip: a tiny-CLIP file (``sg2img fit-clip``; ``embedded``: the shipped one) whose towers become the
@@ -108,7 +115,7 @@ class BaseModelModule(DiffusionSteps, L.LightningModule):
         if self.unet is not None:
             return
         if self.clip and not self.init:
-            from .tiny_clip import load_tiny_clip
+            from sg2img.shapes.tiny_clip import load_tiny_clip
 
             _, config = load_tiny_clip(self.clip)  # the towers' configs go into the preset, and the base file
             self.preset = dataclasses.replace(
@@ -117,8 +124,7 @@ class BaseModelModule(DiffusionSteps, L.LightningModule):
         parts = load_base(self.init) if self.init else build_components(self.preset, seed=self.seed)
         if self.clip and not self.init:
             from ip_adapter.image_encoder import TransformersImageEncoder
-
-            from .tiny_clip import transformers_towers
+            from sg2img.shapes.tiny_clip import transformers_towers
 
             text, vision = transformers_towers(self.clip)
             parts.text_encoder, parts.image_encoder = text, TransformersImageEncoder(vision)
@@ -279,7 +285,7 @@ class BaseModelModule(DiffusionSteps, L.LightningModule):
         size: int | None = None,
     ) -> list[Image.Image]:
         """Text-to-image samples from the EMA weights (graphs and images are ignored: a base reads text)."""
-        from .pipeline import SG2ImgPipeline
+        from sg2img.infer.pipeline import SG2ImgPipeline
 
         pipe = SG2ImgPipeline.from_components(self.parts(ema=True))
         pipe.set_progress_bar_config(disable=True)

@@ -25,8 +25,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .graph import Limits, SceneGraph, load_scene_graphs
-from .metrics import MANIFEST  # one row per image of a samples folder (see sg2img.metrics.read_samples)
+from sg2img.eval.metrics import (
+    MANIFEST,  # one row per image of a samples folder (see sg2img.eval.metrics.read_samples)
+)
+from sg2img.graph import Limits, SceneGraph, load_scene_graphs
 
 PROMPTS = ("objects", "relations", "none")
 IMAGE_PROMPTS = ("auto", "reference", "none")
@@ -35,7 +37,7 @@ RESULT = "shapes-eval.json"
 
 def shapes_rows(args: argparse.Namespace) -> tuple[list[SceneGraph], list[str]]:
     """(graphs, names): a file's graphs, or the first ``n`` rows of the split."""
-    from .data.shapes import Shapes
+    from sg2img.data.shapes import Shapes
 
     if args.graphs is not None:
         graphs = list(load_scene_graphs(args.graphs, Limits()))
@@ -50,7 +52,7 @@ def shapes_rows(args: argparse.Namespace) -> tuple[list[SceneGraph], list[str]]:
 
 
 def prompt_for(graph: SceneGraph, mode: str) -> str:
-    from .data.shapes import caption
+    from sg2img.shapes.world import caption
 
     if mode == "none":
         return ""
@@ -73,8 +75,8 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def run_shapes(args: argparse.Namespace) -> dict[str, Any]:
-    from .data.shapes import ShapesEvaluator
-    from .generate import _device_and_dtype, build_pipeline, versions
+    from sg2img.infer.generate import _device_and_dtype, build_pipeline, versions
+    from sg2img.shapes.world import ShapesEvaluator
 
     check_args(args)
     graphs, names = shapes_rows(args)  # before any model loads
@@ -157,7 +159,7 @@ def run_shapes(args: argparse.Namespace) -> dict[str, Any]:
 def reference_images(graphs: list[SceneGraph]) -> tuple[list[Image.Image | None], str | None]:
     """Each graph rendered by the shapes world from its boxes (the ground truth and the image prompt), and
     why not when a graph cannot be (no boxes, say): then its entry is None."""
-    from .data.shapes import objects_from_graph, render
+    from sg2img.shapes.world import objects_from_graph, render
 
     out: list[Image.Image | None] = []
     why = None
@@ -187,8 +189,8 @@ def save_outputs(
     """Images, one sheet per graph (its reference rendering, the graph, the layout the graph branch used,
     and every image drawn for it), the manifest and the record. ``scores``: each image's counts from the
     shapes evaluator; ``shown``: the graphs as the model saw them (without boxes under ``--boxes none``)."""
-    from .drawing import contact_sheet, draw_layout, draw_scene_graph
-    from .generate import layout_record, layout_source
+    from sg2img.drawing import contact_sheet, draw_layout, draw_scene_graph
+    from sg2img.infer.generate import layout_record, layout_source
 
     shown = shown or graphs
     layouts = layouts or [None] * len(images)
@@ -286,8 +288,8 @@ def coco_rows(images: Path, captions: Path, n: int | None) -> list[tuple[str, st
 def run_coco(args: argparse.Namespace) -> dict[str, Any]:
     """Generate from COCO images as image prompts, then CLIP-T against their captions and CLIP-I against
     the prompts themselves; the paper's figures go into the record beside ours."""
-    from .generate import _device_and_dtype, build_pipeline, versions
-    from .metrics import MetricSettings, evaluate_folder, load_clip, open_image
+    from sg2img.eval.metrics import MetricSettings, evaluate_folder, load_clip, open_image
+    from sg2img.infer.generate import _device_and_dtype, build_pipeline, versions
 
     for name in ("steps", "batch_size", "num_images"):
         if getattr(args, name) < 1:

@@ -5,7 +5,7 @@
 ``SceneGraphAdapter`` is ``ip_adapter.Adapter`` with two named branches, the ``ImageBranch`` (stream "ip")
 and the ``GraphBranch`` (stream "sg"); either may be off. The graph tokens come from ``SceneGraphEncoder``
 and reach every cross-attention layer as the stream "sg", with their own ``to_k_sg``/``to_v_sg`` (initialised from ``to_k``/``to_v``) and scale.
-How the streams reach the UNet is the config's ``injection``, a strategy of ``sg2img.injection``:
+How the streams reach the UNet is the config's ``injection``, a strategy of ``sg2img.model.injection``:
 ``decoupled`` as above, or the ``concat`` ablation (graph and image tokens appended to the text tokens).
 
 Saved as one flat file: ``image_proj.*`` and ``ip_adapter.*`` in the official layout (stock diffusers
@@ -38,9 +38,8 @@ from ip_adapter.adapter import (
 from ip_adapter.attention import Scale
 from ip_adapter.checkpoint import CONFIG_KEY, CheckpointError, read_adapter_file
 from ip_adapter.image_encoder import ImageFeatures
-
-from .gnn import GNNConfig, GraphTokens, SceneGraphEncoder, TokenConfig
-from .injection import Injection, injection
+from sg2img.model.gnn import GNNConfig, GraphTokens, SceneGraphEncoder, TokenConfig
+from sg2img.model.injection import Injection, injection
 
 SG_STREAM = "sg"
 SG_ENCODER = "sg_encoder"

@@ -22,8 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ip_adapter import CheckpointError
-
-from .graph import Limits, SceneGraph, load_scene_graphs
+from sg2img.graph import Limits, SceneGraph, load_scene_graphs
 
 RECORD = "generate.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -124,9 +123,9 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtyp
 def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     """(pipeline, description of model and adapter for the record). No ``--model``: the embedded default
     (and its adapter unless ``--adapter`` names another, or ``none``)."""
-    from .defaults import DESCRIPTION, EMBEDDED, EMBEDDED_ADAPTER_FILE, embedded_base
-    from .models import PRESETS, build_components, load_pipeline_parts
-    from .pipeline import SG2ImgPipeline
+    from sg2img.base.components import PRESETS, build_components, load_pipeline_parts
+    from sg2img.infer.pipeline import SG2ImgPipeline
+    from sg2img.shapes.embedded import DESCRIPTION, EMBEDDED, EMBEDDED_ADAPTER_FILE, embedded_base
 
     info: dict[str, Any] = {}
     embedded = args.model is None or str(args.model) == EMBEDDED
@@ -178,9 +177,9 @@ def versions() -> dict[str, str]:
 def run_generate(args: argparse.Namespace) -> dict[str, Any]:
     from safetensors.torch import save_file
 
-    from .data.shapes import PALETTE, outside_world
-    from .defaults import DESCRIPTION
-    from .drawing import attention_overlays, contact_sheet, draw_layout, draw_scene_graph
+    from sg2img.drawing import attention_overlays, contact_sheet, draw_layout, draw_scene_graph
+    from sg2img.shapes.embedded import DESCRIPTION
+    from sg2img.shapes.world import PALETTE, outside_world
 
     inputs = read_inputs(args)  # before any model loads: bad input costs nothing
     device, dtype = _device_and_dtype(args.device, args.dtype)

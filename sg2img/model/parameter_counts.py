@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from ip_adapter import IPAdapter
-
-from .models import Preset, build_on_meta, get_preset, read_preset_from_folder
+from sg2img.base.components import Preset, build_on_meta, get_preset, read_preset_from_folder
 
 
 @dataclass
@@ -39,8 +38,8 @@ def adapter_rows(preset: Preset, unet: nn.Module, image_tokens: str) -> list[Row
 
 
 def graph_rows(preset: Preset, unet: nn.Module, gnn: str) -> list[Row]:
-    from .adapter import SceneGraphAdapter, SGAdapterConfig
-    from .gnn import gnn_preset
+    from sg2img.model.adapter import SceneGraphAdapter, SGAdapterConfig
+    from sg2img.model.gnn import gnn_preset
 
     config = SGAdapterConfig(
         label_dim=preset.text_encoder["hidden_size"], image_branch=False, image=preset.adapter_config("cls"),

@@ -32,16 +32,7 @@ from torch_geometric.data import Batch
 from ip_adapter import IMAGE_STREAM, ImageFeatures, IPAdapterConfig
 from ip_adapter.adapter import IMAGE_PROJ, config_from_file, load_sections
 from ip_adapter.checkpoint import read_adapter_file
-
-from .adapter import SG_ENCODER, SG_STREAM, SceneGraphAdapter, SGAdapterConfig
-from .checkpointing import continue_after_epoch_end
-from .data.records import SkipLog, TrainBatch
-from .errors import ConfigurationError, NonFiniteLossError
-from .gnn import GNNConfig, GraphTokens, TokenConfig
-from .graph import SceneGraph
-from .graph_batch import drop_graphs, embed_label_batch
-from .labels import LabelEmbedder
-from .models import (
+from sg2img.base.components import (
     EMBEDDED,
     EMBEDDED_BASE_FILE,
     PRESETS,
@@ -51,6 +42,14 @@ from .models import (
     load_base,
     read_preset_from_folder,
 )
+from sg2img.data.rows import SkipLog, TrainBatch
+from sg2img.errors import ConfigurationError, NonFiniteLossError
+from sg2img.graph import SceneGraph
+from sg2img.graph_batch import drop_graphs, embed_label_batch
+from sg2img.model.adapter import SG_ENCODER, SG_STREAM, SceneGraphAdapter, SGAdapterConfig
+from sg2img.model.gnn import GNNConfig, GraphTokens, TokenConfig
+from sg2img.model.labels import LabelEmbedder
+from sg2img.train.checkpointing import continue_after_epoch_end
 
 log = logging.getLogger(__name__)
 
@@ -713,8 +712,7 @@ class SG2ImgModule(DiffusionSteps, L.LightningModule):
         """An ``SG2ImgPipeline`` over this module's parts and adapter (shared, not copied), with the
         DDIM sampler of the base's schedule and no progress bar."""
         from ip_adapter import TransformersImageEncoder
-
-        from .pipeline import SG2ImgPipeline
+        from sg2img.infer.pipeline import SG2ImgPipeline
 
         self.configure_model()
         encoder = self.image_encoder if self.has_image else None

@@ -41,9 +41,8 @@ from PIL import Image
 from torch import nn
 
 from ip_adapter.image_encoder import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-from .data.base import open_image as decode_image
-from .graph import SceneGraph, SceneGraphError, load_scene_graphs
+from sg2img.data.base import open_image as decode_image
+from sg2img.graph import SceneGraph, SceneGraphError, load_scene_graphs
 
 METRICS = ("clip-t", "clip-i", "fid", "shapes", "sg-geometry")
 MANIFEST = "samples.jsonl"
@@ -278,9 +277,8 @@ def _transformers_clip_model(source: str, device: torch.device) -> ClipModel:
 
 def _tiny_clip_model(path: Path, device: torch.device) -> ClipModel:
     from ip_adapter.checkpoint import CheckpointError
-
-    from .tiny_clip import encode_text, load_tiny_clip
-    from .tokenizer import clip_tokenizer
+    from sg2img.base.tokenizer import clip_tokenizer
+    from sg2img.shapes.tiny_clip import encode_text, load_tiny_clip
 
     try:
         model, config = load_tiny_clip(path)
@@ -304,7 +302,7 @@ def load_clip(spec: str, pretrained: str | None = None, device: str | torch.devi
     file (``sg2img fit-clip``), or ``shapes``: the shapes world's shipped tiny CLIP."""
     device = torch.device(device)
     if spec == "shapes":
-        from .tiny_clip import EMBEDDED_CLIP, tiny_clip_path
+        from sg2img.shapes.tiny_clip import EMBEDDED_CLIP, tiny_clip_path
 
         spec = str(tiny_clip_path(EMBEDDED_CLIP))
     if spec.endswith(".safetensors"):
@@ -463,7 +461,7 @@ Detector = Callable[[Image.Image], list[Detection]]
 
 def shapes_detector(image: Image.Image) -> list[Detection]:
     """The shapes world's colour segmentation as a detector: labels "colour shape"."""
-    from .data.shapes import ShapesEvaluator
+    from sg2img.shapes.world import ShapesEvaluator
 
     return [Detection(f"{f.colour} {f.shape}", f.box) for f in ShapesEvaluator().find(image).values()]
 
@@ -536,7 +534,7 @@ def sg_geometry(
 ) -> dict[str, float]:
     """sg2im's geometric rule on detected boxes: of the geometric triples whose two objects are found, the
     share whose predicate the boxes reproduce; plus how many objects and triples the detector found."""
-    from .data.coco_stuff import geometric_predicate
+    from sg2img.graph import geometric_predicate
 
     _need(samples, "graph", "sg-geometry", f"give {MANIFEST} rows a `graph` or NAME.json files")
     objects = found = triples = judged = held = 0
@@ -564,7 +562,7 @@ def sg_geometry(
 
 
 def shapes_scores(samples: Sequence[Sample], images: Sequence[Image.Image]) -> dict[str, float]:
-    from .data.shapes import ShapesEvaluator
+    from sg2img.shapes.world import ShapesEvaluator
 
     _need(samples, "graph", "shapes", f"give {MANIFEST} rows a `graph` or NAME.json files")
     return ShapesEvaluator().evaluate(list(images), [s.graph for s in samples])  # type: ignore[misc]
@@ -610,7 +608,7 @@ def evaluate_folder(
     if "clip-i" in metrics:
         _need(samples, "ref", "clip-i", f"give --refs DIR (and {MANIFEST} `ref` names or same-name images)")
     if "shapes" in metrics:
-        from .data.shapes import ShapesEvaluator
+        from sg2img.shapes.world import ShapesEvaluator
 
         evaluator = ShapesEvaluator()
         for sample in samples:

@@ -26,8 +26,7 @@ from torch_geometric.utils import scatter, to_dense_batch
 
 from ip_adapter.attention import Stream
 from ip_adapter.projection import Resampler, ResamplerConfig
-
-from .graph import SceneGraph
+from sg2img.graph import SceneGraph
 
 LayerKind = Literal["triplet", "gine", "transformer", "gatv2"]
 

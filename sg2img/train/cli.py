@@ -7,7 +7,7 @@ flags. The defaults fill in what a user would otherwise repeat:
   API key is configured, and honours ``WANDB_MODE``;
 - precision is ``bf16-mixed`` on GPU and ``32-true`` on CPU;
 - ``ModelCheckpoint`` callbacks without a ``dirpath`` write to ``DIR/checkpoints``, atomically
-  (``sg2img.checkpointing.AtomicCheckpointIO``, unless the config names another checkpoint IO plugin);
+  (``sg2img.train.checkpointing.AtomicCheckpointIO``, unless the config names another checkpoint IO plugin);
 - when the output is not a terminal (a log file), the progress bar is tqdm's, updated every
   ``log_every_n_steps`` steps;
 - ``DIR/config.yaml`` is the resolved config and ``DIR/adapter.safetensors`` the latest adapter.
@@ -33,13 +33,13 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from .base_training import BaseModelModule
-from .callbacks import RUN_ID_FILE, SaveRunConfig
-from .data.datamodule import SG2ImgDataModule
-from .errors import ConfigurationError, describe_parse_error
-from .lit_module import SG2ImgModule
-from .models import ModelNotFoundError
-from .tiny_clip import TinyClipModule
+from sg2img.base.components import ModelNotFoundError
+from sg2img.data.datamodule import SG2ImgDataModule
+from sg2img.errors import ConfigurationError, describe_parse_error
+from sg2img.shapes.tiny_clip import TinyClipModule
+from sg2img.train.adapter_module import SG2ImgModule
+from sg2img.train.base_module import BaseModelModule
+from sg2img.train.callbacks import RUN_ID_FILE, SaveRunConfig
 
 SUBCOMMANDS = ("fit", "validate", "test")
 
@@ -93,7 +93,7 @@ class SG2ImgCLI(LightningCLI):
     """``sg2img fit|validate|test``: trains an adapter (``SG2ImgModule``)."""
 
     model_class: type = SG2ImgModule
-    export_callback = "sg2img.callbacks.AdapterExport"  # keeps DIR/<the trained file> current
+    export_callback = "sg2img.train.callbacks.AdapterExport"  # keeps DIR/<the trained file> current
 
     def __init__(
         self, args: list[str] | None = None, run: bool = True, instantiate: bool = True, **kwargs: Any
@@ -142,7 +142,7 @@ class SG2ImgCLI(LightningCLI):
             self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"config-{job}.yaml"}
         if t.logger is None or t.logger is True:
             t.logger = Namespace(
-                class_path="sg2img.callbacks.RunLogger",
+                class_path="sg2img.train.callbacks.RunLogger",
                 init_args=Namespace(
                     project=os.environ.get("WANDB_PROJECT", "sg2img"),
                     name=root.name if job == "fit" else f"{root.name}-{job}",
@@ -156,7 +156,7 @@ class SG2ImgCLI(LightningCLI):
         plugins = t.plugins if isinstance(t.plugins, list) else [t.plugins] if t.plugins else []
         if not any("CheckpointIO" in getattr(p, "class_path", str(p)) for p in plugins):
             plugins.append(
-                Namespace(class_path="sg2img.checkpointing.AtomicCheckpointIO", init_args=Namespace())
+                Namespace(class_path="sg2img.train.checkpointing.AtomicCheckpointIO", init_args=Namespace())
             )
         t.plugins = plugins
         if t.precision is None:
@@ -182,7 +182,9 @@ class SG2ImgCLI(LightningCLI):
         if t.enable_model_summary is not False and not any(
             c.class_path.endswith("ModelSummary") for c in callbacks
         ):
-            callbacks.append(Namespace(class_path="sg2img.callbacks.ParameterSummary", init_args=Namespace()))
+            callbacks.append(
+                Namespace(class_path="sg2img.train.callbacks.ParameterSummary", init_args=Namespace())
+            )
         export_name = self.export_callback.rsplit(".", 1)[-1]  # configs may name it short or in full
         if not any(c.class_path.rsplit(".", 1)[-1] == export_name for c in callbacks):
             callbacks.append(Namespace(class_path=self.export_callback, init_args=Namespace()))
@@ -193,14 +195,14 @@ class BaseModelCLI(SG2ImgCLI):
     """``sg2img fit-base``: trains a small base model from scratch (``BaseModelModule``)."""
 
     model_class = BaseModelModule
-    export_callback = "sg2img.callbacks.BaseExport"
+    export_callback = "sg2img.train.callbacks.BaseExport"
 
 
 class ClipCLI(SG2ImgCLI):
     """``sg2img fit-clip``: trains the shapes world's tiny CLIP (``TinyClipModule``)."""
 
     model_class = TinyClipModule
-    export_callback = "sg2img.callbacks.ClipExport"
+    export_callback = "sg2img.train.callbacks.ClipExport"
 
 
 # Lightning notices that are expected here: the frozen base is in eval mode on purpose, a run may have no

@@ -14,12 +14,12 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image, ImageDraw
 
-from .checkpointing import clean_run_folders
-from .drawing import draw_scene_graph
-from .graph import SceneGraph, load_scene_graphs
+from sg2img.drawing import draw_scene_graph
+from sg2img.graph import SceneGraph, load_scene_graphs
+from sg2img.train.checkpointing import clean_run_folders
 
 log = logging.getLogger(__name__)
-EXAMPLE_GRAPHS = Path(__file__).resolve().parent.parent / "data" / "examples" / "sheep.json"
+EXAMPLE_GRAPHS = Path(__file__).resolve().parents[2] / "data" / "examples" / "sheep.json"
 RUN_ID_FILE = "wandb-run-id"  # DIR/wandb-run-id: the W&B run a fit into DIR logs to, kept for its resumption
 
 
@@ -257,8 +257,7 @@ class AdapterExport(L.Callback):
         """DIR as ``save_pretrained`` writes it: beside the adapter file, ``config.json`` and a model card
         (the base it expects, what it was trained on, how long)."""
         from ip_adapter.pretrained import write_card
-
-        from .data.datamodule import describe_source
+        from sg2img.data.datamodule import describe_source
 
         data = getattr(trainer, "datamodule", None)
         train = getattr(data, "sources", {}).get("train") if data is not None else None

@@ -36,10 +36,9 @@ from ip_adapter.image_encoder import (
     open_clip_blocks_to_transformers,
     open_clip_to_transformers,
 )
-
-from .data.records import SkipLog, TrainBatch
-from .lit_module import DiffusionSteps
-from .tokenizer import clip_tokenizer
+from sg2img.base.tokenizer import clip_tokenizer
+from sg2img.data.rows import SkipLog, TrainBatch
+from sg2img.train.adapter_module import DiffusionSteps
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +337,7 @@ EMBEDDED_CLIP = "embedded"  # the shapes world's tiny CLIP shipped in sg2img/ass
 
 def tiny_clip_path(path: str | Path) -> Path:
     """``embedded`` -> the shipped file; anything else is a path."""
-    from .models import ASSETS
+    from sg2img.base.components import ASSETS
 
     return ASSETS / "shapes-clip.safetensors" if str(path) == EMBEDDED_CLIP else Path(path)
 

@@ -25,9 +25,8 @@ from ip_adapter.image_encoder import (
     TransformersImageEncoder,
     VisionTowerSpec,
 )
-
-from .errors import ConfigurationError
-from .tokenizer import clip_tokenizer, write_clip_tokenizer_files
+from sg2img.base.tokenizer import clip_tokenizer, write_clip_tokenizer_files
+from sg2img.errors import ConfigurationError
 
 # Stable Diffusion 1.5 (runwayml/stable-diffusion-v1-5) component configs.
 SD15_UNET = {
@@ -115,9 +114,9 @@ TINY_TEXT = {
 }
 
 
-# The shapes world's base (sg2img.data.shapes): a pixel-space model at 32 px (no VAE: the UNet denoises
+# The shapes world's base (sg2img.shapes.world): a pixel-space model at 32 px (no VAE: the UNet denoises
 # RGB directly), cross-attention at 16 and 8 px (and the mid block). Its text and image encoders have the
-# sizes of the world's tiny CLIP (sg2img.tiny_clip.TinyClipConfig, whose trained towers a shapes base
+# sizes of the world's tiny CLIP (sg2img.shapes.tiny_clip.TinyClipConfig, whose trained towers a shapes base
 # reads): a causal text tower of width 48 with exact GELU, and a ViT on 32 px with 4 px patches. A cosine
 # schedule suits pixels.
 SHAPES_TEXT = {
@@ -276,7 +275,7 @@ def save_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
 # ``text_encoder.``, ``image_encoder.``) and the Preset that builds them in the metadata. This is how the
 # small trained bases ship (see ``EMBEDDED``); SD1.5-size models use diffusers folders or single files.
 BASE_FILE_FORMAT = "sg2img-base"
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 EMBEDDED = "embedded"  # the trained shapes-world base that ships with the package
 EMBEDDED_BASE_FILE = ASSETS / "shapes-base.safetensors"
 

@@ -37,14 +37,13 @@ from PIL import Image
 
 from ip_adapter import IMAGE_STREAM, ImageEncoder, ImageFeatures, Stream, TransformersImageEncoder
 from ip_adapter.attention import AttentionRecorder, Scale
-
-from .adapter import SG_STREAM, SceneGraphAdapter
-from .gnn import GraphTokens, token_labels
-from .graph import SceneGraph
-from .graph_batch import graphs_to_batch
-from .injection import is_zero
-from .labels import LabelEmbedder
-from .models import IP_ADAPTER_IMAGE_ENCODER, Components, load_image_encoder
+from sg2img.base.components import IP_ADAPTER_IMAGE_ENCODER, Components, load_image_encoder
+from sg2img.graph import SceneGraph
+from sg2img.graph_batch import graphs_to_batch
+from sg2img.model.adapter import SG_STREAM, SceneGraphAdapter
+from sg2img.model.gnn import GraphTokens, token_labels
+from sg2img.model.injection import is_zero
+from sg2img.model.labels import LabelEmbedder
 
 
 @dataclass
@@ -190,7 +189,7 @@ class SceneGraphPipelineMixin:
 
     @classmethod
     def from_components(cls, parts: Components, **kwargs: Any):
-        """From already-built parts (a preset, or ``sg2img.models.load_base``)."""
+        """From already-built parts (a preset, or ``sg2img.base.components.load_base``)."""
         given = parts.pipeline_kwargs()
         scheduler = given["scheduler"]
         # StableDiffusionPipeline.__init__ "repairs" old hub scheduler configs in place: steps_offset
@@ -209,7 +208,7 @@ class SceneGraphPipelineMixin:
         branch alone) and attach it to the UNet.
 
         ``image_encoder``: where the CLIP vision tower comes from when the adapter has an image branch
-        (see ``sg2img.models.load_image_encoder``); default: the pipeline's ``image_encoder``, else
+        (see ``sg2img.base.components.load_image_encoder``); default: the pipeline's ``image_encoder``, else
         IP-Adapter's ViT-H/14 (``h94/IP-Adapter``, ``models/image_encoder``).
         """
         adapter = SceneGraphAdapter.from_file(

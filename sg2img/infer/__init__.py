@@ -1,0 +1,1 @@
+"""Inference: the diffusers pipelines with the adapter, and the ``sg2img generate`` command."""
