@@ -28,7 +28,7 @@ processor that accepts the streams and ignores them, so diffusers logs nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -137,12 +137,43 @@ def _heads(x: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
     return x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)  # (B, H, S, dh)
 
 
+class KVCache:
+    """K/V of the constant token sequences of one generation (the text, each stream), so each is projected
+    once, not at every step (``DecoupledAttention.caching``). Entries are keyed by the tokens' storage, view
+    and version; each keeps its source tensor alive, so no later tensor can take over its storage and key."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def key_value(
+        self,
+        tag: tuple,
+        tokens: torch.Tensor,
+        project: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``project(tokens)``, or what it gave for this very tensor before."""
+        key = (*tag, *_identity(tokens))
+        if key not in self._entries:
+            self._entries[key] = (tokens, *project(tokens))
+        _, k, v = self._entries[key]
+        return k, v
+
+
 class DecoupledAttnProcessor(nn.Module):
     """SDPA attention processor with one decoupled branch per named stream.
 
     With no streams (self-attention layers) it is a plain ``AttnProcessor2_0`` that accepts and ignores
     ``streams``. The text path is computed exactly as ``AttnProcessor2_0`` does, and a branch whose scale
     is 0 is skipped, so scale 0 reproduces the plain UNet bit for bit.
+
+    A branch is four steps, each its own method: the stream's rows (``_batch_rows``), its query
+    (``_stream_query``: plus a learned position term for a positional stream), its K/V (``_key_value``:
+    through the generation's ``KVCache`` when one is set) and what each query may see (``_visibility``:
+    padding, and hard or soft confinement to the tokens' regions). A recorder, when set, observes the
+    result; none of the optional features costs anything when it is off.
     """
 
     def __init__(
@@ -172,11 +203,10 @@ class DecoupledAttnProcessor(nn.Module):
         self.stream_names: tuple[str, ...] = tuple(streams)
         self.layer_name = layer_name
         self.scale: dict[str, float] = {}
-        self.recorder: AttentionRecorder | None = None  # set only while attention maps are recorded
-        # While set (DecoupledAttention.caching, one generation): K/V of the constant token sequences (text
-        # and streams), keyed by the tokens' storage and version, so each is projected once, not per step.
-        # Each entry keeps its source tensor alive, so no later tensor can take over its storage and key.
-        self.kv_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        # the optional features, each off unless set: attention maps (DecoupledAttention.recording) and the
+        # K/V cache of one generation (DecoupledAttention.caching)
+        self.recorder: AttentionRecorder | None = None
+        self.kv_cache: KVCache | None = None
         for s in self.stream_names:
             if not s.isidentifier():
                 raise ValueError(f"stream name {s!r} must be a Python identifier")
@@ -230,23 +260,20 @@ class DecoupledAttnProcessor(nn.Module):
         query = _heads(query, batch_size, attn.heads)  # (B, H, S, dh)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
-        cache_key = None
-        if encoder_hidden_states is not None and self.kv_cache is not None:
-            cache_key = ("text", *_identity(encoder_hidden_states))
-        if cache_key is not None and cache_key in self.kv_cache:
-            _, key, value = self.kv_cache[cache_key]
-        else:
-            source = encoder_hidden_states
-            if encoder_hidden_states is None:
-                encoder_hidden_states = hidden_states
-            elif attn.norm_cross:
-                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-            key = _heads(attn.to_k(encoder_hidden_states), batch_size, attn.heads)
-            value = _heads(attn.to_v(encoder_hidden_states), batch_size, attn.heads)
-            if attn.norm_k is not None:
-                key = attn.norm_k(key)
-            if cache_key is not None:
-                self.kv_cache[cache_key] = (source, key, value)
+
+        def project(context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            key = _heads(attn.to_k(context), batch_size, attn.heads)
+            value = _heads(attn.to_v(context), batch_size, attn.heads)
+            return (attn.norm_k(key) if attn.norm_k is not None else key), value
+
+        if encoder_hidden_states is None:  # self-attention: the keys change with every input
+            key, value = project(hidden_states)
+        else:  # the text: constant through a generation
+            key, value = self._key_value(
+                ("text",),
+                encoder_hidden_states,
+                lambda text: project(attn.norm_encoder_hidden_states(text) if attn.norm_cross else text),
+            )
         hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
         hidden_states = hidden_states.transpose(1, 2).reshape(
             batch_size, -1, query.shape[1] * query.shape[-1]
@@ -277,15 +304,46 @@ class DecoupledAttnProcessor(nn.Module):
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
+    def _key_value(
+        self,
+        tag: tuple,
+        tokens: torch.Tensor,
+        project: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of a token sequence: projected now, or once per generation while a cache is set."""
+        return project(tokens) if self.kv_cache is None else self.kv_cache.key_value(tag, tokens, project)
+
     def _branch_attention(
         self, name: str, stream: Stream, query: torch.Tensor, batch_size: int, heads: int
     ) -> torch.Tensor:
         to_k, to_v = self.branch(name)
-        tokens, mask = stream.tokens, stream.mask
-        if tokens.shape[-1] != to_k.in_features:
+        tokens, mask, regions = self._batch_rows(name, stream, batch_size, to_k.in_features)
+        query = self._stream_query(name, query, heads)
+
+        def project(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            t = t.to(query.dtype)
+            return _heads(to_k(t), batch_size, heads), _heads(to_v(t), batch_size, heads)  # (B, H, N, dh)
+
+        key, value = self._key_value((name, query.dtype), tokens, project)
+        seen, empty = self._visibility(name, tokens, mask, regions, query)
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=None if seen is None else seen[:, None]
+        )
+        if empty is not None:
+            out = out.masked_fill(empty[:, None], 0.0)
+        if self.recorder is not None and self.recorder.stream == name:
+            self.recorder.add(query, key, seen)
+        return out.transpose(1, 2).reshape(batch_size, -1, out.shape[1] * out.shape[-1]).to(query.dtype)
+
+    def _batch_rows(
+        self, name: str, stream: Stream, batch_size: int, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The stream's tokens, mask and regions for this batch (a single row is shared by every row)."""
+        tokens, mask, regions = stream.tokens, stream.mask, stream.regions
+        if tokens.shape[-1] != width:
             raise ValueError(
                 f"{self.layer_name}: stream {name!r} tokens have width {tokens.shape[-1]}, but this UNet's "
-                f"cross_attention_dim is {to_k.in_features}"
+                f"cross_attention_dim is {width}"
             )
         if tokens.shape[0] != batch_size:
             if tokens.shape[0] != 1:
@@ -295,52 +353,47 @@ class DecoupledAttnProcessor(nn.Module):
                 )
             tokens = tokens.expand(batch_size, -1, -1)
             mask = None if mask is None else mask.expand(batch_size, -1)
-        if name in self.positional:
-            query = query + self._position_query(name, query.shape[2], heads).to(query)
-        bias = None  # soft confinement: (B, S, N) added to the scores
-        if stream.regions is not None:
-            regions = stream.regions
-            if regions.shape[0] != batch_size:
-                regions = regions.expand(batch_size, -1, -1)
+        if regions is not None and regions.shape[0] != batch_size:
+            regions = regions.expand(batch_size, -1, -1)
+        return tokens, mask, regions
+
+    def _stream_query(self, name: str, query: torch.Tensor, heads: int) -> torch.Tensor:
+        """The query of stream ``name``: the text path's, plus the learned position term if positional."""
+        if name not in self.positional:
+            return query
+        return query + self._position_query(name, query.shape[2], heads).to(query)
+
+    def _visibility(
+        self,
+        name: str,
+        tokens: torch.Tensor,
+        mask: torch.Tensor | None,
+        regions: torch.Tensor | None,
+        query: torch.Tensor,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(what each query may see, which outputs are zeroed): the attention mask (B, S or 1, N), bool, or
+        float for soft confinement (the bias, -inf for padding), or None when every token is seen; and the
+        (B, S or 1, 1) rows that see no real token. Such a row would softmax over nothing (NaN): it attends
+        to every token instead and its output is zeroed, so it contributes exactly 0."""
+        if regions is not None:
             grid = self._grid(name, query.shape[2])
             if name in self.soft_regions:
                 width = getattr(self, f"region_width_{name}").exp()
-                bias = -((region_distance(regions.float(), *grid) / width) ** 2)
-            else:
-                visible = region_mask(regions.float(), *grid)  # (B, S, N)
-                if mask is None:
-                    mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-                mask = mask[:, None, :] & visible
-        cache_key = (name, *_identity(tokens), query.dtype) if self.kv_cache is not None else None
-        if cache_key is not None and cache_key in self.kv_cache:
-            _, key, value = self.kv_cache[cache_key]
-        else:
-            source, tokens = tokens, tokens.to(query.dtype)
-            key = _heads(to_k(tokens), batch_size, heads)  # (B, H, N, dh)
-            value = _heads(to_v(tokens), batch_size, heads)
-            if cache_key is not None:
-                self.kv_cache[cache_key] = (source, key, value)
-        if bias is not None:
-            # the soft mask: the bias, with -inf for padding; a sample with no real token gets exactly 0
-            real = mask[:, None, :] if mask is not None else torch.ones_like(bias[:, :1], dtype=torch.bool)
-            empty = ~real.any(dim=-1, keepdim=True)  # (B, 1, 1)
-            seen = bias.masked_fill(~(real | empty), float("-inf")).to(query.dtype)  # (B, S, N)
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=seen[:, None])
-            out = out.masked_fill(empty[:, None], 0.0)
-        elif mask is None:
-            out = F.scaled_dot_product_attention(query, key, value)
-            seen = None
-        else:
-            # A sample (or, with regions, a query) with no visible token would softmax over nothing (NaN);
-            # let it attend to every token and zero its output instead, so it gets exactly 0.
-            mask = mask if mask.ndim == 3 else mask[:, None, :]  # (B, S or 1, N)
-            empty = ~mask.any(dim=-1, keepdim=True)  # (B, S or 1, 1)
-            seen = mask | empty
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=seen[:, None])
-            out = out.masked_fill(empty[:, None], 0.0)
-        if self.recorder is not None and self.recorder.stream == name:
-            self.recorder.add(query, key, seen)
-        return out.transpose(1, 2).reshape(batch_size, -1, out.shape[1] * out.shape[-1]).to(query.dtype)
+                bias = -((region_distance(regions.float(), *grid) / width) ** 2)  # (B, S, N)
+                real = (
+                    mask[:, None, :] if mask is not None else torch.ones_like(bias[:, :1], dtype=torch.bool)
+                )
+                empty = ~real.any(dim=-1, keepdim=True)  # (B, 1, 1)
+                return bias.masked_fill(~(real | empty), float("-inf")).to(query.dtype), empty
+            visible = region_mask(regions.float(), *grid)  # (B, S, N)
+            if mask is None:
+                mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+            mask = mask[:, None, :] & visible
+        if mask is None:
+            return None, None
+        mask = mask if mask.ndim == 3 else mask[:, None, :]  # (B, S or 1, N)
+        empty = ~mask.any(dim=-1, keepdim=True)  # (B, S or 1, 1)
+        return mask | empty, empty
 
     def _grid(self, name: str, positions: int) -> tuple[int, int]:
         """This layer's (h, w) query grid: from the UNet input's size, else a square."""
@@ -554,7 +607,7 @@ class DecoupledAttention(nn.Module):
         if torch.is_grad_enabled():
             raise RuntimeError("K/V caching is for inference: use it under torch.no_grad()")
         for proc in self.processors():
-            proc.kv_cache = {}
+            proc.kv_cache = KVCache()
         try:
             yield
         finally:
