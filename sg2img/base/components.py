@@ -436,6 +436,18 @@ IP_ADAPTER_IMAGE_ENCODER = (
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
 
+def base_components(
+    source: str | Path, single_file_config: str | None = None, dtype: torch.dtype | None = None, seed: int = 0
+) -> Components:
+    """The parts of the base ``source`` names, the one answer to "which base is this?": a preset name (random
+    weights from ``seed``), ``embedded``, a base file, a diffusers folder, a single-file checkpoint or a hub
+    id (``load_pipeline_parts``)."""
+    source = str(source)
+    if source in PRESETS:
+        return build_components(source, seed=seed)
+    return load_pipeline_parts(source, single_file_config, dtype)
+
+
 def load_base(
     source: str | Path = "tiny",
     image_encoder: str | None = None,
@@ -457,27 +469,22 @@ def load_base(
     ``image_encoder_required=False`` (no image branch) a base without one is left without one.
     """
     source = str(source)
-    if source in PRESETS:
-        parts = build_components(source, seed=seed)
-        if image_encoder is not None:
-            parts.image_encoder = load_image_encoder(image_encoder)
-    else:
-        parts = load_pipeline_parts(source, single_file_config, dtype)
-        if image_encoder is not None:
-            parts.image_encoder = load_image_encoder(image_encoder)
-        elif parts.image_encoder is None and image_encoder_required:
-            default = ":".join(IP_ADAPTER_IMAGE_ENCODER)
-            try:
-                parts.image_encoder = load_image_encoder(default)
-            except (OSError, ValueError) as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ConfigurationError(
-                    f"model.image_branch is on, but no image encoder is configured: the base {source} has no "
-                    f"image_encoder/ folder, model.image_encoder is not set, and IP-Adapter's ({default}) "
-                    f"could not be loaded ({first}). Set model.image_encoder to a local "
-                    "CLIPVisionModelWithProjection folder or open_clip:MODEL:FILE, or set "
-                    "model.image_branch: false."
-                ) from e
+    parts = base_components(source, single_file_config, dtype, seed)
+    if image_encoder is not None:
+        parts.image_encoder = load_image_encoder(image_encoder)
+    elif source not in PRESETS and parts.image_encoder is None and image_encoder_required:
+        default = ":".join(IP_ADAPTER_IMAGE_ENCODER)
+        try:
+            parts.image_encoder = load_image_encoder(default)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigurationError(
+                f"model.image_branch is on, but no image encoder is configured: the base {source} has no "
+                f"image_encoder/ folder, model.image_encoder is not set, and IP-Adapter's ({default}) "
+                f"could not be loaded ({first}). Set model.image_encoder to a local "
+                "CLIPVisionModelWithProjection folder or open_clip:MODEL:FILE, or set "
+                "model.image_branch: false."
+            ) from e
     for m in (parts.unet, parts.vae, parts.text_encoder, parts.image_encoder):
         if m is None:
             continue
@@ -579,6 +586,7 @@ __all__ = [
     "Components",
     "ModelNotFoundError",
     "Preset",
+    "base_components",
     "base_file_preset",
     "build_components",
     "build_on_meta",

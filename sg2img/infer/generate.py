@@ -123,22 +123,20 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtyp
 def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     """(pipeline, description of model and adapter for the record). No ``--model``: the embedded default
     (and its adapter unless ``--adapter`` names another, or ``none``)."""
-    from sg2img.base.components import PRESETS, build_components, load_pipeline_parts
+    from sg2img.base.components import PRESETS, base_components
     from sg2img.infer.pipeline import SG2ImgPipeline
-    from sg2img.shapes.embedded import DESCRIPTION, EMBEDDED, EMBEDDED_ADAPTER_FILE, embedded_base
+    from sg2img.shapes.embedded import DESCRIPTION, EMBEDDED, EMBEDDED_ADAPTER_FILE
 
-    info: dict[str, Any] = {}
-    embedded = args.model is None or str(args.model) == EMBEDDED
-    if embedded:
-        parts = embedded_base()
-        info["model"] = DESCRIPTION
-    elif args.model in PRESETS:
-        parts = build_components(args.model, seed=0)
-        info["model"] = f"preset {args.model} (random weights, seed 0)"
-    else:
-        parts = load_pipeline_parts(args.model, args.single_file_config)
-        info["model"] = str(args.model)
-    pipe = SG2ImgPipeline.from_components(parts)
+    source = EMBEDDED if args.model is None else str(args.model)
+    embedded = source == EMBEDDED
+    info: dict[str, Any] = {
+        "model": DESCRIPTION
+        if embedded
+        else f"preset {source} (random weights, seed 0)"
+        if source in PRESETS
+        else source
+    }
+    pipe = SG2ImgPipeline.from_components(base_components(source, args.single_file_config))
     pipe.use_ddim()
     adapter = args.adapter
     if adapter is None and embedded:
