@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -37,8 +36,8 @@ from ip_adapter.image_encoder import (
     open_clip_to_transformers,
 )
 from sg2img.base.tokenizer import clip_tokenizer
-from sg2img.data.rows import SkipLog, TrainBatch
-from sg2img.train.adapter_module import DiffusionSteps
+from sg2img.data.rows import TrainBatch
+from sg2img.train.core import TrainingSteps
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +176,7 @@ def clip_normalise(pixels: torch.Tensor) -> torch.Tensor:
     return ((pixels + 1) / 2 - mean) / std
 
 
-class TinyClipModule(DiffusionSteps, L.LightningModule):
+class TinyClipModule(TrainingSteps):
     """Trains a tiny open_clip CLIP on captioned images (``sg2img fit-clip``).
 
     Args:
@@ -196,15 +195,14 @@ class TinyClipModule(DiffusionSteps, L.LightningModule):
         warmup_steps: int = 100,
         seed: int = 0,
     ):
-        super().__init__()
+        super().__init__(seed)
         from open_clip.loss import ClipLoss
 
         self.config, self.hard_negatives = clip, hard_negatives
-        self.lr, self.weight_decay, self.warmup_steps, self.seed = lr, weight_decay, warmup_steps, seed
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.model = build_tiny_clip(clip, seed)
         self.tokenizer = clip_tokenizer()
         self.clip_loss = ClipLoss()
-        self.skips = SkipLog()
 
     def data_requirements(self) -> dict[str, Any]:
         return {"resolution": self.config.image_size, "clip_size": None}  # normalised here, from pixels

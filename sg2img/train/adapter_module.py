@@ -20,12 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from diffusers.training_utils import compute_snr
 from PIL import Image
 from torch_geometric.data import Batch
 
@@ -42,14 +40,14 @@ from sg2img.base.components import (
     load_base,
     read_preset_from_folder,
 )
-from sg2img.data.rows import SkipLog, TrainBatch
-from sg2img.errors import ConfigurationError, NonFiniteLossError
+from sg2img.data.rows import TrainBatch
+from sg2img.errors import ConfigurationError
 from sg2img.graph import SceneGraph
 from sg2img.graph_batch import drop_graphs, embed_label_batch
 from sg2img.model.adapter import SG_ENCODER, SG_STREAM, SceneGraphAdapter, SGAdapterConfig
 from sg2img.model.gnn import GNNConfig, GraphTokens, TokenConfig
 from sg2img.model.labels import LabelEmbedder
-from sg2img.train.checkpointing import continue_after_epoch_end
+from sg2img.train.core import TrainingSteps, diffusion_target, snr_loss_weights
 
 log = logging.getLogger(__name__)
 
@@ -120,113 +118,7 @@ def branch_of(name: str) -> str | None:
     return None
 
 
-def diffusion_target(
-    scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-) -> torch.Tensor:
-    """What the UNet learns to predict, from the base's ``prediction_type``."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    if kind == "sample":
-        return latents
-    raise ValueError(f"unsupported prediction_type {kind!r} in the base's scheduler config")
-
-
-def snr_loss_weights(
-    scheduler: DDPMScheduler, timesteps: torch.Tensor, kind: str, gamma: float
-) -> torch.Tensor | None:
-    """Per-sample loss weights of timesteps: ``none`` (None: the plain MSE), ``min_snr`` (Hang et al. 2023:
-    min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v-prediction: low noise weighs less) or ``inv_snr``
-    (min(1 / SNR, gamma): high noise weighs more, capped)."""
-    if kind == "none":
-        return None
-    snr = compute_snr(scheduler, timesteps).clamp_min(1e-8)
-    if kind == "min_snr":
-        if scheduler.config.prediction_type == "v_prediction":
-            return snr.clamp_max(gamma) / (snr + 1)
-        return snr.clamp_max(gamma) / snr
-    return (1.0 / snr).clamp_max(gamma)
-
-
-FAULTS_KEY = "sg2img_faults"  # checkpoint entry: skipped rows and non-finite losses so far
-
-
-class DiffusionSteps:
-    """The training, validation and test steps shared by the adapter and the base-model modules: the
-    per-step seeded generator (fixed noise for evaluation, comparable across a run), skipped-row
-    accounting, and the logged loss. The module supplies ``seed``, ``skips`` and ``diffusion_loss``."""
-
-    def step_generator(self, *key: int) -> torch.Generator:
-        h = self.seed
-        for k in key:
-            h = (h * 1_000_003 + int(k) + 1) % (2**63 - 1)
-        return torch.Generator(device=self.device).manual_seed(h)
-
-    def _step(self, batch: TrainBatch, batch_idx: int, stage: str) -> torch.Tensor | None:
-        if batch.skipped:
-            self.skips.add(batch.skipped)
-            self.log(f"{stage}/skipped_rows", float(self.skips.total), batch_size=max(batch.batch_size, 1))
-        if batch.batch_size == 0:
-            return None
-        if stage == "train":
-            g = self.step_generator(self.current_epoch, batch_idx, self.global_rank)
-        else:  # fixed noise for evaluation: comparable across the run
-            g = self.step_generator(10**6 + batch_idx, self.global_rank)
-        loss = self.diffusion_loss(batch, g)
-        if not bool(torch.isfinite(loss.detach())):
-            return self._nonfinite(loss, batch, batch_idx, stage)
-        self.log(
-            f"{stage}/loss", loss, prog_bar=True, batch_size=batch.batch_size, sync_dist=stage != "train"
-        )
-        return loss
-
-    def _nonfinite(self, loss: torch.Tensor, batch: TrainBatch, batch_idx: int, stage: str) -> None:
-        """A NaN or inf loss: with ``nonfinite_loss: skip`` the batch is passed over (no backward, no
-        optimiser step) and counted in ``<stage>/nonfinite_losses``; with ``stop`` the run ends here with
-        this message, before the weights change, so the checkpoints and the exported file on disk stay
-        the last good ones."""
-        where = (
-            f"{stage} step {self.global_step} (batch {batch_idx}, rows {batch.keys[:4]}"
-            f"{' ...' if batch.batch_size > 4 else ''}): loss is {loss.item()}"
-        )
-        if getattr(self, "nonfinite_loss", "stop") == "skip":
-            self.nonfinite_count = getattr(self, "nonfinite_count", 0) + 1
-            self.log(f"{stage}/nonfinite_losses", float(self.nonfinite_count), batch_size=batch.batch_size)
-            log.warning("%s; batch skipped (%d so far)", where, self.nonfinite_count)
-            return None
-        raise NonFiniteLossError(
-            f"{where}. The run stops here (model.nonfinite_loss: stop), before this batch changes any weight; "
-            "the checkpoints and the exported file on disk are the last good ones. Set "
-            "model.nonfinite_loss: skip to pass over such batches and count them instead."
-        )
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # the run's fault counts go on across a resume: the end-of-run summary covers the whole run
-        checkpoint[FAULTS_KEY] = {
-            "skipped_rows": self.skips.state_dict(),
-            "nonfinite_losses": getattr(self, "nonfinite_count", 0),
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        continue_after_epoch_end(checkpoint)  # a resume at an epoch boundary keeps the data order
-        faults = checkpoint.get(FAULTS_KEY)
-        if faults is not None:
-            self.skips.load_state_dict(faults["skipped_rows"])
-            self.nonfinite_count = int(faults["nonfinite_losses"])
-
-    def training_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor | None:
-        return self._step(batch, batch_idx, "train")
-
-    def validation_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor | None:
-        return self._step(batch, batch_idx, "val")
-
-    def test_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor | None:
-        return self._step(batch, batch_idx, "test")
-
-
-class SG2ImgModule(DiffusionSteps, L.LightningModule):
+class SG2ImgModule(TrainingSteps):
     """Trains the adapter on a frozen base.
 
     Args:
@@ -295,7 +187,7 @@ class SG2ImgModule(DiffusionSteps, L.LightningModule):
         nonfinite_loss: Literal["stop", "skip"] = "stop",
         seed: int = 0,
     ):
-        super().__init__()
+        super().__init__(seed, nonfinite_loss)
         if not (image_branch or graph_branch):
             raise ValueError("at least one of image_branch and graph_branch must be on")
         self.base, self.image_encoder_source, self.single_file_config = (
@@ -336,13 +228,9 @@ class SG2ImgModule(DiffusionSteps, L.LightningModule):
         self.timesteps, self.timestep_shift = timesteps, timestep_shift
         self.loss_weighting, self.snr_gamma = loss_weighting, snr_gamma
         self.dropout, self.optim = dropout, optimizer
-        self.base_dtype, self.seed = base_dtype, seed
+        self.base_dtype = base_dtype
         self.channels_last, self.compile_unet = channels_last, compile_unet
-        if nonfinite_loss not in ("stop", "skip"):
-            raise ValueError(f"nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}")
-        self.nonfinite_loss = nonfinite_loss
         self.unet = self.vae = self.text_encoder = self.image_encoder = self.adapter = None
-        self.skips = SkipLog()
 
     # --- building --------------------------------------------------------------------------------
     def _frozen_dtype(self) -> torch.dtype:

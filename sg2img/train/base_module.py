@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DConditionModel
@@ -35,14 +34,14 @@ from sg2img.base.components import (
     load_base,
     save_base_file,
 )
-from sg2img.data.rows import SkipLog, TrainBatch
+from sg2img.data.rows import TrainBatch
 from sg2img.graph import SceneGraph
-from sg2img.train.adapter_module import DiffusionSteps, diffusion_target, snr_loss_weights
+from sg2img.train.core import TrainingSteps, diffusion_target, snr_loss_weights
 
 log = logging.getLogger(__name__)
 
 
-class BaseModelModule(DiffusionSteps, L.LightningModule):
+class BaseModelModule(TrainingSteps):
     """Trains a base model's UNet on captioned images.
 
     Args:
@@ -80,7 +79,7 @@ class BaseModelModule(DiffusionSteps, L.LightningModule):
         text_lr: float | None = None,
         seed: int = 0,
     ):
-        super().__init__()
+        super().__init__(seed)
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
         if not 0.0 <= ema_decay < 1.0:
@@ -100,15 +99,9 @@ class BaseModelModule(DiffusionSteps, L.LightningModule):
                 f"text_lr must be positive (or null: the text encoder stays frozen), got {text_lr}"
             )
         self.text_lr = text_lr
-        self.warmup_steps, self.ema_decay, self.snr_gamma, self.seed = (
-            warmup_steps,
-            ema_decay,
-            snr_gamma,
-            seed,
-        )
+        self.warmup_steps, self.ema_decay, self.snr_gamma = warmup_steps, ema_decay, snr_gamma
         self.unet = self.vae = self.text_encoder = self.image_encoder = None
         self.ema: EMAModel | None = None
-        self.skips = SkipLog()
 
     # --- building --------------------------------------------------------------------------------
     def configure_model(self) -> None:
