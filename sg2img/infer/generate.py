@@ -22,10 +22,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ip_adapter import CheckpointError
+from sg2img.base.dtypes import DTYPES
 from sg2img.graph import Limits, SceneGraph, load_scene_graphs
 
 RECORD = "generate.json"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 VERSIONED = (
     "sg2img",
     "torch",

@@ -40,6 +40,7 @@ from sg2img.base.components import (
     load_base,
     read_preset_from_folder,
 )
+from sg2img.base.dtypes import DTYPES
 from sg2img.data.rows import TrainBatch
 from sg2img.errors import ConfigurationError
 from sg2img.graph import SceneGraph
@@ -50,8 +51,6 @@ from sg2img.model.labels import LabelEmbedder
 from sg2img.train.core import TrainingSteps, diffusion_target, snr_loss_weights
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
