@@ -173,26 +173,27 @@ def test_a_cache_made_with_other_encoders_is_refused_at_start_up():
     check_source(_CachedRows(text_embeds=48, image_embeds=48, patch_tokens=40), need)  # fits
 
 
-def test_the_data_module_reads_the_models_requirements(tmp_path):
+def test_the_model_hands_its_requirements_to_the_data_module(tmp_path):
     import lightning as L
 
     manifest = graphless_manifest(tmp_path / "d")
     dm = SG2ImgDataModule(train=JsonlManifest(manifest))
-    assert dm.requirements() == {}  # no trainer: nothing to check against
+    assert dm.requirements() == {}  # no model yet: nothing to check against
     module = SG2ImgModule(base="tiny", image_tokens="patch", gnn=GNNConfig("triplet", 1, 16, 32))
     trainer = L.Trainer(
         accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
     )
-    trainer.strategy.connect(module)  # what fit does before it sets up the data
-    dm.trainer = trainer
+    module.trainer, trainer.datamodule = trainer, dm  # what fit does before it sets up the data
+    module.setup("fit")  # Lightning's hook, after the data module's own setup and before any loader
     need = dm.requirements()
     tiny = get_preset("tiny")
     assert need == module.data_requirements()
     assert need["resolution"] == tiny.vae["sample_size"]
     assert need["clip_size"] == tiny.image_encoder.image_size and need["graphs"] is True
     assert need["widths"]["patch_tokens"] == tiny.image_encoder.hidden_size
-    preprocess = dm.preprocess()  # and builds its preprocessing from them
+    preprocess = dm.preprocess()  # and builds its preprocessing from them, with the base's own tokenizer
     assert (preprocess.resolution, preprocess.clip_size) == (need["resolution"], need["clip_size"])
+    assert preprocess.tokenizer is module.tokenizer
 
 
 def test_graphless_webdataset_shards_are_refused_for_a_graph_branch(tmp_path):

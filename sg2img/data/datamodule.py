@@ -21,7 +21,11 @@ PROBE_ROWS = 32  # rows of the training data read at start-up to check it suits 
 class SG2ImgDataModule(L.LightningDataModule):
     """``train``/``val``/``test``: any source (``JsonlManifest``, ``VisualGenome``, ``CocoStuff``, ``LaionSG``,
     ``WebDatasetShards``, ``CachedRows``). ``resolution`` and ``clip_size`` default to what the model needs
-    (its VAE sample size and its CLIP tower's input size)."""
+    (its VAE sample size and its CLIP tower's input size).
+
+    The data module never asks a model anything: the model hands its requirements over
+    (``use_requirements``, from ``TrainingSteps.setup`` or the CLI's startup check), and captions are
+    tokenised by the tokenizer in them, the base's own."""
 
     def __init__(
         self,
@@ -45,34 +49,34 @@ class SG2ImgDataModule(L.LightningDataModule):
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.shuffle, self.seed, self.pin_memory = num_workers, shuffle, seed, pin_memory
         self.resolution, self.clip_size = resolution, clip_size
-        self._tokenizer = None
+        self._requirements: dict[str, Any] = {}
         self._checked: tuple[Any, dict[str, Any]] | None = None  # (source, requirements) already probed
 
+    def use_requirements(self, requirements: dict[str, Any]) -> None:
+        """What the model to be trained needs of its rows (its ``data_requirements()``): image sizes,
+        whether rows need graphs, the widths of cached encoder outputs and its tokenizer."""
+        self._requirements = dict(requirements)
+
     def requirements(self) -> dict[str, Any]:
-        """The attached model's ``data_requirements()`` ({} without a trainer)."""
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        if module is None or not hasattr(module, "data_requirements"):
-            return {}
-        return module.data_requirements()
+        """The requirements handed over by the model ({} before any)."""
+        return self._requirements
 
     def preprocess(self, requirements: dict[str, Any] | None = None) -> Preprocess:
-        """The row transform for this model (``requirements``: its ``data_requirements()``; default: the
-        attached trainer's model's)."""
+        """The row transform for this model (``requirements``: its ``data_requirements()``; default: those
+        handed over)."""
         resolution, clip_size = self.resolution, self.clip_size
-        need = {}
-        if resolution is None or clip_size is None:
-            need = requirements if requirements is not None else self.requirements()
+        need = requirements if requirements is not None else self.requirements()
         if need:
             resolution = resolution or need["resolution"]
             clip_size = clip_size or need.get("clip_size")  # None: the model reads no CLIP pixels
         elif resolution is None:
             raise ValueError(
-                "set data.resolution (and data.clip_size), or attach the data module to a trainer"
+                "set data.resolution (and data.clip_size), or hand the data module the model's requirements"
             )
-        # without a trainer, a resolution set with no clip_size means no CLIP pixels (a graph-only model)
-        if self._tokenizer is None:
-            self._tokenizer = clip_tokenizer()
-        return Preprocess(resolution, clip_size, self._tokenizer)
+        # with no model, a resolution set with no clip_size means no CLIP pixels (a graph-only model), and
+        # captions get the CLIP tokenizer every SD1.5 base uses
+        tokenizer = need.get("tokenizer") or clip_tokenizer()
+        return Preprocess(resolution, clip_size, tokenizer)
 
     def _loader(self, stage: str) -> DataLoader | list:
         source = self.sources[stage]
@@ -123,6 +127,7 @@ class SG2ImgDataModule(L.LightningDataModule):
             source.transform = self.preprocess(requirements)
         check_source(source, requirements)
         self._checked = (source, requirements)
+        self.use_requirements(requirements)
 
     def train_dataloader(self):
         return self._loader("train")

@@ -205,7 +205,8 @@ class TinyClipModule(TrainingSteps):
         self.clip_loss = ClipLoss()
 
     def data_requirements(self) -> dict[str, Any]:
-        return {"resolution": self.config.image_size, "clip_size": None}  # normalised here, from pixels
+        # CLIP-normalised here, from the pixels
+        return {"resolution": self.config.image_size, "clip_size": None, "tokenizer": self.tokenizer}
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         return self.tokenizer(

@@ -426,6 +426,7 @@ class SG2ImgModule(TrainingSteps):
             "clip_size": int(spec.image_size) if self.has_image else None,
             "graphs": self.has_graph,
             "widths": widths,
+            "tokenizer": self.tokenizer,  # captions are tokenised as the base reads them
         }
 
     @torch.no_grad()

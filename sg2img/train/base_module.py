@@ -215,7 +215,8 @@ class BaseModelModule(TrainingSteps):
     def data_requirements(self) -> dict[str, int]:
         self.configure_model()
         side = self.vae.config.sample_size if self.vae is not None else self.unet.config.sample_size
-        return {"resolution": int(side), "clip_size": None}  # a base reads text, not CLIP pixels
+        # a base reads text, not CLIP pixels
+        return {"resolution": int(side), "clip_size": None, "tokenizer": self.tokenizer}
 
     def _text(self, input_ids: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
         ids = input_ids.to(self.device)

@@ -69,6 +69,17 @@ class TrainingSteps(L.LightningModule):
     def diffusion_loss(self, batch: TrainBatch, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
 
+    def data_requirements(self) -> dict[str, Any]:
+        """What this model needs of its rows: ``resolution``, ``clip_size`` (None: no CLIP pixels), and
+        optionally ``graphs``, ``widths`` (of cached encoder outputs) and ``tokenizer``."""
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        # the model hands its requirements to the data module; the data module never asks the model
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "use_requirements"):
+            datamodule.use_requirements(self.data_requirements())
+
     def step_generator(self, *key: int) -> torch.Generator:
         h = self.seed
         for k in key:
