@@ -383,8 +383,14 @@ class SceneGraphPipelineMixin:
             cond = cond.repeat_interleave(n, dim=0)
             return torch.cat([uncond.repeat_interleave(n, dim=0), cond]) if do_cfg else cond
 
-        text, negative_text = self.encode_prompt(
-            prompts, self.unet.device, 1, do_cfg, negative_prompt, clip_skip=kwargs.get("clip_skip")
+        text, negative_text = self.encode_prompt(  # as the parent call would encode them
+            prompts,
+            self.unet.device,
+            1,
+            do_cfg,
+            negative_prompt,
+            lora_scale=(cross_attention_kwargs or {}).get("scale"),
+            clip_skip=kwargs.get("clip_skip"),
         )
         text_rows = rows(negative_text, text) if do_cfg else rows(text, text)
         streams: dict[str, Stream] = {}
