@@ -50,6 +50,7 @@ class SG2ImgDataModule(L.LightningDataModule):
         self.num_workers, self.shuffle, self.seed, self.pin_memory = num_workers, shuffle, seed, pin_memory
         self.resolution, self.clip_size = resolution, clip_size
         self._requirements: dict[str, Any] = {}
+        self._clip_tokenizer = None  # the fallback when no model has handed its tokenizer over
         self._checked: tuple[Any, dict[str, Any]] | None = None  # (source, requirements) already probed
 
     def use_requirements(self, requirements: dict[str, Any]) -> None:
@@ -75,7 +76,11 @@ class SG2ImgDataModule(L.LightningDataModule):
             )
         # with no model, a resolution set with no clip_size means no CLIP pixels (a graph-only model), and
         # captions get the CLIP tokenizer every SD1.5 base uses
-        tokenizer = need.get("tokenizer") or clip_tokenizer()
+        tokenizer = need.get("tokenizer")
+        if tokenizer is None:
+            if self._clip_tokenizer is None:  # built once per data module, not once per loader
+                self._clip_tokenizer = clip_tokenizer()
+            tokenizer = self._clip_tokenizer
         return Preprocess(resolution, clip_size, tokenizer)
 
     def _loader(self, stage: str) -> DataLoader | list:
