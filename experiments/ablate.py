@@ -328,8 +328,10 @@ def trained_on(run_dir: Path) -> dict[str, str]:
     path = run_dir / "config.yaml"
     if not path.is_file():
         return {}
-    model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
-    return {k: str(model[k]) for k in ("base", "image_encoder") if model.get(k) is not None}
+    from sg2img.train.settings import fitted_base
+
+    found = fitted_base((yaml.safe_load(path.read_text()) or {}).get("model") or {})
+    return {"base" if k == "source" else k: v for k, v in found.items()}
 
 
 def generate_flags(grid: Grid, evaluation: Evaluation | None, variant: Variant | None) -> dict[str, Any]:

@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--shard-size", type=int, default=1024)
     p.add_argument(
-        "--set", nargs="*", metavar="FLAG", help="extra config flags, e.g. --set --model.base=tiny"
+        "--set", nargs="*", metavar="FLAG", help="extra config flags, e.g. --set --model.base.source=tiny"
     )
     p.set_defaults(func=_cmd_cache)
 

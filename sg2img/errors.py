@@ -37,6 +37,21 @@ def _parser_keys(parser: Any) -> list[str]:
     return [a.dest for a in parser._actions if a.dest and a.dest not in ("help", "config", "==SUPPRESS==")]
 
 
+def _value_error(message: str) -> str:
+    """jsonargparse's account of a bad value, in one line: 'Parser key "k":' and the reason below it become
+    'k: reason'."""
+    lines = [ln.strip().lstrip("- ").strip() for ln in message.strip().splitlines() if ln.strip()]
+    if not lines:
+        return "invalid arguments"
+    key = re.fullmatch(r'Parser key "([^"]+)":', lines[0])
+    if key is None or len(lines) < 2:
+        return lines[0]
+    reason = re.sub(
+        r"^Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$", r"expected one of \1; got \2", lines[1]
+    )
+    return f"{key[1]}: {reason[:1].lower()}{reason[1:]}"
+
+
 def describe_parse_error(message: str, parser: Any, args: Sequence[str], command: str = "") -> str:
     """One line for a command-line or config mistake: the setting, the config file that holds it, and the
     nearest setting the command accepts (``optimiser`` -> ``optimizer``). ``command``: the command's words
@@ -47,7 +62,7 @@ def describe_parse_error(message: str, parser: Any, args: Sequence[str], command
         or re.search(r"unrecognized arguments: --([\w.\-]+)", message)
     )
     if match is None:
-        return message.strip().splitlines()[0] if message.strip() else "invalid arguments"
+        return _value_error(message)
     key = match[1]
     where = "on the command line"
     files = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--config", "-c")]

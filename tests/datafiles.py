@@ -286,7 +286,7 @@ def tiny_fit_args(
         ]
     data = {"class_path": "sg2img.data.JsonlManifest", "init_args": {"manifest": str(manifest)}}
     config = {
-        "model": {"gnn": gnn or SMALL_GNN},
+        "model": {"graph": {"gnn": gnn or SMALL_GNN}},
         "data": {"train": data, "batch_size": batch_size, "num_workers": workers},
         "trainer": settings,
     }

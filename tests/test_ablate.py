@@ -299,10 +299,13 @@ def test_generation_uses_the_base_the_variant_was_fitted_on(tmp_path):
     run.mkdir()
     assert "--model" not in ablate.generate_command(grid, run)  # not fitted yet: nothing to say
     (run / "config.yaml").write_text(
-        "model:\n  base: runs/shapes/base/base.safetensors\n  image_encoder: null\n"
+        "model:\n  base:\n    source: runs/shapes/base/base.safetensors\n    image_encoder: null\n"
     )
     cmd = ablate.generate_command(grid, run)
     assert cmd[cmd.index("--model") + 1] == "runs/shapes/base/base.safetensors"
+    # a run fitted before the settings were grouped names its base in the flat layout
+    (run / "config.yaml").write_text("model:\n  base: embedded\n  image_encoder: null\n")
+    assert ablate.generate_command(grid, run)[cmd.index("--model") + 1] == "embedded"
     grid.generate["model"] = "embedded"  # the grid's own choice wins
     cmd = ablate.generate_command(grid, run)
     assert cmd.count("--model") == 1 and cmd[cmd.index("--model") + 1] == "embedded"

@@ -24,9 +24,10 @@ from sg2img.base.components import (
 from sg2img.data import SG2ImgDataModule, Shapes
 from sg2img.infer.pipeline import SG2ImgPipeline
 from sg2img.model.gnn import GNNConfig
-from sg2img.train.adapter_module import ConditionDropout, SG2ImgModule
+from sg2img.train.adapter_module import SG2ImgModule
 from sg2img.train.base_module import BaseModelModule
 from sg2img.train.callbacks import BaseExport
+from sg2img.train.settings import BaseSettings, ConditionDropout, GraphBranchSettings, ImageBranchSettings
 
 
 def shapes_data(n: int = 8, batch_size: int = 4, **kw) -> SG2ImgDataModule:
@@ -238,16 +239,18 @@ def test_min_snr_weighting_changes_the_loss_and_bad_settings_fail():
 
 def test_an_adapter_trains_on_a_pixel_space_base(tmp_path):
     m = SG2ImgModule(
-        base="shapes",
-        image_branch=False,
-        gnn=GNNConfig(layer="triplet", num_layers=1, hidden_dim=16, mlp_dim=32, use_boxes=False),
+        base=BaseSettings("shapes"),
+        image=ImageBranchSettings(enabled=False),
+        graph=GraphBranchSettings(
+            gnn=GNNConfig("triplet", num_layers=1, hidden_dim=16, mlp_dim=32, use_boxes=False)
+        ),
         dropout=ConditionDropout(0.0, 0.0, 0.1, 0.0),
     )
     m.configure_model()
     assert m.data_requirements()["resolution"] == 32
-    before = {k: v.clone() for k, v in m.adapter.adapter_state_dict().items()}
+    before = {k: v.clone() for k, v in m.model.adapter.adapter_state_dict().items()}
     trainer(tmp_path).fit(m, shapes_data())
-    after = m.adapter.adapter_state_dict()
+    after = m.model.adapter.adapter_state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     images = m.generate(graphs=[Shapes("test").example(0).graph], prompts=["a shape"], steps=2)
     assert images[0].size == (32, 32)
@@ -270,7 +273,11 @@ def test_caption_relations_share_is_drawn_per_row_and_fixed():
 
 def test_a_patch_adapter_on_a_base_file_gets_the_resampler_its_preset_records(tmp_path):
     path = save_base_file(build_components("shapes"), PRESETS["shapes"], tmp_path / "base.safetensors")
-    m = SG2ImgModule(base=str(path), image_tokens="patch", graph_branch=False)
+    m = SG2ImgModule(
+        base=BaseSettings(str(path)),
+        image=ImageBranchSettings(tokens="patch"),
+        graph=GraphBranchSettings(enabled=False),
+    )
     m.configure_model()
     assert PRESETS["shapes"].resampler == {"heads": 2}
-    assert m.adapter.config.image.resampler_config().heads == 2  # not SD1.5's 12 heads at width 48
+    assert m.model.adapter.config.image.resampler_config().heads == 2  # not SD1.5's 12 heads at width 48

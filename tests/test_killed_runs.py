@@ -184,6 +184,6 @@ def test_a_nan_loss_stops_the_fit_command_with_the_last_good_checkpoint_on_disk(
     assert last["global_step"] == 4  # the last good state: after step 3, nothing of the NaN batch
     saved = load_file(root / "adapter.safetensors")
     assert all(torch.isfinite(v).all() for v in saved.values())
-    weights = {k.removeprefix("adapter."): v for k, v in last["state_dict"].items()}
+    weights = {k.removeprefix("model.adapter."): v for k, v in last["state_dict"].items()}
     shared = saved.keys() & weights.keys()
     assert len(shared) > len(saved) // 2 and all(torch.equal(saved[k], weights[k]) for k in shared)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from datafiles import write_manifest
 from diffusers.models.attention_processor import Attention
-from test_training import SMALL_GNN, first_batch, make_module
+from test_training import first_batch, graph, make_module
 
 from ip_adapter.attention import DecoupledAttnProcessor, Stream, region_distance, region_mask
 from sg2img.graph import SceneGraph
@@ -13,7 +13,15 @@ from sg2img.graph_batch import graphs_to_batch
 from sg2img.model.adapter import SGAdapterConfig
 from sg2img.model.gnn import FULL_IMAGE, GNNConfig, SceneGraphEncoder, TokenConfig
 from sg2img.model.labels import LabelEmbedder
-from sg2img.train.adapter_module import ConditionDropout, SG2ImgModule
+from sg2img.train.adapter_module import SG2ImgModule
+from sg2img.train.core import sample_timesteps, snr_loss_weights
+from sg2img.train.settings import (
+    BaseSettings,
+    ConditionDropout,
+    GraphBranchSettings,
+    ImageBranchSettings,
+    ObjectiveSettings,
+)
 
 
 @pytest.fixture(scope="module")
@@ -224,59 +232,71 @@ NO_DROPOUT = ConditionDropout(0.0, 0.0, 0.0, 0.0)
 
 
 def test_the_layout_loss_is_the_l1_of_the_predicted_boxes_and_adds_to_the_loss(manifest):
-    common = dict(gnn=LAYOUT_GNN, tokens=TokenConfig(confine_objects=True), dropout=NO_DROPOUT)
-    with_layout = make_module(layout_loss_weight=1.0, **common)
-    without = make_module(layout_loss_weight=0.0, **common)
+    confined = TokenConfig(confine_objects=True)
+    with_layout = make_module(
+        graph=graph(gnn=LAYOUT_GNN, tokens=confined, layout_loss_weight=1.0), dropout=NO_DROPOUT
+    )
+    without = make_module(
+        graph=graph(gnn=LAYOUT_GNN, tokens=confined, layout_loss_weight=0.0), dropout=NO_DROPOUT
+    )
     batch = first_batch(with_layout, manifest)
     with torch.no_grad():
         total = with_layout.diffusion_loss(batch, with_layout.step_generator(0)).item()
         plain = without.diffusion_loss(batch, without.step_generator(0)).item()
         graphs = batch.graphs
-        encoded = with_layout.adapter.graph_tokens(with_layout.embed_graphs(graphs, batch.labels))
+        encoded = with_layout.model.adapter.graph_tokens(with_layout.model.embed_graphs(graphs, batch.labels))
         l1 = (encoded.predicted - graphs.box).abs().mean().item()
     assert l1 > 0 and total == pytest.approx(plain + l1, rel=1e-5)
 
 
 def test_teacher_forcing_zero_hides_the_boxes_and_one_keeps_them(manifest):
     gnn = GNNConfig("triplet", num_layers=1, hidden_dim=16, mlp_dim=32, use_boxes=True, layout_head=True)
-    m = make_module(gnn=gnn, tokens=TokenConfig(confine_objects=True), dropout=NO_DROPOUT)
+    m = make_module(graph=graph(gnn=gnn, tokens=TokenConfig(confine_objects=True)), dropout=NO_DROPOUT)
     batch = first_batch(m, manifest)
     n = batch.batch_size
     drops = {k: torch.zeros(n, dtype=torch.bool) for k in ("text", "image", "graph")}
     with torch.no_grad():
-        _, kept, graphs = m._condition(batch, drops, torch.zeros(n, dtype=torch.bool))
-        _, hidden, _ = m._condition(batch, drops, torch.ones(n, dtype=torch.bool))
+        _, kept, graphs = m.model._condition(batch, drops, torch.zeros(n, dtype=torch.bool))
+        _, hidden, _ = m.model._condition(batch, drops, torch.ones(n, dtype=torch.bool))
     torch.testing.assert_close(kept.layout, graphs.box)  # the true boxes
     torch.testing.assert_close(hidden.layout, hidden.predicted)  # the head's own boxes
     assert not torch.allclose(hidden.predicted, kept.predicted)  # the GNN no longer sees the boxes
 
 
 def test_shifted_timesteps_favour_high_noise_and_inverse_snr_weights_it_more():
-    uniform = make_module(gnn=SMALL_GNN)
-    shifted = make_module(gnn=SMALL_GNN, timesteps="shifted", timestep_shift=3.0)
-    g = torch.Generator().manual_seed(0)
-    t_u = uniform._timesteps(4000, g).float()
-    t_s = shifted._timesteps(4000, torch.Generator().manual_seed(0)).float()
+    scheduler = make_module().model.noise_scheduler
+    uniform, shifted = ObjectiveSettings(), ObjectiveSettings(timesteps="shifted", timestep_shift=3.0)
+    assert uniform.shift() is None and shifted.shift() == 3.0
+    t_u = sample_timesteps(
+        scheduler, 4000, torch.Generator().manual_seed(0), torch.device("cpu"), uniform.shift()
+    )
+    t_s = sample_timesteps(
+        scheduler, 4000, torch.Generator().manual_seed(0), torch.device("cpu"), shifted.shift()
+    )
     assert t_s.min() >= 0 and t_s.max() <= 999
-    assert t_s.mean() > t_u.mean() + 150  # shift 3: mean 0.70 of the range against 0.5
+    assert t_s.float().mean() > t_u.float().mean() + 150  # shift 3: mean 0.70 of the range against 0.5
     t = torch.tensor([50, 500, 950])
-    inv = make_module(gnn=SMALL_GNN, loss_weighting="inv_snr", snr_gamma=5.0)._loss_weights(t)
-    min_snr = make_module(gnn=SMALL_GNN, loss_weighting="min_snr", snr_gamma=5.0)._loss_weights(t)
+    inv = snr_loss_weights(scheduler, t, "inv_snr", 5.0)
+    min_snr = snr_loss_weights(scheduler, t, "min_snr", 5.0)
     assert inv[0] < inv[1] < inv[2] and inv.max() <= 5.0  # grows with the noise, capped
     assert min_snr[2] == 1.0 and min_snr[0] < 1.0  # high noise keeps weight 1, low noise weighs less
-    assert uniform._loss_weights(t) is None
+    assert snr_loss_weights(scheduler, t, "none", 5.0) is None
 
 
 def test_layout_and_timestep_options_refuse_bad_values():
-    for kw, match in (
-        ({"layout_teacher_forcing": 1.5}, "layout_teacher_forcing"),
-        ({"layout_loss_weight": -1.0}, "layout_loss_weight"),
-        ({"timesteps": "cubic"}, "timesteps must be"),
-        ({"timestep_shift": 0.0}, "timestep_shift"),
-        ({"loss_weighting": "p2"}, "loss_weighting must be"),
+    for make, match in (
+        (lambda: GraphBranchSettings(layout_teacher_forcing=1.5), "model.graph.layout_teacher_forcing"),
+        (lambda: GraphBranchSettings(layout_loss_weight=-1.0), "model.graph.layout_loss_weight"),
+        (lambda: ObjectiveSettings(timesteps="cubic"), "model.objective.timesteps must be"),
+        (lambda: ObjectiveSettings(timestep_shift=0.0), "model.objective.timestep_shift"),
+        (lambda: ObjectiveSettings(loss_weighting="p2"), "model.objective.loss_weighting must be"),
+        (lambda: ImageBranchSettings(tokens="grid"), "model.image.tokens must be"),
+        (lambda: BaseSettings(dtype="int8"), "model.base.dtype must be"),
     ):
         with pytest.raises(ValueError, match=match):
-            SG2ImgModule(**kw)
+            make()
+    with pytest.raises(ValueError, match="injection must be"):
+        SG2ImgModule(injection="sum")
 
 
 def layout_adapter(tiny, tiny_preset, confinement="hard"):

@@ -21,6 +21,7 @@ from sg2img.errors import ConfigurationError
 from sg2img.model.adapter import SceneGraphAdapter, SGAdapterConfig
 from sg2img.model.gnn import GNNConfig
 from sg2img.train.adapter_module import SG2ImgModule
+from sg2img.train.settings import BaseSettings, GraphBranchSettings, ImageBranchSettings
 
 SMALL_GNN = GNNConfig(layer="triplet", num_layers=1, hidden_dim=16, mlp_dim=32)
 
@@ -50,14 +51,14 @@ def test_graph_branch_on_data_without_graphs_stops_at_start_up(tmp_path, capsys)
     manifest = graphless_manifest(tmp_path / "d")
     assert main(fit(tmp_path, manifest)) == 2
     err = capsys.readouterr().err
-    assert "sg2img fit: error: model.graph_branch is on, but data.train has no scene graphs" in err
+    assert "sg2img fit: error: model.graph.enabled is on, but data.train has no scene graphs" in err
     assert "none of the first 6 readable rows of JsonlManifest(" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "adapter.safetensors").exists()  # not one step ran
 
 
 def test_image_and_caption_data_trains_an_adapter_without_the_graph_branch(tmp_path):
     manifest = graphless_manifest(tmp_path / "d")
-    assert main(fit(tmp_path, manifest, "--model.graph_branch", "false")) == 0
+    assert main(fit(tmp_path, manifest, "--model.graph.enabled", "false")) == 0
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2
 
@@ -88,7 +89,7 @@ def test_a_text_encoder_of_another_width_than_the_unet_is_one_message(tmp_path):
     shutil.rmtree(base / "text_encoder")
     narrow.save_pretrained(base / "text_encoder")
     with pytest.raises(ConfigurationError) as e:
-        SG2ImgModule(base=str(base), gnn=SMALL_GNN).configure_model()
+        SG2ImgModule(base=BaseSettings(str(base)), graph=GraphBranchSettings(gnn=SMALL_GNN)).configure_model()
     assert "token widths do not match" in str(e.value)
     assert "text encoder makes 32-wide tokens, but its UNet's cross-attention takes 48" in str(e.value)
 
@@ -101,7 +102,9 @@ def test_an_init_adapter_for_another_unet_width_is_one_message_naming_the_file(t
     wide = SceneGraphAdapter(other, SGAdapterConfig(label_dim=48, image=image, graph_branch=False))
     wide.save(tmp_path / "wide.safetensors")
     with pytest.raises(ConfigurationError) as e:
-        SG2ImgModule(init_adapter=str(tmp_path / "wide.safetensors"), gnn=SMALL_GNN).configure_model()
+        SG2ImgModule(
+            init_adapter=str(tmp_path / "wide.safetensors"), graph=GraphBranchSettings(gnn=SMALL_GNN)
+        ).configure_model()
     msg = str(e.value)
     assert (
         f"the image branch (model.init_adapter {tmp_path / 'wide.safetensors'}) makes 64-wide tokens" in msg
@@ -110,9 +113,9 @@ def test_an_init_adapter_for_another_unet_width_is_one_message_naming_the_file(t
 
 
 def test_an_image_encoder_narrower_than_the_init_adapter_expects_is_one_message(tmp_path):
-    m = SG2ImgModule(gnn=SMALL_GNN, graph_branch=False)
+    m = SG2ImgModule(graph=GraphBranchSettings(enabled=False, gnn=SMALL_GNN))
     m.configure_model()
-    m.adapter.save(tmp_path / "adapter.safetensors")
+    m.model.adapter.save(tmp_path / "adapter.safetensors")
     tower = get_preset("tiny").image_encoder
     vision = CLIPVisionConfig(
         hidden_size=tower.hidden_size, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -121,10 +124,9 @@ def test_an_image_encoder_narrower_than_the_init_adapter_expects_is_one_message(
     CLIPVisionModelWithProjection(vision).save_pretrained(tmp_path / "vision")
     with pytest.raises(ConfigurationError) as e:
         SG2ImgModule(
-            image_encoder=str(tmp_path / "vision"),
+            base=BaseSettings(image_encoder=str(tmp_path / "vision")),
             init_adapter=str(tmp_path / "adapter.safetensors"),
-            gnn=SMALL_GNN,
-            graph_branch=False,
+            graph=GraphBranchSettings(enabled=False, gnn=SMALL_GNN),
         ).configure_model()
     expected = f"takes {tower.projection_dim}-wide image embeddings, but {tmp_path / 'vision'} gives 32"
     assert expected in str(e.value)
@@ -137,15 +139,19 @@ def test_an_image_branch_without_an_image_encoder_is_one_message(tmp_path, monke
     index = json.loads((base / "model_index.json").read_text())
     (base / "model_index.json").write_text(json.dumps({**index, "image_encoder": [None, None]}))
     manifest = write_manifest(tmp_path / "d", n=3)
-    assert main(fit(tmp_path, manifest, "--model.base", str(base))) == 2
+    assert main(fit(tmp_path, manifest, "--model.base.source", str(base))) == 2
     err = capsys.readouterr().err
-    assert "sg2img fit: error: model.image_branch is on, but no image encoder is configured" in err
-    assert f"the base {base} has no image_encoder/ folder" in err and "model.image_encoder" in err
+    assert "sg2img fit: error: model.image.enabled is on, but no image encoder is configured" in err
+    assert f"the base {base} has no image_encoder/ folder" in err and "model.base.image_encoder" in err
     assert "Traceback" not in err
     # a graph-only adapter needs no image encoder: the same base trains it
-    m = SG2ImgModule(base=str(base), image_branch=False, gnn=SMALL_GNN)
+    m = SG2ImgModule(
+        base=BaseSettings(str(base)),
+        image=ImageBranchSettings(enabled=False),
+        graph=GraphBranchSettings(gnn=SMALL_GNN),
+    )
     m.configure_model()
-    assert m.image_encoder is None and "ip" not in m.adapter.branches
+    assert m.model.image_encoder is None and "ip" not in m.model.adapter.branches
 
 
 class _CachedRows(torch.utils.data.Dataset):
@@ -179,7 +185,10 @@ def test_the_model_hands_its_requirements_to_the_data_module(tmp_path):
     manifest = graphless_manifest(tmp_path / "d")
     dm = SG2ImgDataModule(train=JsonlManifest(manifest))
     assert dm.requirements() == {}  # no model yet: nothing to check against
-    module = SG2ImgModule(base="tiny", image_tokens="patch", gnn=GNNConfig("triplet", 1, 16, 32))
+    module = SG2ImgModule(
+        image=ImageBranchSettings(tokens="patch"),
+        graph=GraphBranchSettings(gnn=GNNConfig("triplet", 1, 16, 32)),
+    )
     trainer = L.Trainer(
         accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
     )
@@ -193,7 +202,7 @@ def test_the_model_hands_its_requirements_to_the_data_module(tmp_path):
     assert need["widths"]["patch_tokens"] == tiny.image_encoder.hidden_size
     preprocess = dm.preprocess()  # and builds its preprocessing from them, with the base's own tokenizer
     assert (preprocess.resolution, preprocess.clip_size) == (need["resolution"], need["clip_size"])
-    assert preprocess.tokenizer is module.tokenizer
+    assert preprocess.tokenizer is module.model.tokenizer
 
 
 def test_graphless_webdataset_shards_are_refused_for_a_graph_branch(tmp_path):
@@ -218,8 +227,8 @@ FIT_MISTAKES = {  # name -> (extra arguments, the one-line message's expected te
         "data.train: JsonlManifest(/nonexistent/train.jsonl): /nonexistent/train.jsonl: no such manifest",
     ),
     "base not there": (
-        ["--config", "configs/data/shapes.yaml", "--model.base", "/nonexistent/model"],
-        "model.base: /nonexistent/model: no such model folder or file.",
+        ["--config", "configs/data/shapes.yaml", "--model.base.source", "/nonexistent/model"],
+        "model.base.source: /nonexistent/model: no such model folder or file.",
     ),
     "batch size 0": (["--config", "configs/data/shapes.yaml", "--data.batch_size", "0"],
                      "data.batch_size must be at least 1, got 0"),
@@ -229,6 +238,13 @@ FIT_MISTAKES = {  # name -> (extra arguments, the one-line message's expected te
                                 "unknown setting model.optimiser.lr in {typo}; did you mean model.optimizer.lr?"),
     "a typo on the command line": (["--trainer.max_stpes", "3"],
                                    "unknown setting trainer.max_stpes on the command line; did you mean trainer.max_steps?"),
+    "a config of the flat layout": (["--config", "{flat}"], "model.image_tokens is now model.image.tokens"),
+    "a flat base": (["--model.base", "embedded"], "model.base is now model.base.source"),
+    "a flat gnn setting": (["--model.gnn.layer", "gine"], "model.gnn.layer is now model.graph.gnn.layer"),
+    "a value not allowed": (["--model.graph.gnn.layer", "gcn"],
+                            "model.graph.gnn.layer: expected one of 'triplet', 'gine', 'transformer', 'gatv2'; got gcn"),
+    "a value out of range": (["--model.graph.layout_loss_weight=-1"],
+                             "model.graph.layout_loss_weight must be >= 0, got -1.0"),
 }  # fmt: skip
 
 
@@ -239,8 +255,10 @@ def test_a_fit_mistake_ends_in_one_line_exit_2_and_nothing_written(mistake, tmp_
 
     typo = tmp_path / "typo.yaml"
     typo.write_text("model:\n  optimiser:\n    lr: 0.1\n")
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("model:\n  image_tokens: patch\n")
     extra, message = FIT_MISTAKES[mistake]
-    extra, message = [a.format(typo=typo) for a in extra], message.format(typo=typo)
+    extra, message = [a.format(typo=typo, flat=flat) for a in extra], message.format(typo=typo, flat=flat)
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "sg2img", "fit", "--config", "configs/base.yaml", "--config",
            "configs/model/tiny.yaml", *extra, "--trainer.default_root_dir", str(run_dir)]  # fmt: skip

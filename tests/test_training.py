@@ -17,20 +17,27 @@ from sg2img.data import CachedRows, JsonlManifest, SG2ImgDataModule, collate, wr
 from sg2img.graph import SceneGraph
 from sg2img.model.adapter import SceneGraphAdapter
 from sg2img.model.gnn import GNNConfig
-from sg2img.train.adapter_module import (
+from sg2img.train.adapter_module import SG2ImgModule, branch_of
+from sg2img.train.core import diffusion_target
+from sg2img.train.settings import (
+    BaseSettings,
     ConditionDropout,
+    GraphBranchSettings,
+    ImageBranchSettings,
     OptimizerConfig,
-    SG2ImgModule,
-    branch_of,
-    diffusion_target,
 )
 
 SMALL_GNN = GNNConfig(layer="triplet", num_layers=1, hidden_dim=16, mlp_dim=32)
 NO_DROPOUT = ConditionDropout(0.0, 0.0, 0.0, 0.0)
 
 
+def graph(**kw) -> GraphBranchSettings:
+    """The graph branch's settings, with the small test GNN unless given."""
+    return GraphBranchSettings(**{"gnn": SMALL_GNN, **kw})
+
+
 def make_module(**kw) -> SG2ImgModule:
-    kw.setdefault("gnn", SMALL_GNN)
+    kw.setdefault("graph", graph())
     m = SG2ImgModule(**kw)
     m.configure_model()
     return m
@@ -61,24 +68,24 @@ def first_batch(module: SG2ImgModule, manifest: Path):
 
 
 def adapter_params(m: SG2ImgModule) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in m.adapter.adapter_state_dict().items()}
+    return {k: v.detach().clone() for k, v in m.model.adapter.adapter_state_dict().items()}
 
 
 # --- what trains ---------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "setting",
     [
-        dict(image_branch=True, graph_branch=True),
-        dict(image_branch=True, graph_branch=False),
-        dict(image_branch=False, graph_branch=True),
+        dict(),
+        dict(graph=graph(enabled=False)),
+        dict(image=ImageBranchSettings(enabled=False)),
         dict(injection="concat"),
-        dict(image_tokens="patch", graph_branch=False),
+        dict(image=ImageBranchSettings(tokens="patch"), graph=graph(enabled=False)),
     ],
     ids=["both", "image", "graph", "concat", "patch"],
 )
 def test_few_step_fit_changes_exactly_the_trainable_weights(setting, manifest, tmp_path):
     m = make_module(**setting)
-    before_base = {k: v.clone() for k, v in m.unet.state_dict().items() if "processor" not in k}
+    before_base = {k: v.clone() for k, v in m.model.unet.state_dict().items() if "processor" not in k}
     before = adapter_params(m)
     trainer(tmp_path, max_steps=2).fit(m, datamodule=data_module(manifest))
     after = adapter_params(m)
@@ -86,33 +93,34 @@ def test_few_step_fit_changes_exactly_the_trainable_weights(setting, manifest, t
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     trainable = {k.split(".", 1)[0] for k in changed}
     expected = set()
-    if setting.get("image_branch", True):
+    if m.model.has_image:
         expected |= {"image_proj", "ip_adapter"}
-    if setting.get("graph_branch", True):
+    if m.model.has_graph:
         expected |= {"sg_encoder", "sg_adapter"}
     if setting.get("injection") == "concat":
         expected -= {"ip_adapter", "sg_adapter"}
     assert trainable == expected
-    assert all(torch.equal(v, m.unet.state_dict()[k]) for k, v in before_base.items())  # base untouched
-    assert not m.unet.training and not m.vae.training and not m.text_encoder.training
-    ours = {id(p) for p in m.adapter.parameters()}  # processors are reachable from the UNet too
+    assert all(torch.equal(v, m.model.unet.state_dict()[k]) for k, v in before_base.items())  # base untouched
+    assert not m.model.unet.training and not m.model.vae.training and not m.model.text_encoder.training
+    ours = {id(p) for p in m.model.adapter.parameters()}  # processors are reachable from the UNet too
     assert not any(p.requires_grad for p in m.parameters() if id(p) not in ours)
 
 
 def test_one_predicate_selects_trainable_and_saved(manifest, tmp_path):
-    m = make_module(train_image_branch=False)
-    names = set(m.trainable_names())
-    assert names and all(branch_of(n) == "graph" for n in names)
+    m = make_module(image=ImageBranchSettings(train=False))
+    own = {n for n, _ in m.model.trainable_parameters()}  # named within the model: adapter.…
+    assert own and all(branch_of(n) == "graph" for n in own)
+    names = {f"model.{n}" for n in own}  # named within the Lightning module: model.adapter.…
     assert names == {
         n
         for n, p in m.named_parameters(remove_duplicate=False)
-        if p.requires_grad and n.startswith("adapter.")
+        if p.requires_grad and n.startswith("model.adapter.")
     }
     assert set(m.state_dict()) == names
     assert all(
         p.requires_grad == (n in names)
         for n, p in m.named_parameters(remove_duplicate=False)
-        if n.startswith("adapter.")
+        if n.startswith("model.adapter.")
     )
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer(tmp_path, max_steps=1, enable_checkpointing=True, callbacks=[ckpt]).fit(
@@ -122,23 +130,23 @@ def test_one_predicate_selects_trainable_and_saved(manifest, tmp_path):
     assert set(saved["state_dict"]) == names
     assert "optimizer_states" in saved and saved["global_step"] == 1
     size = (tmp_path / "ckpt" / "last.ckpt").stat().st_size
-    base_bytes = sum(p.numel() * 4 for n, p in m.named_parameters() if not n.startswith("adapter."))
+    base_bytes = sum(p.numel() * 4 for n, p in m.named_parameters() if not n.startswith("model.adapter."))
     assert size < base_bytes / 10  # adapter + optimizer state only, never the frozen base
 
 
 def test_loading_a_checkpoint_of_another_setting_names_the_keys():
     m = make_module()
-    other = make_module(graph_branch=False).state_dict()
+    other = make_module(graph=graph(enabled=False)).state_dict()
     with pytest.raises(RuntimeError, match=r"missing .*sg_encoder"):
         m.load_state_dict(other)
 
 
 def test_official_ip_adapter_as_frozen_image_branch(manifest, tmp_path, tiny):
-    official = IPAdapter(tiny.unet, make_module(graph_branch=False).adapter.config.image)
+    official = IPAdapter(tiny.unet, make_module(graph=graph(enabled=False)).model.adapter.config.image)
     torch.nn.init.normal_(official.image_proj.proj.weight)
     path = tmp_path / "ip-adapter_sd15.bin"
     torch.save(official.official_state_dict(), path)
-    m = make_module(init_adapter=str(path), train_image_branch=False)
+    m = make_module(init_adapter=str(path), image=ImageBranchSettings(train=False))
     loaded = adapter_params(m)
     assert torch.equal(loaded["image_proj.proj.weight"], official.image_proj.proj.weight)
     trainer(tmp_path, max_steps=2).fit(m, datamodule=data_module(manifest))
@@ -151,9 +159,23 @@ def test_official_ip_adapter_as_frozen_image_branch(manifest, tmp_path, tiny):
     assert torch.equal(again.image_proj.proj.weight, official.image_proj.proj.weight)
 
 
+def test_a_checkpoint_from_before_the_model_was_its_own_module_still_loads():
+    # such checkpoints keep the trained weights at the module's top level: adapter.… for model.adapter.…
+    trained = make_module()
+    with torch.no_grad():
+        for _, p in trained.model.trainable_parameters():
+            p.add_(1.0)
+    old = {"state_dict": {k.removeprefix("model."): v for k, v in trained.state_dict().items()}}
+    assert old["state_dict"] and all(k.startswith("adapter.") for k in old["state_dict"])
+    fresh = make_module()
+    fresh.on_load_checkpoint(old)
+    fresh.load_state_dict(old["state_dict"])
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in trained.state_dict().items())
+
+
 def test_nothing_to_train_is_refused():
     with pytest.raises(ValueError, match="nothing would train"):
-        SG2ImgModule(graph_branch=False, train_image_branch=False)
+        SG2ImgModule(image=ImageBranchSettings(train=False), graph=GraphBranchSettings(enabled=False))
 
 
 # --- the loss ------------------------------------------------------------------------------------
@@ -177,10 +199,10 @@ def test_dropped_conditions_equal_their_null_inputs(manifest):
     batch = first_batch(m, manifest)
     n = batch.batch_size
     everything = {k: torch.ones(n, dtype=torch.bool) for k in ("text", "image", "graph")}
-    dropped = m.condition(batch, everything)
+    dropped = m.model.condition(batch, everything)
     streams = dropped["cross_attention_kwargs"]["streams"]
-    assert torch.equal(dropped["encoder_hidden_states"], m.empty_text().expand(n, -1, -1))
-    zero_tokens = m.adapter.image_proj(torch.zeros(n, m.image_encoder.spec.projection_dim))
+    assert torch.equal(dropped["encoder_hidden_states"], m.model.empty_text().expand(n, -1, -1))
+    zero_tokens = m.model.adapter.image_proj(torch.zeros(n, m.model.image_encoder.spec.projection_dim))
     assert torch.allclose(streams["ip"].tokens, zero_tokens)  # proj(zeros), not zeros
     assert not streams["sg"].mask.any()  # the empty graph contributes nothing
 
@@ -189,11 +211,13 @@ def test_v_prediction_base_trains_on_velocity(tmp_path):
     folder = save_tiny_model(tmp_path / "tiny")
     cfg = folder / "scheduler" / "scheduler_config.json"
     cfg.write_text(cfg.read_text().replace('"epsilon"', '"v_prediction"'))
-    m = make_module(base=str(folder))
-    assert m.noise_scheduler.config.prediction_type == "v_prediction"
+    m = make_module(base=BaseSettings(str(folder)))
+    assert m.model.noise_scheduler.config.prediction_type == "v_prediction"
     x, noise, t = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4), torch.tensor([10, 900])
-    v = diffusion_target(m.noise_scheduler, x, noise, t)
-    assert torch.allclose(v, m.noise_scheduler.get_velocity(x, noise, t)) and not torch.allclose(v, noise)
+    v = diffusion_target(m.model.noise_scheduler, x, noise, t)
+    assert torch.allclose(v, m.model.noise_scheduler.get_velocity(x, noise, t)) and not torch.allclose(
+        v, noise
+    )
 
 
 def test_tiny_overfit_loss_falls(manifest, tmp_path):
@@ -230,7 +254,7 @@ def test_resume_matches_an_uninterrupted_run(manifest, tmp_path):
 
 
 def test_cached_path_gives_the_same_loss(manifest, tmp_path):
-    m = make_module(image_tokens="patch")
+    m = make_module(image=ImageBranchSettings(tokens="patch"))
     write_cache(m, JsonlManifest(manifest), tmp_path / "cache", batch_size=3, shard_size=5, dtype="float32")
     cached = CachedRows(tmp_path / "cache")
     assert len(cached) == 8 and cached.index["shards"] == [6, 2]  # whole batches per shard
@@ -238,7 +262,7 @@ def test_cached_path_gives_the_same_loss(manifest, tmp_path):
     from_cache = collate([cached[i] for i in range(raw.batch_size)])
     assert from_cache.keys == raw.keys and from_cache.labels == raw.labels
     assert from_cache.pixels is None and from_cache.latent_dist is not None
-    m.dropout = ConditionDropout(0.25, 0.25, 0.25, 0.25)  # every null path is exercised
+    m.model.dropout = ConditionDropout(0.25, 0.25, 0.25, 0.25)  # every null path is exercised
     for seed in range(3):
         a = m.diffusion_loss(raw, m.step_generator(seed))
         b = m.diffusion_loss(from_cache, m.step_generator(seed))
@@ -246,12 +270,12 @@ def test_cached_path_gives_the_same_loss(manifest, tmp_path):
 
 
 def test_sampling_during_training_keeps_the_adapter_fp32_beside_a_half_base():
-    m = make_module(base_dtype="bfloat16")
-    assert m.unet.dtype == torch.bfloat16
+    m = make_module(base=BaseSettings(dtype="bfloat16"))
+    assert m.model.unet.dtype == torch.bfloat16
     graph = SceneGraph.from_names(["sheep", "tree"], [(0, "left of", 1)])
     images = m.generate(graphs=[graph], prompts=["a sheep"], steps=2, seed=0)
     assert len(images) == 1 and images[0].size == (32, 32)
-    assert {p.dtype for _, p in m.trainable_parameters()} == {torch.float32}
+    assert {p.dtype for _, p in m.model.trainable_parameters()} == {torch.float32}
     assert (
         m.generate(graphs=[graph], prompts=["a sheep"], steps=2, seed=0)[0].tobytes() == images[0].tobytes()
     )
@@ -260,10 +284,10 @@ def test_sampling_during_training_keeps_the_adapter_fp32_beside_a_half_base():
 def test_channels_last_keeps_the_loss_and_compile_wraps_the_unet_in_place(manifest):
     plain = make_module()
     batch = first_batch(plain, manifest)
-    fast = make_module(channels_last=True, compile_unet=True)
-    conv = fast.unet.conv_in.weight
+    fast = make_module(base=BaseSettings(channels_last=True, compile_unet=True))
+    conv = fast.model.unet.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    assert fast.unet._compiled_call_impl is not None  # compiled on first call
+    assert fast.model.unet._compiled_call_impl is not None  # compiled on first call
     assert [n for n, _ in fast.named_parameters()] == [n for n, _ in plain.named_parameters()]
     # run it compiled: TorchDynamo traces the UNet with the adapter's processors (the "eager" backend
     # skips inductor's C++ code generation, minutes on this CPU) and the loss must not change
@@ -271,7 +295,7 @@ def test_channels_last_keeps_the_loss_and_compile_wraps_the_unet_in_place(manife
     from torch._dynamo.utils import counters
 
     dynamo.reset()
-    fast.unet.compile(backend="eager")
+    fast.model.unet.compile(backend="eager")
     g = lambda: plain.step_generator(0)  # noqa: E731
     compiled = fast.diffusion_loss(batch, g())
     assert counters["stats"]["unique_graphs"] >= 1  # something was really compiled

@@ -61,14 +61,16 @@ def test_fit_leaves_config_adapter_checkpoint_and_wandb_run(tmp_path, monkeypatc
     assert main(args) == 0
 
     config = yaml.safe_load((root / "config.yaml").read_text())
-    assert config["model"]["base"] == "tiny" and config["trainer"]["precision"] == "32-true"
+    assert config["model"]["base"]["source"] == "tiny" and config["trainer"]["precision"] == "32-true"
     assert config["trainer"]["logger"]["class_path"] == "sg2img.train.callbacks.RunLogger"
 
     adapter = SceneGraphAdapter.from_file(root / "adapter.safetensors", build_components("tiny").unet)
     assert adapter.config.graph_branch and adapter.config.gnn.num_layers == 2
 
     ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 4 and all(k.startswith("adapter.") for k in ckpt["state_dict"])
+    assert ckpt["global_step"] == 4 and all(k.startswith("model.adapter.") for k in ckpt["state_dict"])
+    hparams = ckpt["hyper_parameters"]  # the grouped settings, as plain values (weights_only loads them)
+    assert hparams["graph"]["gnn"]["num_layers"] == 2 and hparams["image"]["tokens"] == "cls"
 
     (run,) = offline_runs(root)
     logged = read_offline_run(run)
@@ -89,7 +91,8 @@ def test_fit_leaves_config_adapter_checkpoint_and_wandb_run(tmp_path, monkeypatc
     assert [row["trainer/global_step"] for row in images] == [2, 4]
     assert all((run / "files" / f).is_file() for row in images for f in row["samples/filenames"])
     model_config = logged["config"]["model"]
-    assert model_config.get("value", model_config)["base"] == "tiny"  # the resolved config, in the run
+    # the resolved config, in the run
+    assert model_config.get("value", model_config)["base"]["source"] == "tiny"
     assert sorted(p.name for p in (root / "samples").iterdir()) == ["step-0000002.png", "step-0000004.png"]
     assert "skipped rows: 3" in caplog.text and "not valid JSON" in caplog.text  # the end-of-run summary
 
@@ -140,7 +143,9 @@ def test_every_config_parses(path, tmp_path):
     cli = cli_class(args=args, run=False, instantiate=not needs_hardware)
     assert cli.config.trainer.default_root_dir == str(tmp_path)
     if not needs_hardware:
-        model = cli.model.preset_name if base_model else cli.model.config if clip_model else cli.model.base
+        model = (
+            cli.model.preset_name if base_model else cli.model.config if clip_model else cli.model.model.base
+        )
         assert model and cli.datamodule.batch_size > 0
 
 

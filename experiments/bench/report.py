@@ -72,7 +72,7 @@ NOTES = [
     "under no_grad) and ours differ by little.",
     "- Only CPU records exist so far: no GPU has run these benchmarks. On a GPU, run each command with its GPU "
     "setting (`unet_step.py` and `generation.py --latent 64` take fp16 by default; `train_step.py "
-    "--resolution 512 --batch 8`), and `model.channels_last` / `model.compile_unet` for training.",
+    "--resolution 512 --batch 8`), and `model.base.channels_last` / `model.base.compile_unet` for training.",
     "",
 ]
 

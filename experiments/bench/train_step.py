@@ -39,14 +39,17 @@ def build(args, device):
     from sg2img.data.rows import Example, Preprocess, collate
     from sg2img.graph import SceneGraph
     from sg2img.train.adapter_module import SG2ImgModule
+    from sg2img.train.settings import BaseSettings, ImageBranchSettings
 
-    module = SG2ImgModule(base="sd15", image_tokens="cls", seed=0, base_dtype=args.base_dtype)
+    module = SG2ImgModule(
+        base=BaseSettings("sd15", dtype=args.base_dtype), image=ImageBranchSettings(tokens="cls"), seed=0
+    )
     module.configure_model()
     module.to(device)
     module.train()
     optimizer = module.configure_optimizers()
     optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
-    prep = Preprocess(args.resolution, module.image_encoder.spec.image_size, module.tokenizer)
+    prep = Preprocess(args.resolution, module.model.image_encoder.spec.image_size, module.model.tokenizer)
     g = torch.Generator().manual_seed(0)
     rows = []
     for i in range(args.batch):
@@ -58,7 +61,7 @@ def build(args, device):
         )
         rows.append(prep(Example(f"row{i}", Image.fromarray(pixels), "a house beside a road", graph)))
     raw = collate(rows).to(device)
-    enc = module.encode_batch(raw)
+    enc = module.model.encode_batch(raw)
     cached_rows = [
         {
             "key": r["key"],
@@ -84,18 +87,18 @@ def make_variants(module, optimizer, raw, cached):
 
         return run
 
-    drops = module.dropout.sample(cached.batch_size, gen(), module.device)
+    drops = module.model.dropout.sample(cached.batch_size, gen(), module.device)
     drops = {k: torch.zeros_like(v) for k, v in drops.items()}
 
     def forward():
         with torch.no_grad():
-            latents = module._latents(cached, gen())
+            latents = module.model._latents(cached, gen())
             t = torch.full((latents.shape[0],), 500, device=module.device)
-            module.unet(latents, t, **module.condition(cached, drops))
+            module.model.unet(latents, t, **module.model.condition(cached, drops))
 
     def gnn():
-        graphs = module.embed_graphs(cached.graphs, cached.labels)
-        tokens = module.adapter.graph_tokens(graphs).tokens
+        graphs = module.model.embed_graphs(cached.graphs, cached.labels)
+        tokens = module.model.adapter.graph_tokens(graphs).tokens
         tokens.float().square().mean().backward()
 
     return {"official": step(raw), "ours": step(cached), "unet_forward": forward, "gnn+labels": gnn}

@@ -45,8 +45,8 @@ def load_run(run: Path):
     module, data = cli.model, cli.datamodule
     module.configure_model()
     adapter = read_adapter_file(run / "adapter.safetensors")
-    module.adapter.load_adapter_state_dict(adapter.tensors, source=str(run / "adapter.safetensors"))
-    module.adapter.attach(module.unet)
+    module.model.adapter.load_adapter_state_dict(adapter.tensors, source=str(run / "adapter.safetensors"))
+    module.model.adapter.attach(module.model.unet)
     module.eval()
     need = module.data_requirements()
     data.resolution, data.clip_size = need["resolution"], need["clip_size"]
@@ -68,16 +68,16 @@ def graph_use(run: Path, batches: int) -> dict[int, dict[str, float]]:
             )
         swapped = dataclasses.replace(batch, graphs=other.graphs, labels=other.labels)
         g = torch.Generator().manual_seed(i)
-        x0 = module._latents(batch, g)
+        x0 = module.model._latents(batch, g)
         noise = torch.randn(x0.shape, generator=g)
         keep = torch.zeros(n, dtype=torch.bool)
         drops = {"text": keep, "image": keep, "graph": keep}
         no_graph = dict(drops, graph=torch.ones(n, dtype=torch.bool))
         for t in TIMESTEPS:
             steps = torch.full((n,), t)
-            noisy = module.noise_scheduler.add_noise(x0, noise, steps)
+            noisy = module.model.noise_scheduler.add_noise(x0, noise, steps)
             for name, b, d in (("true", batch, drops), ("other", swapped, drops), ("none", batch, no_graph)):
-                pred = module.unet(noisy, steps, **module.condition(b, d)).sample
+                pred = module.model.unet(noisy, steps, **module.model.condition(b, d)).sample
                 sums[t][name] += F.mse_loss(pred.float(), noise.float()).item() / batches
     return sums
 

@@ -35,13 +35,13 @@ VARIANTS = {  # name -> (what it asks, fit arguments)
     "layout": ("the control: the layout adapter (layout head, confined object tokens, shifted timesteps)", LAYOUT),
     "identity": ("object tokens carry their label's text embedding (tokens.object_identity)", IDENTITY),
     "no-confine": ("identity without confining object tokens to their boxes: is the hard mask still needed?",
-                   [*IDENTITY, "--model.tokens.confine_objects", "false"]),
-    "uniform-t": ("identity with uniform timesteps instead of shifted ones (model.timesteps uniform)",
-                  [*IDENTITY, "--model.timesteps", "uniform"]),
+                   [*IDENTITY, "--model.graph.tokens.confine_objects", "false"]),
+    "uniform-t": ("identity with uniform timesteps instead of shifted ones (model.objective.timesteps uniform)",
+                  [*IDENTITY, "--model.objective.timesteps", "uniform"]),
     "concat": ("identity with concat injection: the layout embedded into the object tokens, no confinement "
                "(concat shares the text's attention)",
                ["--config", f"{CONFIGS}/graph_concat.yaml", "--config", f"{CONFIGS}/graph_concat_layout.yaml",
-                "--model.tokens.object_identity", "true"]),
+                "--model.graph.tokens.object_identity", "true"]),
 }  # fmt: skip
 
 

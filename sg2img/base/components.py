@@ -479,11 +479,11 @@ def load_base(
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigurationError(
-                f"model.image_branch is on, but no image encoder is configured: the base {source} has no "
-                f"image_encoder/ folder, model.image_encoder is not set, and IP-Adapter's ({default}) "
-                f"could not be loaded ({first}). Set model.image_encoder to a local "
+                f"model.image.enabled is on, but no image encoder is configured: the base {source} has no "
+                f"image_encoder/ folder, model.base.image_encoder is not set, and IP-Adapter's ({default}) "
+                f"could not be loaded ({first}). Set model.base.image_encoder to a local "
                 "CLIPVisionModelWithProjection folder or open_clip:MODEL:FILE, or set "
-                "model.image_branch: false."
+                "model.image.enabled: false."
             ) from e
     for m in (parts.unet, parts.vae, parts.text_encoder, parts.image_encoder):
         if m is None:
@@ -509,7 +509,7 @@ HOW_TO_PROVIDE_A_MODEL = (
     "Provide a local diffusers folder (written by `pipe.save_pretrained` or `sg2img make-tiny --out DIR`), "
     "a single-file SD1.5 checkpoint (.safetensors/.ckpt, with the folder or hub id of its configs), or a "
     "hub id this machine can reach; `embedded` names the shipped shapes-world model (`sg2img generate` "
-    "without --model uses it, and so does `model.base: embedded` in a training config)."
+    "without --model uses it, and so does `model.base.source: embedded` in a training config)."
 )
 
 

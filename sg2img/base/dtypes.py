@@ -1,4 +1,4 @@
-"""The precisions a base runs in, by the names settings use (``--dtype``, ``model.base_dtype``)."""
+"""The precisions a base runs in, by the names settings use (``--dtype``, ``model.base.dtype``)."""
 
 import torch
 

@@ -45,14 +45,15 @@ def write_cache(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     module.configure_model()
+    model = module.model  # the frozen base and the adapter (sg2img.train.adapter_model)
     store = getattr(torch, dtype)
     if patch_tokens is None:
-        patch_tokens = module.image_tokens_kind == "patch"
+        patch_tokens = model.image_settings.tokens == "patch"
     need = module.data_requirements()
-    source.transform = Preprocess(need["resolution"], need["clip_size"], module.tokenizer)
+    source.transform = Preprocess(need["resolution"], need["clip_size"], model.tokenizer)
     loader = DataLoader(source, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     fields = [f for f in FIELDS if f != "patch_tokens" or patch_tokens]
-    if not module.has_image:  # a model without an image branch reads (and caches) no image features
+    if not model.has_image:  # a model without an image branch reads (and caches) no image features
         fields = [f for f in fields if f not in ("image_embeds", "patch_tokens")]
     skips = SkipLog()
     shards: list[int] = []
@@ -76,7 +77,7 @@ def write_cache(
         skips.add(batch.skipped)
         if batch.batch_size == 0:
             continue
-        encoded = module.encode_batch(batch.to(module.device))
+        encoded = model.encode_batch(batch.to(model.device))
         for j in range(batch.batch_size):
             for f in fields:
                 pending[f].append(encoded[f][j : j + 1].cpu())
@@ -93,8 +94,8 @@ def write_cache(
         "shards": shards,
         "fields": fields,
         "dtype": dtype,
-        "base": module.base,
-        "image_encoder": module.image_encoder_source,
+        "base": model.base,
+        "image_encoder": model.base_settings.image_encoder,
         "resolution": need["resolution"],
         "clip_size": need["clip_size"],
         "skipped": skips.total,

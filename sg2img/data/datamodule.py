@@ -174,16 +174,16 @@ def check_source(source: Any, need: dict[str, Any], rows: int = PROBE_ROWS) -> N
         )
     if need.get("graphs") and all(r["graph"] is None for r in good):
         raise ConfigurationError(
-            f"model.graph_branch is on, but data.train has no scene graphs: none of the first {len(good)} "
+            f"model.graph.enabled is on, but data.train has no scene graphs: none of the first {len(good)} "
             f"readable rows of {name} has one. Give the rows a scene_graph, or train without the graph "
-            "branch (model.graph_branch: false; configs/experiments/ablations/graph_off.yaml)."
+            "branch (model.graph.enabled: false; configs/experiments/ablations/graph_off.yaml)."
         )
     for field, width in need.get("widths", {}).items():
         row = good[0]
         if field not in row or row[field] is None:
             if field == "patch_tokens" and "image_embeds" in row:
                 raise ConfigurationError(
-                    f"model.image_tokens is patch, but the encoder cache {name} holds no patch tokens: "
+                    f"model.image.tokens is patch, but the encoder cache {name} holds no patch tokens: "
                     "rebuild it with `sg2img cache` for this model"
                 )
             continue

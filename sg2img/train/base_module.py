@@ -8,7 +8,7 @@ guidance works, and an exponential moving average of the weights (diffusers' ``E
 warm-up) is what gets exported. A base without a VAE (``vae: null`` in the preset) denoises pixels.
 
 The result is a base file (``sg2img.base.components.save_base_file``): ``DIR/base.safetensors``, written with every
-checkpoint and at the end of fit, loadable everywhere a base is accepted (``--model``, ``model.base``).
+checkpoint and at the end of fit, loadable everywhere a base is accepted (``--model``, ``model.base.source``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from PIL import Image
@@ -36,7 +35,7 @@ from sg2img.base.components import (
 )
 from sg2img.data.rows import TrainBatch
 from sg2img.graph import SceneGraph
-from sg2img.train.core import TrainingSteps, diffusion_target, snr_loss_weights
+from sg2img.train.core import TrainingSteps, noised, snr_loss_weights, warmup_then_constant, weighted_mse
 
 log = logging.getLogger(__name__)
 
@@ -176,23 +175,8 @@ class BaseModelModule(TrainingSteps):
         return self
 
     # --- checkpoints: the trained modules and their EMA, not the frozen parts ---------------------
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        full = super().state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
-        trained = tuple(f"{name}." for name in self.trained_names)
-        return type(full)((k, v) for k, v in full.items() if k[len(prefix) :].startswith(trained))
-
-    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
-        self.configure_model()
-        expected = {f"{name}.{k}" for name, m in self.trained_modules().items() for k in m.state_dict()}
-        if strict and expected != set(state_dict):
-            missing, unexpected = expected - set(state_dict), set(state_dict) - expected
-            raise RuntimeError(
-                f"the checkpoint does not hold what this run trains ({', '.join(self.trained_modules())}): "
-                f"{len(missing)} missing (e.g. "
-                f"{sorted(missing)[:3]}), {len(unexpected)} unexpected (e.g. {sorted(unexpected)[:3]})"
-            )
-        return super().load_state_dict(state_dict, strict=False, assign=assign)
+    def is_trainable(self, name: str) -> bool:
+        return name.startswith(tuple(f"{module}." for module in self.trained_names))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -238,20 +222,15 @@ class BaseModelModule(TrainingSteps):
 
     def diffusion_loss(self, batch: TrainBatch, generator: torch.Generator) -> torch.Tensor:
         x0 = self._clean(batch, generator)
-        n = x0.shape[0]
-        noise = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
-        t = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=generator, device=self.device
+        noisy, t, target = noised(self.noise_scheduler, x0, generator)
+        drop = torch.rand(x0.shape[0], generator=generator, device=self.device) < self.caption_dropout
+        pred = self.unet(noisy, t, self._text(batch.input_ids, drop)).sample
+        weights = (
+            None
+            if self.snr_gamma is None
+            else snr_loss_weights(self.noise_scheduler, t, "min_snr", self.snr_gamma)
         )
-        drop = torch.rand(n, generator=generator, device=self.device) < self.caption_dropout
-        text = self._text(batch.input_ids, drop)
-        pred = self.unet(self.noise_scheduler.add_noise(x0, noise, t), t, text).sample
-        target = diffusion_target(self.noise_scheduler, x0, noise, t)
-        if self.snr_gamma is None:
-            return F.mse_loss(pred.float(), target.float())
-        weight = snr_loss_weights(self.noise_scheduler, t, "min_snr", self.snr_gamma)
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        return (per_sample * weight).mean()
+        return weighted_mse(pred, target, weights)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:
@@ -261,10 +240,9 @@ class BaseModelModule(TrainingSteps):
         groups = [{"params": list(self.unet.parameters()), "lr": self.lr}]
         if self.text_lr is not None:
             groups.append({"params": list(self.text_encoder.parameters()), "lr": self.text_lr})
-        optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
-        warmup = max(1, self.warmup_steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return warmup_then_constant(
+            torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay), self.warmup_steps
+        )
 
     # --- sampling (the SampleGrid callback) ------------------------------------------------------
     @torch.no_grad()

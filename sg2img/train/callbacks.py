@@ -263,7 +263,7 @@ class AdapterExport(L.Callback):
         train = getattr(data, "sources", {}).get("train") if data is not None else None
         card = {
             "name": f"sg2img adapter ({Path(trainer.default_root_dir).name})",
-            "base": str(getattr(pl_module, "base", None) or ""),
+            "base": pl_module.model.base,  # the base the adapter expects (model.base.source)
             "trained_on": describe_source(train) if train is not None else None,
             "steps": trainer.global_step,
         }

@@ -22,12 +22,13 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import re
 import secrets
 import string
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 import torch
 from jsonargparse import Namespace
@@ -40,6 +41,7 @@ from sg2img.shapes.tiny_clip import TinyClipModule
 from sg2img.train.adapter_module import SG2ImgModule
 from sg2img.train.base_module import BaseModelModule
 from sg2img.train.callbacks import RUN_ID_FILE, SaveRunConfig
+from sg2img.train.settings import MOVED_SETTINGS
 
 SUBCOMMANDS = ("fit", "validate", "test")
 
@@ -84,8 +86,20 @@ class _OneLineErrorParser(LightningArgumentParser):
 
     args: tuple[str, ...] = ()
 
+    moved: ClassVar[dict[str, str]] = {}  # a model's settings that earlier configs set under another key
+
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         parser = getattr(ex, "subcommand_parser", None) or self
+        for old, new in type(self).moved.items():
+            # a moved key and what follows it (model.gnn.layer); a key that became its own group
+            # (model.base) only alone, since model.base.dtype is a setting of the new layout
+            tail = r"(?![.\w])" if new.startswith(f"{old}.") else r"((?:\.\w+)*)"
+            if found := re.search(rf"(?<![.\w])model\.{old}{tail}", message):
+                rest = found.group(1) or "" if found.groups() else ""
+                raise ConfigurationError(
+                    f"model.{old}{rest} is now model.{new}{rest}: the model's settings are grouped as base, "
+                    "image, graph and objective (`sg2img fit --print_config` shows them all)"
+                ) from ex
         raise ConfigurationError(describe_parse_error(message, parser, type(self).args)) from ex
 
 
@@ -93,6 +107,8 @@ class SG2ImgCLI(LightningCLI):
     """``sg2img fit|validate|test``: trains an adapter (``SG2ImgModule``)."""
 
     model_class: type = SG2ImgModule
+    moved_settings: ClassVar[dict[str, str]] = MOVED_SETTINGS
+    base_setting = "model.base.source"  # the setting that names the model to load, for its errors
     export_callback = "sg2img.train.callbacks.AdapterExport"  # keeps DIR/<the trained file> current
 
     def __init__(
@@ -100,7 +116,9 @@ class SG2ImgCLI(LightningCLI):
     ):
         self._instantiate = instantiate  # False: parse and resolve only (checks configs without building)
         parser_class = type(
-            "OneLineErrorParser", (_OneLineErrorParser,), {"args": tuple(args or sys.argv[1:])}
+            "OneLineErrorParser",
+            (_OneLineErrorParser,),
+            {"args": tuple(args or sys.argv[1:]), "moved": self.moved_settings},
         )
         kwargs.setdefault("parser_class", parser_class)
         super().__init__(
@@ -115,8 +133,14 @@ class SG2ImgCLI(LightningCLI):
         )
 
     def instantiate_classes(self) -> None:
-        if self._instantiate:
+        if not self._instantiate:
+            return
+        try:
             super().instantiate_classes()
+        except (
+            ValueError
+        ) as e:  # a value the settings' own checks refuse (model.graph.layout_loss_weight: -1)
+            raise ConfigurationError(str(e)) from e
 
     def before_fit(self) -> None:
         """Load the base and read the first training rows before the trainer starts, so a wrong model or
@@ -124,7 +148,7 @@ class SG2ImgCLI(LightningCLI):
         try:
             self.model.configure_model()
         except ModelNotFoundError as e:
-            raise ConfigurationError(f"model.base: {e}") from e
+            raise ConfigurationError(f"{self.base_setting}: {e}") from e
         self.datamodule.check_before_fit(self.model.data_requirements())
 
     def before_instantiate_classes(self) -> None:
@@ -195,6 +219,8 @@ class BaseModelCLI(SG2ImgCLI):
     """``sg2img fit-base``: trains a small base model from scratch (``BaseModelModule``)."""
 
     model_class = BaseModelModule
+    base_setting = "model.init"
+    moved_settings: ClassVar[dict[str, str]] = {}
     export_callback = "sg2img.train.callbacks.BaseExport"
 
 
@@ -202,6 +228,7 @@ class ClipCLI(SG2ImgCLI):
     """``sg2img fit-clip``: trains the shapes world's tiny CLIP (``TinyClipModule``)."""
 
     model_class = TinyClipModule
+    moved_settings: ClassVar[dict[str, str]] = {}
     export_callback = "sg2img.train.callbacks.ClipExport"
 
 

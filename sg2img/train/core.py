@@ -1,14 +1,18 @@
-"""The training core shared by every trainer (adapter, base, tiny CLIP): the diffusion objective (targets
-by prediction type, SNR loss weights) and the LightningModule steps with their seeded noise and fault
-accounting."""
+"""The training core shared by every trainer (adapter, base, tiny CLIP): the diffusion objective (noise,
+timesteps, targets by prediction type, SNR loss weights), the warm-up schedule, the trainable-subset
+checkpoints, and the LightningModule steps with their seeded noise and fault accounting."""
 
 from __future__ import annotations
 
 import logging
+import re
+from collections import Counter
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
@@ -49,6 +53,67 @@ def snr_loss_weights(
     return (1.0 / snr).clamp_max(gamma)
 
 
+def sample_timesteps(
+    scheduler: DDPMScheduler,
+    n: int,
+    generator: torch.Generator,
+    device: torch.device,
+    shift: float | None = None,
+) -> torch.Tensor:
+    """``n`` training timesteps: uniform, or with ``shift`` s towards high noise (t = s u / (1 + (s - 1) u)
+    for uniform u; the shift of Esser et al. 2024)."""
+    steps = scheduler.config.num_train_timesteps
+    if shift is None:
+        return torch.randint(0, steps, (n,), generator=generator, device=device)
+    u = torch.rand(n, generator=generator, device=device)
+    return (shift * u / (1 + (shift - 1) * u) * steps).long().clamp(max=steps - 1)
+
+
+def noised(
+    scheduler: DDPMScheduler, clean: torch.Tensor, generator: torch.Generator, shift: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noisy input, timesteps, target) for clean latents or pixels: the noise, then the timesteps, drawn
+    from ``generator`` in that order."""
+    noise = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
+    t = sample_timesteps(scheduler, clean.shape[0], generator, clean.device, shift)
+    return scheduler.add_noise(clean, noise, t), t, diffusion_target(scheduler, clean, noise, t)
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The denoising loss: the plain MSE, or the mean of per-sample MSEs times their ``weights``."""
+    if weights is None:
+        return F.mse_loss(pred.float(), target.float())
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+    return (per_sample * weights).mean()
+
+
+def warmup_then_constant(optimizer: torch.optim.Optimizer, steps: int) -> dict[str, Any]:
+    """Lightning's optimiser config with a linear warm-up over ``steps`` steps, then a constant rate."""
+    warmup = max(1, steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def describe_keys(keys: Iterable[str]) -> str:
+    """A short account of state-dict keys, grouped below their common prefix (attention layers by their
+    pattern): "12 (model.adapter.sg_encoder: 8, model.adapter.attention.layers.*.to_k_sg: 4)"."""
+    keys = sorted(set(keys))
+    if not keys:
+        return "none"
+    parts = [k.split(".") for k in keys]
+    common = 0
+    while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+
+    def group(key: str) -> str:
+        if ".attention." in key:
+            return re.sub(r"\.\d+\.", ".*.", key.rsplit(".", 1)[0])
+        return ".".join(key.split(".")[: common + 1])
+
+    groups = Counter(group(k) for k in keys)
+    return f"{len(keys)} ({', '.join(f'{g}: {n}' for g, n in sorted(groups.items()))})"
+
+
 FAULTS_KEY = "sg2img_faults"  # checkpoint entry: skipped rows and non-finite losses so far
 
 
@@ -56,7 +121,9 @@ class TrainingSteps(L.LightningModule):
     """The training, validation and test steps shared by every trainer here (the adapter, the base and the
     tiny CLIP): the per-step seeded generator (fixed noise for evaluation, comparable across a run),
     skipped-row accounting, the non-finite-loss policy, the fault counts in checkpoints and the logged loss.
-    A subclass supplies ``diffusion_loss(batch, generator)``, the loss of one batch."""
+    A subclass supplies ``diffusion_loss(batch, generator)``, the loss of one batch, and
+    ``is_trainable(name)``, the one predicate for what trains: checkpoints hold exactly those weights, and
+    resuming checks that they are all there."""
 
     def __init__(self, seed: int = 0, nonfinite_loss: Literal["stop", "skip"] = "stop"):
         super().__init__()
@@ -68,6 +135,25 @@ class TrainingSteps(L.LightningModule):
 
     def diffusion_loss(self, batch: TrainBatch, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
+
+    def is_trainable(self, name: str) -> bool:
+        """Whether the state-dict entry ``name`` trains, and so is checkpointed (default: everything)."""
+        return True
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        full = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        return type(full)((k, v) for k, v in full.items() if self.is_trainable(k[len(prefix) :]))
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        self.configure_model()
+        expected, given = set(self.state_dict()), set(state_dict)
+        if strict and expected != given:
+            raise RuntimeError(
+                "the checkpoint does not hold what this run trains (was it saved with other settings of what "
+                f"trains?): missing {describe_keys(expected - given)}; unexpected {describe_keys(given - expected)}"
+            )
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
 
     def data_requirements(self) -> dict[str, Any]:
         """What this model needs of its rows: ``resolution``, ``clip_size`` (None: no CLIP pixels), and
