@@ -5,12 +5,13 @@ fit-clip`` (the shapes world's tiny CLIP)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ip_adapter import CheckpointError
 from sg2img.errors import ConfigurationError, NonFiniteLossError
@@ -18,6 +19,7 @@ from sg2img.errors import ConfigurationError, NonFiniteLossError
 EXIT_USAGE = 2
 EXIT_FAILED = 1  # a run that stopped itself (a non-finite loss)
 TRAINING_SUBCOMMANDS = ("fit", "validate", "test")  # LightningCLI (see sg2img/train/cli.py)
+T = TypeVar("T")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -53,9 +55,9 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from sg2img.infer.generate import run_generate
+    from sg2img.infer.generate import GenerateSettings, run_generate
 
-    record = run_generate(args)
+    record = run_generate(settings_from(args, GenerateSettings))
     n = sum(len(o["images"]) for o in record["outputs"])
     print(
         f"wrote {n} images and {len(record['outputs'])} contact sheets to {args.out} (settings: {args.out / 'generate.json'})"
@@ -64,9 +66,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate_shapes(args: argparse.Namespace) -> int:
-    from sg2img.eval.protocols import format_scores, run_shapes
+    from sg2img.eval.protocols import ShapesEvaluation, format_scores, run_shapes
 
-    record = run_shapes(args)
+    record = run_shapes(settings_from(args, ShapesEvaluation))
     print(f"model: {record['model']}\nadapter: {record['adapter']}\nprompt: {args.prompt}")
     print(format_scores(record["scores"]))
     if args.out is not None:
@@ -75,9 +77,9 @@ def _cmd_evaluate_shapes(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate_coco(args: argparse.Namespace) -> int:
-    from sg2img.eval.protocols import COCO_RESULT, format_scores, run_coco
+    from sg2img.eval.protocols import COCO_RESULT, CocoEvaluation, format_scores, run_coco
 
-    record = run_coco(args)
+    record = run_coco(settings_from(args, CocoEvaluation))
     print(f"model: {record['model']}\nadapter: {record['adapter']}\nCLIP: {record['clip']}")
     print(format_scores(record["scores"]))
     paper = record["paper"]["ip_adapter_sd15"]
@@ -216,26 +218,191 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+# --- the inference commands' flags: each command's typed settings, one flag per field ---------------------
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``sg2img generate`` (``GenerateSettings``, one field each)."""
+    from sg2img.base.dtypes import DTYPES
+    from sg2img.infer.generate import MAX_SIDE
+
+    p.add_argument(
+        "--graph", type=Path, help="sg2im JSON: one graph or a list (one set of outputs per graph)"
+    )
+    p.add_argument("--prompt", default=None, help="text prompt (default: none, i.e. the empty prompt)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument(
+        "--image", type=Path, default=None, help="image prompt (needs an adapter with an image branch)"
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="base: a diffusers folder, a single-file SD1.5 .safetensors, a base file, a hub id, a preset "
+        "name, or `embedded`; default: the embedded default model (no downloads)",
+    )
+    p.add_argument(
+        "--adapter",
+        default=None,
+        help="sg2img adapter file or official IP-Adapter file; `none`: the base alone; default: the "
+        "embedded adapter with the embedded base",
+    )
+    p.add_argument(
+        "--image-encoder", default=None,
+        help="CLIP vision tower for image prompts: folder, hub_id[:subfolder] or open_clip:MODEL[:FILE]",
+    )  # fmt: skip
+    p.add_argument(
+        "--single-file-config", default=None, help="folder or hub id describing a single-file --model"
+    )
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50, the paper's)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--image-scale", type=float, default=1.0, help="image branch weight (lambda)")
+    p.add_argument("--sg-scale", type=float, default=1.0, help="scene-graph branch weight")
+    p.add_argument("--seed", type=int, default=0, help="image k of graph i uses seed + i * num_images + k")
+    p.add_argument("--num-images", type=int, default=1, help="images per graph")
+    p.add_argument(
+        "--height", type=int, default=None,
+        help=f"image height in pixels, a multiple of 8 up to {MAX_SIDE} (default: the model's own size)",
+    )  # fmt: skip
+    p.add_argument(
+        "--width", type=int, default=None,
+        help=f"image width in pixels, a multiple of 8 up to {MAX_SIDE} (default: the model's own size)",
+    )  # fmt: skip
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, mps")
+    p.add_argument(
+        "--dtype", choices=("auto", *DTYPES), default="auto", help="auto: float16 on GPU, else float32"
+    )
+    p.add_argument(
+        "--attention-maps", action="store_true",
+        help="also save each graph node's cross-attention (graph branch, mean over layers and steps)",
+    )  # fmt: skip
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+
+
+def add_coco_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``sg2img evaluate coco`` (``CocoEvaluation``, one field each)."""
+    p.add_argument("--images", type=Path, default=None, help="COCO images (val2017/)")
+    p.add_argument("--captions", type=Path, default=None, help="COCO captions (captions_val2017.json)")
+    p.add_argument("--n", type=int, default=None, help="first n images by id (default: all)")
+    p.add_argument("--model", default=None, help="SD1.5 base: hub id, diffusers folder or single file")
+    p.add_argument("--adapter", default=None, help="IP-Adapter file (official .bin/.safetensors or ours)")
+    p.add_argument("--image-encoder", default=None, help="CLIP vision tower folder/hub id of the adapter")
+    p.add_argument("--single-file-config", default=None)
+    p.add_argument(
+        "--clip", default=None, help="scoring CLIP: open_clip:NAME, hf:ID or a transformers folder"
+    )
+    p.add_argument("--clip-pretrained", default=None)
+    p.add_argument("--num-images", type=int, default=4, help="images per image prompt (the paper: 4)")
+    p.add_argument(
+        "--prompt", choices=("empty", "caption"), default="empty", help="text prompt (the paper: empty)"
+    )
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--image-scale", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
+    p.add_argument("--out", type=Path, default=Path("build/coco-eval"))
+
+
+def add_shapes_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``sg2img evaluate shapes`` (``ShapesEvaluation``, one field each)."""
+    from sg2img.eval.protocols import IMAGE_PROMPTS, PROMPTS, RESULT
+
+    p.add_argument(
+        "--model", default=None, help="base: default the embedded shapes base (or a base file, folder, ...)"
+    )
+    p.add_argument(
+        "--adapter",
+        default=None,
+        help="adapter file; `none` for the base alone; default: the embedded adapter with the embedded base",
+    )
+    p.add_argument("--image-encoder", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--single-file-config", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, default=None, help="rows of the split to evaluate (default: all)")
+    p.add_argument("--split", choices=("train", "val", "test"), default="test")
+    p.add_argument("--world-seed", type=int, default=0, help="the shapes world's seed (as in training)")
+    p.add_argument(
+        "--graphs", type=Path, default=None, help="a scene-graph file to evaluate instead of a split"
+    )
+    p.add_argument("--num-images", type=int, default=1, help="images per graph (seeds go on counting)")
+    p.add_argument("--prompt", choices=PROMPTS, default="objects", help="what the text prompt holds")
+    p.add_argument(
+        "--image-prompt",
+        choices=IMAGE_PROMPTS,
+        default="auto",
+        help="the graph's rendering as image prompt (auto: when the adapter has an image branch)",
+    )
+    p.add_argument(
+        "--boxes",
+        choices=("none", "given"),
+        default="none",
+        help="what the graph branch sees: the relations only (none: a layout head places the objects) or "
+        "the graphs' true boxes too (given: the oracle layout)",
+    )
+    p.add_argument("--sg-scale", type=float, default=1.0)
+    p.add_argument("--image-scale", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="float32")
+    p.add_argument("--out", type=Path, default=None, help=f"write {RESULT}, images and contact sheets here")
+    p.add_argument("--save-images", action="store_true", help="save every image (default: the first 16)")
+
+
+def add_metric_arguments(p: Any) -> None:
+    """The folder-scoring flags of ``sg2img evaluate``."""
+    from sg2img.eval.metrics import METRICS
+
+    p.add_argument("--samples", type=Path, default=None, help="a folder of generated images")
+    p.add_argument("--refs", type=Path, default=None, help="reference images (CLIP-I pairs, FID's real set)")
+    p.add_argument("--metrics", default="clip-t,clip-i", help=f"comma-separated: {', '.join(METRICS)}")
+    p.add_argument(
+        "--clip",
+        default=None,
+        help="open_clip:NAME, hf:PATH_OR_ID, a transformers folder, a tiny-CLIP file, or shapes (the shipped one)",
+    )
+    p.add_argument("--clip-pretrained", default=None, help="open_clip weights file (or tag)")
+    p.add_argument("--fid-features", default="inception", help="inception, clip or module:pkg.mod:factory")
+    p.add_argument("--inception", default=None, help="torch-fidelity Inception-v3 weights file (for fid)")
+    p.add_argument("--fid-size", type=int, default=299, help="images are resized to this square for fid")
+    p.add_argument("--detector", default="shapes", help="shapes, torchvision:NAME or module:pkg.mod:factory")
+    p.add_argument("--detector-weights", default=None, help="weights file of a torchvision detector")
+    p.add_argument("--detector-threshold", type=float, default=0.5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, default=None, help="write the scores as JSON here")
+
+
+def settings_from(values: argparse.Namespace, kind: type[T]) -> T:
+    """A command's typed settings (``GenerateSettings``, ``ShapesEvaluation``, ...) from its parsed flags."""
+    names = {f.name for f in dataclasses.fields(kind)}
+    given = {k: v for k, v in vars(values).items() if k in names}
+    if "config" in given:
+        given["config"] = tuple(given["config"] or ())
+    return kind(**given)
+
+
 # --- the inference commands' settings: jsonargparse, as fit's, so `--config FILE` and `--print_config` ---
 # work the same everywhere: a YAML of the command's settings (its flags with underscores), flags after it win
 SETTINGS_COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("generate",): (
         "images from scene-graph files, text and image prompts (embedded default model)",
-        "sg2img.infer.generate:add_arguments",
+        "sg2img.cli:add_generate_arguments",
     ),
     ("evaluate", "shapes"): (
         "generate from shapes-world test graphs and print object recall and relation accuracy",
-        "sg2img.eval.protocols:add_shapes_arguments",
+        "sg2img.cli:add_shapes_arguments",
     ),
     ("evaluate", "coco"): (
         "IP-Adapter's protocol: COCO images as image prompts, CLIP-T vs their captions, CLIP-I vs the prompts "
         "(the protocol file: configs/eval/ip_adapter_coco2017.yaml)",
-        "sg2img.eval.protocols:add_coco_arguments",
+        "sg2img.cli:add_coco_arguments",
     ),
     ("evaluate",): (
         "score folders of images (--samples DIR --refs DIR --metrics ...), or generate and score: "
         "`evaluate shapes` (the shapes world), `evaluate coco` (IP-Adapter's COCO protocol)",
-        "sg2img.eval.metrics:add_arguments",
+        "sg2img.cli:add_metric_arguments",
     ),
 }
 

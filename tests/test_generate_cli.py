@@ -1,6 +1,8 @@
 """``sg2img generate``: outputs, the record, reproducibility, and bad input before any model loads."""
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -195,3 +197,21 @@ def test_inference_commands_take_a_settings_file_and_print_their_settings(tmp_pa
     assert "unknown setting stepz on the command line; did you mean steps?" in capsys.readouterr().err
     assert main(["generate", "--prompt", "x"]) == 2
     assert capsys.readouterr().err == "sg2img generate: error: the following arguments are required: --out\n"
+
+
+def test_each_command_s_flags_and_its_typed_settings_agree_on_every_default():
+    from sg2img.cli import parse_settings, settings_from
+    from sg2img.eval.protocols import CocoEvaluation, ShapesEvaluation
+    from sg2img.infer.generate import GenerateSettings
+
+    for argv, kind, expected in (
+        (["generate", "--out", "x"], GenerateSettings, GenerateSettings(out=Path("x"))),
+        (["evaluate", "shapes"], ShapesEvaluation, ShapesEvaluation()),
+        (["evaluate", "coco"], CocoEvaluation, CocoEvaluation()),
+    ):
+        parsed = parse_settings(argv)
+        settings = settings_from(parsed, kind)
+        assert settings == expected, argv
+        # every flag is a field of the settings, and the other way round
+        flags = set(vars(parsed)) - {"command", "what"}
+        assert flags == {f.name for f in dataclasses.fields(kind)}, argv

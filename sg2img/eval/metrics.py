@@ -654,30 +654,6 @@ def evaluate_folder(
     }
 
 
-def add_arguments(p: Any) -> None:
-    """The folder-scoring flags of ``sg2img evaluate``."""
-    from pathlib import Path as P
-
-    p.add_argument("--samples", type=P, default=None, help="a folder of generated images")
-    p.add_argument("--refs", type=P, default=None, help="reference images (CLIP-I pairs, FID's real set)")
-    p.add_argument("--metrics", default="clip-t,clip-i", help=f"comma-separated: {', '.join(METRICS)}")
-    p.add_argument(
-        "--clip",
-        default=None,
-        help="open_clip:NAME, hf:PATH_OR_ID, a transformers folder, a tiny-CLIP file, or shapes (the shipped one)",
-    )
-    p.add_argument("--clip-pretrained", default=None, help="open_clip weights file (or tag)")
-    p.add_argument("--fid-features", default="inception", help="inception, clip or module:pkg.mod:factory")
-    p.add_argument("--inception", default=None, help="torch-fidelity Inception-v3 weights file (for fid)")
-    p.add_argument("--fid-size", type=int, default=299, help="images are resized to this square for fid")
-    p.add_argument("--detector", default="shapes", help="shapes, torchvision:NAME or module:pkg.mod:factory")
-    p.add_argument("--detector-weights", default=None, help="weights file of a torchvision detector")
-    p.add_argument("--detector-threshold", type=float, default=0.5)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", type=P, default=None, help="write the scores as JSON here")
-
-
 __all__ = [
     "METRICS",
     "ClipModel",

@@ -16,11 +16,11 @@ With ``--out DIR`` the images go to ``DIR`` with ``samples.jsonl`` (one row per 
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from PIL import Image
@@ -29,26 +29,95 @@ from sg2img.eval.metrics import (
     MANIFEST,  # one row per image of a samples folder (see sg2img.eval.metrics.read_samples)
 )
 from sg2img.graph import Limits, SceneGraph, load_scene_graphs
+from sg2img.infer.generate import ModelSource
 
 PROMPTS = ("objects", "relations", "none")
 IMAGE_PROMPTS = ("auto", "reference", "none")
 RESULT = "shapes-eval.json"
 
 
-def shapes_rows(args: argparse.Namespace) -> tuple[list[SceneGraph], list[str]]:
+@dataclass(frozen=True, kw_only=True)
+class ShapesEvaluation(ModelSource):
+    """What ``sg2img evaluate shapes`` generates and scores (its flags, one field each).
+
+    Args:
+        n / split / world_seed: the first ``n`` rows (None: all) of a split of the shapes world of that seed.
+        graphs: a scene-graph file to evaluate instead of a split.
+        num_images: images per graph (seeds go on counting).
+        prompt: what the text prompt holds (``PROMPTS``).
+        image_prompt: the graph's rendering as image prompt (``auto``: when the adapter has an image branch).
+        boxes: what the graph branch sees: ``none`` (the relations; a layout head places the objects) or
+            ``given`` (the graphs' true boxes too: the oracle layout).
+        sg_scale / image_scale / steps / guidance / seed / batch_size / device / dtype: sampling.
+        out / save_images: where the record, images and sheets go; every image or the first 16.
+        config: the settings files the command read (recorded; flags after them won).
+    """
+
+    n: int | None = None
+    split: Literal["train", "val", "test"] = "test"
+    world_seed: int = 0
+    graphs: Path | None = None
+    num_images: int = 1
+    prompt: Literal["objects", "relations", "none"] = "objects"
+    image_prompt: Literal["auto", "reference", "none"] = "auto"
+    boxes: Literal["none", "given"] = "none"
+    sg_scale: float = 1.0
+    image_scale: float = 1.0
+    steps: int = 25
+    guidance: float = 5.0
+    seed: int = 0
+    batch_size: int = 50
+    device: str = "auto"
+    dtype: str = "float32"
+    out: Path | None = None
+    save_images: bool = False
+    config: tuple[str, ...] = ()  # the settings files the command read (recorded)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CocoEvaluation(ModelSource):
+    """What ``sg2img evaluate coco`` generates and scores (IP-Adapter's protocol; its flags, one field each).
+
+    Args:
+        images / captions / n: COCO images (val2017/), their captions file, the first ``n`` by id.
+        clip / clip_pretrained: the scoring CLIP (``open_clip:NAME``, ``hf:ID`` or a transformers folder).
+        num_images: images per image prompt (the paper: 4).
+        prompt: the text prompt, ``empty`` (the paper's) or the ``caption``.
+        steps / guidance / image_scale / seed / batch_size / device / dtype / out: sampling and output.
+    """
+
+    images: Path | None = None
+    captions: Path | None = None
+    n: int | None = None
+    clip: str | None = None
+    clip_pretrained: str | None = None
+    num_images: int = 4
+    prompt: Literal["empty", "caption"] = "empty"
+    steps: int = 50
+    guidance: float = 7.5
+    image_scale: float = 1.0
+    seed: int = 0
+    batch_size: int = 8
+    device: str = "auto"
+    dtype: str = "auto"
+    out: Path = Path("build/coco-eval")
+    config: tuple[str, ...] = ()  # the settings files the command read (recorded)
+
+
+def shapes_rows(settings: ShapesEvaluation) -> tuple[list[SceneGraph], list[str]]:
     """(graphs, names): a file's graphs, or the first ``n`` rows of the split."""
     from sg2img.data.shapes import Shapes
 
-    if args.graphs is not None:
-        graphs = list(load_scene_graphs(args.graphs, Limits()))
+    if settings.graphs is not None:
+        graphs = list(load_scene_graphs(settings.graphs, Limits()))
         if not graphs:
-            raise ValueError(f"{args.graphs}: the file holds an empty list of graphs")
-        return graphs[: args.n] if args.n else graphs, [
-            f"{Path(args.graphs).stem}-{i:02d}" for i in range(len(graphs))
+            raise ValueError(f"{settings.graphs}: the file holds an empty list of graphs")
+        return graphs[: settings.n] if settings.n else graphs, [
+            f"{Path(settings.graphs).stem}-{i:02d}" for i in range(len(graphs))
         ]
-    source = Shapes(args.split, seed=args.world_seed)
-    n = min(args.n or len(source), len(source))
-    return [source.example(i).graph for i in range(n)], [f"{args.split}-{i:05d}" for i in range(n)]
+    source = Shapes(settings.split, seed=settings.world_seed)
+    n = min(settings.n or len(source), len(source))
+    return [source.example(i).graph for i in range(n)], [f"{settings.split}-{i:05d}" for i in range(n)]
 
 
 def prompt_for(graph: SceneGraph, mode: str) -> str:
@@ -59,66 +128,66 @@ def prompt_for(graph: SceneGraph, mode: str) -> str:
     return caption(graph, relations=mode == "relations")
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(settings: ShapesEvaluation) -> None:
     for name in ("steps", "batch_size", "num_images"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.n is not None and args.n < 1:
-        raise ValueError(f"--n must be at least 1, got {args.n}")
-    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        if getattr(settings, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
+    if settings.n is not None and settings.n < 1:
+        raise ValueError(f"--n must be at least 1, got {settings.n}")
+    if settings.out is not None and Path(settings.out).exists() and not Path(settings.out).is_dir():
         raise ValueError(
-            f"--out {args.out}: is a file, not a folder; give a folder (it is created if missing)"
+            f"--out {settings.out}: is a file, not a folder; give a folder (it is created if missing)"
         )
-    graphs = getattr(args, "graphs", None)
+    graphs = settings.graphs
     if graphs is not None and Path(graphs).is_dir():
         raise ValueError(f"--graphs {graphs}: is a folder; give a JSON file holding a list of graphs")
 
 
-def run_shapes(args: argparse.Namespace) -> dict[str, Any]:
+def run_shapes(settings: ShapesEvaluation) -> dict[str, Any]:
     from sg2img.infer.generate import _device_and_dtype, build_pipeline, versions
     from sg2img.shapes.world import ShapesEvaluator
 
-    check_args(args)
-    graphs, names = shapes_rows(args)  # before any model loads
+    check_args(settings)
+    graphs, names = shapes_rows(settings)  # before any model loads
     evaluator = ShapesEvaluator()
     for k, g in enumerate(graphs):
         if (why := evaluator.cannot_judge(g)) is not None:
             raise ValueError(
-                f"{args.graphs or args.split}: graph [{k}]: {why}; `evaluate shapes` scores shapes-world graphs only"
+                f"{settings.graphs or settings.split}: graph [{k}]: {why}; `evaluate shapes` scores shapes-world graphs only"
             )
-    if args.num_images > 1:  # K images per graph, each with its own seed: graph-major order
-        k = args.num_images
+    if settings.num_images > 1:  # K images per graph, each with its own seed: graph-major order
+        k = settings.num_images
         graphs = [g for g in graphs for _ in range(k)]
         names = [f"{name}-{j:02d}" for name in names for j in range(k)]
     refs, not_renderable = reference_images(graphs)
-    device, dtype = _device_and_dtype(args.device, args.dtype)
-    pipe, info = build_pipeline(args, device, dtype)
+    device, dtype = _device_and_dtype(settings.device, settings.dtype)
+    pipe, info = build_pipeline(settings, device, dtype)
     pipe.set_progress_bar_config(disable=True)
     use_graph = pipe.sg_adapter is not None and pipe.sg_adapter.config.graph_branch
     has_image = pipe.sg_adapter is not None and pipe.sg_adapter.config.image_branch
-    use_image = args.image_prompt == "reference" or (args.image_prompt == "auto" and has_image)
+    use_image = settings.image_prompt == "reference" or (settings.image_prompt == "auto" and has_image)
     if use_image and not has_image:
         raise ValueError("--image-prompt reference needs an adapter with an image branch")
     if use_image and not_renderable:
         raise ValueError(f"the image prompt is each graph's rendering, but {not_renderable}")
-    prompts = [prompt_for(g, args.prompt) for g in graphs]
+    prompts = [prompt_for(g, settings.prompt) for g in graphs]
     # --boxes none: the graph branch sees the relations only (its layout head places the objects); the
     # boxes stay with the evaluator, which reads colours and centres, and with the reference renderings
-    shown = graphs if args.boxes == "given" else [g.without_boxes() for g in graphs]
+    shown = graphs if settings.boxes == "given" else [g.without_boxes() for g in graphs]
     images: list[Image.Image] = []
     layouts: list[list[tuple[float, float, float, float]] | None] = []
     start = time.perf_counter()
-    for lo in range(0, len(graphs), args.batch_size):
-        hi = min(lo + args.batch_size, len(graphs))
+    for lo in range(0, len(graphs), settings.batch_size):
+        hi = min(lo + settings.batch_size, len(graphs))
         out = pipe(
             prompt=prompts[lo:hi],
             scene_graph=shown[lo:hi] if use_graph else None,
             ip_adapter_image=refs[lo:hi] if use_image else None,
-            sg_scale=args.sg_scale,
-            image_scale=args.image_scale if use_image else 0.0,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            generator=[torch.Generator(device="cpu").manual_seed(args.seed + i) for i in range(lo, hi)],
+            sg_scale=settings.sg_scale,
+            image_scale=settings.image_scale if use_image else 0.0,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance,
+            generator=[torch.Generator(device="cpu").manual_seed(settings.seed + i) for i in range(lo, hi)],
         )
         images.extend(out.images)
         layouts.extend(out.layouts if out.layouts is not None else [None] * (hi - lo))
@@ -126,21 +195,17 @@ def run_shapes(args: argparse.Namespace) -> dict[str, Any]:
     per_image = [evaluator.score(img, g) for img, g in zip(images, graphs)]
     record = {
         "scores": evaluator.summarise(per_image),
-        "settings": {
-            k: (str(v) if isinstance(v, Path) else v)
-            for k, v in vars(args).items()
-            if k not in ("func", "command", "what")
-        },
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(settings).items()},
         "graph_branch_used": use_graph,
         "image_prompt_used": use_image,
         "generation_seconds": round(seconds, 2),
         **info,
         "versions": versions(),
     }
-    if args.out is not None:
-        ref_names = [n.rsplit("-", 1)[0] for n in names] if args.num_images > 1 else names
+    if settings.out is not None:
+        ref_names = [n.rsplit("-", 1)[0] for n in names] if settings.num_images > 1 else names
         save_outputs(
-            args.out,
+            settings.out,
             images,
             graphs,
             prompts,
@@ -148,7 +213,7 @@ def run_shapes(args: argparse.Namespace) -> dict[str, Any]:
             refs,
             ref_names,
             record,
-            args.save_images,
+            settings.save_images,
             per_image,
             shown,
             layouts,
@@ -285,44 +350,50 @@ def coco_rows(images: Path, captions: Path, n: int | None) -> list[tuple[str, st
     return rows
 
 
-def run_coco(args: argparse.Namespace) -> dict[str, Any]:
+def run_coco(settings: CocoEvaluation) -> dict[str, Any]:
     """Generate from COCO images as image prompts, then CLIP-T against their captions and CLIP-I against
     the prompts themselves; the paper's figures go into the record beside ours."""
     from sg2img.eval.metrics import MetricSettings, evaluate_folder, load_clip, open_image
     from sg2img.infer.generate import _device_and_dtype, build_pipeline, versions
 
     for name in ("steps", "batch_size", "num_images"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.images is None or args.captions is None or args.clip is None or args.model is None:
+        if getattr(settings, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
+    if (
+        settings.images is None
+        or settings.captions is None
+        or settings.clip is None
+        or settings.model is None
+    ):
         raise ValueError(
             "evaluate coco needs --images, --captions, --model and --clip (or a --config naming them)"
         )
-    if args.adapter is None:
+    if settings.adapter is None:
         raise ValueError("evaluate coco needs --adapter (an IP-Adapter file; `none` for the base alone)")
-    rows = coco_rows(args.images, args.captions, args.n)
-    load_clip(args.clip, args.clip_pretrained)  # fail on a bad CLIP before hours of generation
-    device, dtype = _device_and_dtype(args.device, args.dtype)
-    pipe, info = build_pipeline(args, device, dtype)
+    rows = coco_rows(settings.images, settings.captions, settings.n)
+    load_clip(settings.clip, settings.clip_pretrained)  # fail on a bad CLIP before hours of generation
+    device, dtype = _device_and_dtype(settings.device, settings.dtype)
+    pipe, info = build_pipeline(settings, device, dtype)
     pipe.set_progress_bar_config(disable=True)
     has_image = pipe.sg_adapter is not None and pipe.sg_adapter.config.image_branch
-    out = Path(args.out)
+    out = Path(settings.out)
     samples = out / "samples"
     samples.mkdir(parents=True, exist_ok=True)
-    jobs = [(file, cap, k) for file, cap in rows for k in range(args.num_images)]
+    jobs = [(file, cap, k) for file, cap in rows for k in range(settings.num_images)]
     manifest = []
     start = time.perf_counter()
-    for lo in range(0, len(jobs), args.batch_size):
-        batch = jobs[lo : lo + args.batch_size]
-        refs = [open_image(Path(args.images) / f) for f, _, _ in batch]
+    for lo in range(0, len(jobs), settings.batch_size):
+        batch = jobs[lo : lo + settings.batch_size]
+        refs = [open_image(Path(settings.images) / f) for f, _, _ in batch]
         result = pipe(
-            prompt=[c if args.prompt == "caption" else "" for _, c, _ in batch],
+            prompt=[c if settings.prompt == "caption" else "" for _, c, _ in batch],
             ip_adapter_image=refs if has_image else None,
-            image_scale=args.image_scale if has_image else 0.0,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
+            image_scale=settings.image_scale if has_image else 0.0,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance,
             generator=[
-                torch.Generator(device="cpu").manual_seed(args.seed + i) for i in range(lo, lo + len(batch))
+                torch.Generator(device="cpu").manual_seed(settings.seed + i)
+                for i in range(lo, lo + len(batch))
             ],
         )
         for (file, cap, k), img in zip(batch, result.images):
@@ -331,16 +402,16 @@ def run_coco(args: argparse.Namespace) -> dict[str, Any]:
             manifest.append({"file": name, "prompt": cap, "ref": file})
     seconds = time.perf_counter() - start
     (samples / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in manifest))
-    settings = MetricSettings(
-        clip=args.clip, clip_pretrained=args.clip_pretrained, batch_size=args.batch_size
+    scoring = MetricSettings(
+        clip=settings.clip, clip_pretrained=settings.clip_pretrained, batch_size=settings.batch_size
     )
-    scored = evaluate_folder(samples, Path(args.images), ["clip-t", "clip-i"], settings)
+    scored = evaluate_folder(samples, Path(settings.images), ["clip-t", "clip-i"], scoring)
     record = {
         "scores": scored["scores"],
         "paper": {"ip_adapter_sd15": PAPER_TABLE_1},
         "clip": scored["clip"],
         "settings": {
-            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in COCO_KEYS
+            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(settings).items() if k in COCO_KEYS
         },
         "image_prompt_used": has_image,
         "generation_seconds": round(seconds, 2),
@@ -351,78 +422,8 @@ def run_coco(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
-def add_coco_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--images", type=Path, default=None, help="COCO images (val2017/)")
-    p.add_argument("--captions", type=Path, default=None, help="COCO captions (captions_val2017.json)")
-    p.add_argument("--n", type=int, default=None, help="first n images by id (default: all)")
-    p.add_argument("--model", default=None, help="SD1.5 base: hub id, diffusers folder or single file")
-    p.add_argument("--adapter", default=None, help="IP-Adapter file (official .bin/.safetensors or ours)")
-    p.add_argument("--image-encoder", default=None, help="CLIP vision tower folder/hub id of the adapter")
-    p.add_argument("--single-file-config", default=None)
-    p.add_argument(
-        "--clip", default=None, help="scoring CLIP: open_clip:NAME, hf:ID or a transformers folder"
-    )
-    p.add_argument("--clip-pretrained", default=None)
-    p.add_argument("--num-images", type=int, default=4, help="images per image prompt (the paper: 4)")
-    p.add_argument(
-        "--prompt", choices=("empty", "caption"), default="empty", help="text prompt (the paper: empty)"
-    )
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--image-scale", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
-    p.add_argument("--out", type=Path, default=Path("build/coco-eval"))
-
-
 def format_scores(scores: dict[str, float]) -> str:
     return "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items())
 
 
-def add_shapes_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", default=None, help="base: default the embedded shapes base (or a base file, folder, ...)"
-    )
-    p.add_argument(
-        "--adapter",
-        default=None,
-        help="adapter file; `none` for the base alone; default: the embedded adapter with the embedded base",
-    )
-    p.add_argument("--image-encoder", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--single-file-config", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--n", type=int, default=None, help="rows of the split to evaluate (default: all)")
-    p.add_argument("--split", choices=("train", "val", "test"), default="test")
-    p.add_argument("--world-seed", type=int, default=0, help="the shapes world's seed (as in training)")
-    p.add_argument(
-        "--graphs", type=Path, default=None, help="a scene-graph file to evaluate instead of a split"
-    )
-    p.add_argument("--num-images", type=int, default=1, help="images per graph (seeds go on counting)")
-    p.add_argument("--prompt", choices=PROMPTS, default="objects", help="what the text prompt holds")
-    p.add_argument(
-        "--image-prompt",
-        choices=IMAGE_PROMPTS,
-        default="auto",
-        help="the graph's rendering as image prompt (auto: when the adapter has an image branch)",
-    )
-    p.add_argument(
-        "--boxes",
-        choices=("none", "given"),
-        default="none",
-        help="what the graph branch sees: the relations only (none: a layout head places the objects) or "
-        "the graphs' true boxes too (given: the oracle layout)",
-    )
-    p.add_argument("--sg-scale", type=float, default=1.0)
-    p.add_argument("--image-scale", type=float, default=1.0)
-    p.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="float32")
-    p.add_argument("--out", type=Path, default=None, help=f"write {RESULT}, images and contact sheets here")
-    p.add_argument("--save-images", action="store_true", help="save every image (default: the first 16)")
-
-
-__all__ = ["PROMPTS", "add_coco_arguments", "add_shapes_arguments", "format_scores", "run_coco", "run_shapes"]
+__all__ = ["PROMPTS", "CocoEvaluation", "ShapesEvaluation", "format_scores", "run_coco", "run_shapes"]

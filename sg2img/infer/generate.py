@@ -8,7 +8,6 @@ raw maps in ``NAME-attention.safetensors``; ``generate.json`` records every sett
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import platform
@@ -37,6 +36,64 @@ VERSIONED = (
 )
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """Which base and adapter a command draws with.
+
+    Args:
+        model: a diffusers folder, a single-file SD1.5 checkpoint, a base file, a hub id, a preset name or
+            ``embedded``; None: the embedded default model (no downloads).
+        adapter: an sg2img or official IP-Adapter file; ``none``: the base alone; None: the embedded
+            adapter with the embedded base.
+        image_encoder: the CLIP vision tower for image prompts (folder, ``hub_id[:subfolder]`` or
+            ``open_clip:MODEL[:FILE]``); None: the base's or the adapter's own.
+        single_file_config: the folder or hub id describing a single-file ``model``.
+    """
+
+    model: str | None = None
+    adapter: str | None = None
+    image_encoder: str | None = None
+    single_file_config: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateSettings(ModelSource):
+    """What ``sg2img generate`` draws, with what and where to (its flags, one field each).
+
+    Args:
+        out: the output folder (created if missing).
+        graph: a scene-graph JSON file (one graph or a list: one set of outputs per graph).
+        prompt / negative_prompt: the text prompts (None: the empty prompt).
+        image: an image prompt (needs an adapter with an image branch).
+        steps / guidance: DDIM steps and the classifier-free guidance scale.
+        image_scale / sg_scale: the image and scene-graph branches' weights.
+        seed: image k of graph i uses seed + i * num_images + k.
+        num_images: images per graph.
+        height / width: in pixels, multiples of 8 up to ``MAX_SIDE`` (None: the model's own size).
+        device / dtype: ``auto`` (cuda if available; float16 on GPU, else float32) or a torch name.
+        attention_maps: also save each graph node's cross-attention (graph branch).
+        config: the settings files the command read (recorded; flags after them won).
+    """
+
+    out: Path
+    graph: Path | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    image: Path | None = None
+    steps: int = 50
+    guidance: float = 7.5
+    image_scale: float = 1.0
+    sg_scale: float = 1.0
+    seed: int = 0
+    num_images: int = 1
+    height: int | None = None
+    width: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    attention_maps: bool = False
+    config: tuple[str, ...] = ()
+
+
 @dataclass
 class Inputs:
     graphs: list[SceneGraph | None]
@@ -47,13 +104,13 @@ class Inputs:
 MAX_SIDE = 2048  # the largest --height / --width generate accepts
 
 
-def read_inputs(args: argparse.Namespace) -> Inputs:
+def read_inputs(settings: GenerateSettings) -> Inputs:
     """Read and check the graph file and image prompt (raises SceneGraphError / ValueError)."""
     for name in ("steps", "num_images"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+        if getattr(settings, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
     for name in ("height", "width"):
-        v = getattr(args, name)
+        v = getattr(settings, name)
         if v is not None and (v < 8 or v % 8):
             raise ValueError(f"--{name} must be a positive multiple of 8, got {v}")
         if v is not None and v > MAX_SIDE:
@@ -61,37 +118,37 @@ def read_inputs(args: argparse.Namespace) -> Inputs:
                 f"--{name} {v} is over {MAX_SIDE}, the largest side this command draws (SD1.5 is trained at "
                 "512; cross-attention memory grows with the square of the pixel count)"
             )
-    out = getattr(args, "out", None)
+    out = settings.out
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"--out {out}: is a file, not a folder; give a folder (it is created if missing)")
-    if args.prompt is None and args.graph is None and args.image is None:
+    if settings.prompt is None and settings.graph is None and settings.image is None:
         raise ValueError(
             "nothing to draw from: give --prompt TEXT, --graph FILE or --image FILE "
             "(with --adapter none, the base alone, --prompt)"
         )
     graphs: list[SceneGraph | None] = [None]
     names = ["prompt"]
-    if args.graph is not None and Path(args.graph).is_dir():
+    if settings.graph is not None and Path(settings.graph).is_dir():
         raise ValueError(
-            f"--graph {args.graph}: is a folder; give a JSON file holding one graph or a list of graphs"
+            f"--graph {settings.graph}: is a folder; give a JSON file holding one graph or a list of graphs"
         )
-    if args.graph is not None:
-        loaded = load_scene_graphs(args.graph, Limits())
+    if settings.graph is not None:
+        loaded = load_scene_graphs(settings.graph, Limits())
         if not loaded:
-            raise ValueError(f"{args.graph}: the file holds an empty list of graphs")
+            raise ValueError(f"{settings.graph}: the file holds an empty list of graphs")
         graphs = list(loaded)
-        stem = Path(args.graph).stem
+        stem = Path(settings.graph).stem
         names = [stem] if len(graphs) == 1 else [f"{stem}-{i:02d}" for i in range(len(graphs))]
     image = None
-    if args.image is not None:
+    if settings.image is not None:
         try:
-            with Image.open(args.image) as im:
+            with Image.open(settings.image) as im:
                 image = im.convert("RGB")
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"--image {args.image}: no such file") from e
+            raise FileNotFoundError(f"--image {settings.image}: no such file") from e
         except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"--image {args.image}: not a readable image ({e})") from e
-    if args.attention_maps and args.graph is None:
+            raise ValueError(f"--image {settings.image}: not a readable image ({e})") from e
+    if settings.attention_maps and settings.graph is None:
         raise ValueError("--attention-maps needs --graph: the maps show where each graph node went")
     return Inputs(graphs, names, image)
 
@@ -120,14 +177,14 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtyp
     return dev, DTYPES[dtype]
 
 
-def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+def build_pipeline(settings: ModelSource, device: torch.device, dtype: torch.dtype):
     """(pipeline, description of model and adapter for the record). No ``--model``: the embedded default
     (and its adapter unless ``--adapter`` names another, or ``none``)."""
     from sg2img.base.components import PRESETS, base_components
     from sg2img.infer.pipeline import SG2ImgPipeline
     from sg2img.shapes.embedded import DESCRIPTION, EMBEDDED, EMBEDDED_ADAPTER_FILE
 
-    source = EMBEDDED if args.model is None else str(args.model)
+    source = EMBEDDED if settings.model is None else str(settings.model)
     embedded = source == EMBEDDED
     info: dict[str, Any] = {
         "model": DESCRIPTION
@@ -136,19 +193,19 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
         if source in PRESETS
         else source
     }
-    pipe = SG2ImgPipeline.from_components(base_components(source, args.single_file_config))
+    pipe = SG2ImgPipeline.from_components(base_components(source, settings.single_file_config))
     pipe.use_ddim()
-    adapter = args.adapter
+    adapter = settings.adapter
     if adapter is None and embedded:
         adapter = EMBEDDED_ADAPTER_FILE
     if adapter is not None and str(adapter) != "none":
         try:
-            pipe.load_sg_adapter(adapter, image_encoder=args.image_encoder)
+            pipe.load_sg_adapter(adapter, image_encoder=settings.image_encoder)
         except CheckpointError as e:
             if "does not match" not in str(e):
                 raise
             raise ValueError(
-                f"--adapter {adapter} does not fit --model {args.model or EMBEDDED}: {fit_mismatch(adapter, pipe.unet)}"
+                f"--adapter {adapter} does not fit --model {settings.model or EMBEDDED}: {fit_mismatch(adapter, pipe.unet)}"
             ) from None
         info["adapter"] = str(adapter)
         info["adapter_sha256"] = hashlib.sha256(Path(adapter).read_bytes()).hexdigest()
@@ -172,82 +229,82 @@ def versions() -> dict[str, str]:
     return out
 
 
-def run_generate(args: argparse.Namespace) -> dict[str, Any]:
+def run_generate(settings: GenerateSettings) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from sg2img.drawing import attention_overlays, contact_sheet, draw_layout, draw_scene_graph
     from sg2img.shapes.embedded import DESCRIPTION
     from sg2img.shapes.world import PALETTE, outside_world
 
-    inputs = read_inputs(args)  # before any model loads: bad input costs nothing
-    device, dtype = _device_and_dtype(args.device, args.dtype)
+    inputs = read_inputs(settings)  # before any model loads: bad input costs nothing
+    device, dtype = _device_and_dtype(settings.device, settings.dtype)
     quiet_loading()
-    pipe, model_info = build_pipeline(args, device, dtype)
+    pipe, model_info = build_pipeline(settings, device, dtype)
     adapter = pipe.sg_adapter
     branches = (
-        ("--graph", args.graph, "graph_branch", "a graph"),
-        ("--image", args.image, "image_branch", "an image"),
+        ("--graph", settings.graph, "graph_branch", "a graph"),
+        ("--image", settings.image, "image_branch", "an image"),
     )
     for flag, given, branch, what in branches:
         if given is not None and adapter is not None and not getattr(adapter.config, branch):
             raise ValueError(
-                f"{flag} needs an adapter with {what} branch, and --adapter {args.adapter or 'embedded'} has "
+                f"{flag} needs an adapter with {what} branch, and --adapter {settings.adapter or 'embedded'} has "
                 f"none; drop {flag} or pass an adapter trained with one"
             )
-    if model_info["model"] == DESCRIPTION and (unknown := outside_world(inputs.graphs, args.prompt)):
+    if model_info["model"] == DESCRIPTION and (unknown := outside_world(inputs.graphs, settings.prompt)):
         print(
             f"warning: the embedded model knows the shapes world only, and not {', '.join(map(repr, unknown))}: "
             f"it draws coloured circles, squares and triangles ({', '.join(PALETTE)})",
             file=sys.stderr,
         )
-    if pipe.sg_adapter is None and (args.graph is not None or inputs.image is not None):
+    if pipe.sg_adapter is None and (settings.graph is not None or inputs.image is not None):
         raise ValueError(
-            f"--model {args.model} alone has no adapter: a scene graph or an image prompt needs "
+            f"--model {settings.model} alone has no adapter: a scene graph or an image prompt needs "
             "--adapter FILE (an sg2img adapter file, or an official IP-Adapter file for image prompts)"
         )
-    out: Path = args.out
+    out: Path = settings.out
     record: dict[str, Any] = {
         "command": ["sg2img", *sys.argv[1:]] if sys.argv and sys.argv[0].endswith("sg2img") else None,
         "settings": {
-            "graph": None if args.graph is None else str(args.graph),
-            "prompt": args.prompt,
-            "negative_prompt": args.negative_prompt,
-            "image": None if args.image is None else str(args.image),
-            "steps": args.steps,
-            "guidance": args.guidance,
-            "image_scale": args.image_scale,
-            "sg_scale": args.sg_scale,
-            "seed": args.seed,
-            "num_images": args.num_images,
-            "height": args.height,  # as asked (None: the model's own); each output records its drawn size
-            "width": args.width,
+            "graph": None if settings.graph is None else str(settings.graph),
+            "prompt": settings.prompt,
+            "negative_prompt": settings.negative_prompt,
+            "image": None if settings.image is None else str(settings.image),
+            "steps": settings.steps,
+            "guidance": settings.guidance,
+            "image_scale": settings.image_scale,
+            "sg_scale": settings.sg_scale,
+            "seed": settings.seed,
+            "num_images": settings.num_images,
+            "height": settings.height,  # as asked (None: the model's own); each output records its drawn size
+            "width": settings.width,
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),
-            "attention_maps": args.attention_maps,
-            "config": list(getattr(args, "config", None) or []),  # the settings files, flags after them won
+            "attention_maps": settings.attention_maps,
+            "config": list(settings.config),  # the settings files, flags after them won
         },
         **model_info,
         "versions": versions(),
         "outputs": [],
     }
     for i, (graph, name) in enumerate(zip(inputs.graphs, inputs.names)):
-        seeds = [args.seed + i * args.num_images + k for k in range(args.num_images)]
+        seeds = [settings.seed + i * settings.num_images + k for k in range(settings.num_images)]
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         pipe.set_progress_bar_config(desc=f"{name} ({i + 1}/{len(inputs.graphs)})", leave=False)
         result = pipe(
-            prompt=args.prompt,
-            negative_prompt=args.negative_prompt,
+            prompt=settings.prompt,
+            negative_prompt=settings.negative_prompt,
             ip_adapter_image=inputs.image,
             scene_graph=graph,
-            image_scale=args.image_scale,
-            sg_scale=args.sg_scale,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
+            image_scale=settings.image_scale,
+            sg_scale=settings.sg_scale,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance,
             generator=generators,
-            num_images_per_prompt=args.num_images,
-            height=args.height,
-            width=args.width,
-            attention_maps=args.attention_maps,
+            num_images_per_prompt=settings.num_images,
+            height=settings.height,
+            width=settings.width,
+            attention_maps=settings.attention_maps,
         )
         out.mkdir(parents=True, exist_ok=True)
         entry: dict[str, Any] = {
@@ -263,8 +320,8 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
             )
         drawing = draw_scene_graph(graph, size=256, title=name) if graph is not None else None
         caption = " | ".join(
-            s for s in (args.prompt and f"prompt: {args.prompt}", graph is not None and f"sg_scale {args.sg_scale}",
-                        inputs.image is not None and f"image_scale {args.image_scale}") if s
+            s for s in (settings.prompt and f"prompt: {settings.prompt}", graph is not None and f"sg_scale {settings.sg_scale}",
+                        inputs.image is not None and f"image_scale {settings.image_scale}") if s
         )  # fmt: skip
         layout = None
         if result.layouts is not None and graph is not None:  # the same for every image of one graph
@@ -332,57 +389,12 @@ def quiet_loading() -> None:
         lib.utils.logging.disable_progress_bar()
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--graph", type=Path, help="sg2im JSON: one graph or a list (one set of outputs per graph)"
-    )
-    p.add_argument("--prompt", default=None, help="text prompt (default: none, i.e. the empty prompt)")
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument(
-        "--image", type=Path, default=None, help="image prompt (needs an adapter with an image branch)"
-    )
-    p.add_argument(
-        "--model",
-        default=None,
-        help="base: a diffusers folder, a single-file SD1.5 .safetensors, a base file, a hub id, a preset "
-        "name, or `embedded`; default: the embedded default model (no downloads)",
-    )
-    p.add_argument(
-        "--adapter",
-        default=None,
-        help="sg2img adapter file or official IP-Adapter file; `none`: the base alone; default: the "
-        "embedded adapter with the embedded base",
-    )
-    p.add_argument(
-        "--image-encoder", default=None,
-        help="CLIP vision tower for image prompts: folder, hub_id[:subfolder] or open_clip:MODEL[:FILE]",
-    )  # fmt: skip
-    p.add_argument(
-        "--single-file-config", default=None, help="folder or hub id describing a single-file --model"
-    )
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50, the paper's)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--image-scale", type=float, default=1.0, help="image branch weight (lambda)")
-    p.add_argument("--sg-scale", type=float, default=1.0, help="scene-graph branch weight")
-    p.add_argument("--seed", type=int, default=0, help="image k of graph i uses seed + i * num_images + k")
-    p.add_argument("--num-images", type=int, default=1, help="images per graph")
-    p.add_argument(
-        "--height", type=int, default=None,
-        help=f"image height in pixels, a multiple of 8 up to {MAX_SIDE} (default: the model's own size)",
-    )  # fmt: skip
-    p.add_argument(
-        "--width", type=int, default=None,
-        help=f"image width in pixels, a multiple of 8 up to {MAX_SIDE} (default: the model's own size)",
-    )  # fmt: skip
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, mps")
-    p.add_argument(
-        "--dtype", choices=("auto", *DTYPES), default="auto", help="auto: float16 on GPU, else float32"
-    )
-    p.add_argument(
-        "--attention-maps", action="store_true",
-        help="also save each graph node's cross-attention (graph branch, mean over layers and steps)",
-    )  # fmt: skip
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-
-
-__all__ = ["Inputs", "add_arguments", "build_pipeline", "read_inputs", "run_generate", "versions"]
+__all__ = [
+    "GenerateSettings",
+    "Inputs",
+    "ModelSource",
+    "build_pipeline",
+    "read_inputs",
+    "run_generate",
+    "versions",
+]
