@@ -173,6 +173,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     if source is None:
         raise ValueError(f"the config has no data.{args.split} source to cache")
     if torch.cuda.is_available():
+        module.configure_model()  # built first: moving an unbuilt module would leave the encoders behind
         module.to("cuda")
     index = write_cache(
         module,

@@ -25,6 +25,7 @@ from sg2img.train.settings import (
     GraphBranchSettings,
     ImageBranchSettings,
     OptimizerConfig,
+    grouped_model_config,
 )
 
 SMALL_GNN = GNNConfig(layer="triplet", num_layers=1, hidden_dim=16, mlp_dim=32)
@@ -171,6 +172,30 @@ def test_a_checkpoint_from_before_the_model_was_its_own_module_still_loads():
     fresh.on_load_checkpoint(old)
     fresh.load_state_dict(old["state_dict"])
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in trained.state_dict().items())
+
+
+def test_the_saved_hyperparameters_rebuild_the_same_settings():
+    # what load_from_checkpoint does: the checkpoint's plain-dict settings back into the settings classes
+    m = SG2ImgModule(image=ImageBranchSettings(tokens="patch"), graph=graph(layout_loss_weight=0.5), seed=3)
+    again = SG2ImgModule(**dict(m.hparams))
+    for name in ("base_settings", "image_settings", "graph_settings", "objective", "dropout"):
+        assert getattr(again.model, name) == getattr(m.model, name), name
+    assert again.optim == m.optim and again.seed == 3
+
+
+def test_a_model_section_of_the_flat_layout_is_grouped():
+    flat = {"base": "embedded", "image_encoder": None, "image_tokens": "patch", "gnn": {"layer": "gine"},
+            "timesteps": "shifted", "dropout": {"text": 0.5}, "seed": 1}  # fmt: skip
+    assert grouped_model_config(flat) == {
+        "base": {"source": "embedded", "image_encoder": None},
+        "image": {"tokens": "patch"},
+        "graph": {"gnn": {"layer": "gine"}},
+        "objective": {"timesteps": "shifted"},
+        "dropout": {"text": 0.5},
+        "seed": 1,
+    }
+    grouped = {"base": {"source": "tiny"}, "graph": {"enabled": False}}
+    assert grouped_model_config(grouped) == grouped
 
 
 def test_nothing_to_train_is_refused():

@@ -25,6 +25,7 @@ from graph_use import load_run  # builds the run's module from its config.yaml
 def export_checkpoint(run: Path, ckpt: Path, out: Path) -> Path:
     module, _ = load_run(run)
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    module.on_load_checkpoint(state)  # a checkpoint from before the model was its own module: renamed keys
     module.load_state_dict(state["state_dict"])
     out.parent.mkdir(parents=True, exist_ok=True)
     return module.export_adapter(out)

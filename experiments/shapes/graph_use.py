@@ -32,12 +32,14 @@ CONDITIONS = ("true", "other", "none")
 def load_run(run: Path):
     from ip_adapter.checkpoint import read_adapter_file
     from sg2img.train.cli import SG2ImgCLI
+    from sg2img.train.settings import grouped_model_config
 
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     for key in ("ckpt_path", "weights_only"):  # fit-only keys of the saved config
         cfg.pop(key, None)
     cfg["trainer"].update(callbacks=None, logger=False)
     cfg["data"]["num_workers"] = 0
+    cfg["model"] = grouped_model_config(cfg["model"])  # a run fitted before the settings were grouped
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(cfg, f)
     cli = SG2ImgCLI(args=["--config", f.name], run=False)

@@ -360,7 +360,8 @@ def fit_mismatch(adapter: str | Path, unet: torch.nn.Module) -> str:
     return (
         f"the adapter was trained on a base with {len(layers)} cross-attention layers (key projections "
         f"{', '.join(map(str, shapes))}); this UNet has {len(attn2)} ({', '.join(map(str, here))}). Pass the "
-        "--model it was trained on (its fit's config.yaml names it under model.base.source)"
+        "--model it was trained on (its fit's config.yaml names it under model.base.source, or model.base in runs "
+        "fitted before the settings were grouped)"
     )
 
 

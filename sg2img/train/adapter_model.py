@@ -337,7 +337,7 @@ class AdapterModel(torch.nn.Module):
                 patch = batch.patch_tokens
                 if patch is None and self.image_settings.tokens == "patch":
                     raise ValueError(
-                        "the cache holds no patch tokens; rebuild it with patch tokens for image_tokens: patch"
+                        "the cache holds no patch tokens; rebuild it with patch tokens for model.image.tokens: patch"
                     )
                 feats = ImageFeatures(batch.image_embeds, patch if patch is not None else batch.image_embeds)
             else:

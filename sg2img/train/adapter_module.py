@@ -29,6 +29,7 @@ from sg2img.train.settings import (
     ImageBranchSettings,
     ObjectiveSettings,
     OptimizerConfig,
+    settings_value,
 )
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,16 @@ class SG2ImgModule(TrainingSteps):
         seed: int = 0,
     ):
         super().__init__(seed, nonfinite_loss)
+        # a checkpoint's hyperparameters hold the settings as plain dicts (load_from_checkpoint)
+        base, image, graph = (
+            settings_value(k, v)
+            for k, v in ((BaseSettings, base), (ImageBranchSettings, image), (GraphBranchSettings, graph))
+        )
+        objective, dropout = (
+            settings_value(ObjectiveSettings, objective),
+            settings_value(ConditionDropout, dropout),
+        )
+        optimizer = settings_value(OptimizerConfig, optimizer)
         if not (image.enabled or graph.enabled):
             raise ValueError("at least one of model.image.enabled and model.graph.enabled must be on")
         if not (image.trains or graph.trains):
@@ -77,6 +88,10 @@ class SG2ImgModule(TrainingSteps):
             )
         if injection not in ("decoupled", "concat"):
             raise ValueError(f"model.injection must be 'decoupled' or 'concat', got {injection!r}")
+        if graph.positional_query and not (graph.enabled and injection == "decoupled"):
+            raise ValueError(
+                "model.graph.positional_query needs model.graph.enabled: true and model.injection: decoupled"
+            )
         self.optim = optimizer
         # into every checkpoint, as plain values (no dataclass instances: checkpoints stay loadable with
         # weights_only=True); W&B already has them in the run config, under model (SaveRunConfig)
@@ -98,11 +113,17 @@ class SG2ImgModule(TrainingSteps):
         self.model = AdapterModel(base, image, graph, injection, init_adapter, objective, dropout, seed)
 
     def configure_model(self) -> None:
-        """Load the base and build the adapter (once; Lightning calls this before fit/validate/test)."""
-        on_gpu = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        """Load the base and build the adapter (once; Lightning calls this before fit/validate/test). The
+        base's dtype ``auto`` follows the trainer's device; before a trainer is attached (the CLI's start-up
+        check), whether a GPU is there, as the CLI's default precision does."""
+        if self._trainer is not None:
+            on_gpu = self.trainer.strategy.root_device.type == "cuda"
+        else:
+            on_gpu = torch.cuda.is_available()
         self.model.build(on_gpu)
 
     def data_requirements(self) -> dict[str, Any]:
+        self.configure_model()  # built here with the trainer's device in mind, not by the model's default
         return self.model.data_requirements()
 
     # --- what trains and what is saved ----------------------------------------------------------

@@ -207,7 +207,10 @@ class SG2ImgCLI(LightningCLI):
             c.class_path.endswith("ModelSummary") for c in callbacks
         ):
             callbacks.append(
-                Namespace(class_path="sg2img.train.callbacks.ParameterSummary", init_args=Namespace())
+                # depth 2: the trainer's model is one module (model), its parts one level down
+                Namespace(
+                    class_path="sg2img.train.callbacks.ParameterSummary", init_args=Namespace(max_depth=2)
+                )
             )
         export_name = self.export_callback.rsplit(".", 1)[-1]  # configs may name it short or in full
         if not any(c.class_path.rsplit(".", 1)[-1] == export_name for c in callbacks):

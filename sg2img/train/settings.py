@@ -9,7 +9,7 @@ their place here, for the message a user with an old config gets.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import torch
@@ -231,6 +231,30 @@ MOVED_SETTINGS: dict[str, str] = {
 }
 
 
+def settings_value(kind: type, value: Any) -> Any:
+    """``value`` as the settings dataclass ``kind`` when it is a plain dict (a checkpoint's
+    hyperparameters), nested settings included; anything else as it is."""
+    if not isinstance(value, dict):
+        return value
+    nested = {f.name: f.type for f in fields(kind)}
+    classes = {"GNNConfig": GNNConfig, "TokenConfig": TokenConfig}
+    return kind(**{k: settings_value(classes[nested[k]], v) if nested.get(k) in classes else v
+                   for k, v in value.items()})  # fmt: skip
+
+
+def grouped_model_config(model: dict[str, Any]) -> dict[str, Any]:
+    """A ``model`` config section in the grouped layout: the flat keys of earlier configs (a run folder's
+    ``config.yaml`` written before the settings were grouped) moved to their groups, the rest kept."""
+    out: dict[str, Any] = {}
+    for key, value in model.items():
+        if key not in MOVED_SETTINGS or (key == "base" and isinstance(value, dict)):
+            out[key] = value if not isinstance(value, dict) or key not in out else {**out[key], **value}
+            continue
+        group, name = MOVED_SETTINGS[key].split(".")
+        out.setdefault(group, {})[name] = value
+    return out
+
+
 def fitted_base(model: dict[str, Any]) -> dict[str, str]:
     """The base (``source``) and ``image_encoder`` that a fit's resolved config (its ``model`` section,
     ``DIR/config.yaml``) names, in the grouped layout or the earlier flat one; only those it sets."""
@@ -251,4 +275,6 @@ __all__ = [
     "ObjectiveSettings",
     "OptimizerConfig",
     "fitted_base",
+    "grouped_model_config",
+    "settings_value",
 ]
