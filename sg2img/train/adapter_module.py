@@ -10,7 +10,6 @@ uninterrupted one, and the cached and uncached paths give the same loss.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +18,6 @@ import torch
 from PIL import Image
 
 from sg2img.data.rows import TrainBatch
-from sg2img.graph import SceneGraph
 from sg2img.train.adapter_model import AdapterModel, branch_of
 from sg2img.train.core import TrainingSteps, warmup_then_constant
 from sg2img.train.settings import (
@@ -173,17 +171,9 @@ class SG2ImgModule(TrainingSteps):
         return warmup_then_constant(optimizer, o.warmup_steps) if o.warmup_steps else optimizer
 
     # --- what the callbacks ask of a trainer (SampleGrid, AdapterExport) --------------------------
-    def generate(
-        self,
-        graphs: Sequence[SceneGraph] | None = None,
-        prompts: Sequence[str] | None = None,
-        images: Sequence[Image.Image] | None = None,
-        steps: int = 50,
-        guidance: float = 7.5,
-        seed: int = 0,
-        size: int | None = None,
-    ) -> list[Image.Image]:
-        return self.model.generate(graphs, prompts, images, steps, guidance, seed, size)
+    def generate(self, *args: Any, **kwargs: Any) -> list[Image.Image]:
+        """``AdapterModel.generate``: its signature and defaults, stated once there."""
+        return self.model.generate(*args, **kwargs)
 
     def export_adapter(self, path: str | Path) -> Path:
         return self.model.export_adapter(path)
