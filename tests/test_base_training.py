@@ -27,7 +27,13 @@ from sg2img.model.gnn import GNNConfig
 from sg2img.train.adapter_module import SG2ImgModule
 from sg2img.train.base_module import BaseModelModule
 from sg2img.train.callbacks import BaseExport
-from sg2img.train.settings import BaseSettings, ConditionDropout, GraphBranchSettings, ImageBranchSettings
+from sg2img.train.settings import (
+    BaseSettings,
+    ConditionDropout,
+    GraphBranchSettings,
+    ImageBranchSettings,
+    ObjectiveSettings,
+)
 
 
 def shapes_data(n: int = 8, batch_size: int = 4, **kw) -> SG2ImgDataModule:
@@ -42,6 +48,9 @@ def trainer(root: Path, **kw) -> L.Trainer:
         enable_progress_bar=False, enable_model_summary=False, max_steps=2,
     )  # fmt: skip
     return L.Trainer(**{**defaults, **kw})
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def small_base(**kw) -> BaseModelModule:
@@ -221,20 +230,45 @@ def test_fit_base_resumes_with_its_ema(tmp_path):
         torch.testing.assert_close(v, resumed.unet.state_dict()[k], atol=1e-6, rtol=0)
 
 
-def test_min_snr_weighting_changes_the_loss_and_bad_settings_fail():
+def test_each_loss_weighting_changes_the_loss_and_bad_settings_fail():
     from sg2img.data.rows import collate
 
-    plain, weighted = small_base(snr_gamma=None), small_base(snr_gamma=1.0)
-    weighted.unet.load_state_dict(plain.unet.state_dict())
+    weightings = {"none": ObjectiveSettings(loss_weighting="none"),
+                  "min_snr": ObjectiveSettings(loss_weighting="min_snr", snr_gamma=1.0),
+                  "inv_snr": ObjectiveSettings(loss_weighting="inv_snr", snr_gamma=5.0)}  # fmt: skip
+    modules = {k: small_base(objective=o) for k, o in weightings.items()}
+    for m in modules.values():
+        m.unet.load_state_dict(modules["none"].unet.state_dict())
     dm = shapes_data()
     dm.resolution, dm.clip_size = 32, 32
     batch = collate([dm.preprocess()(Shapes("train", num_rows=4).example(i)) for i in range(4)])
-    a = plain.diffusion_loss(batch, plain.step_generator(0))
-    b = weighted.diffusion_loss(batch, weighted.step_generator(0))
-    assert torch.isfinite(a) and torch.isfinite(b) and not torch.isclose(a, b)
-    for bad in ({"snr_gamma": 0.0}, {"ema_decay": 1.0}, {"caption_dropout": 1.5}):
-        with pytest.raises(ValueError, match=next(iter(bad))):
-            BaseModelModule(**bad)
+    losses = {k: m.diffusion_loss(batch, m.step_generator(0)) for k, m in modules.items()}
+    assert all(torch.isfinite(v) for v in losses.values())
+    values = [float(v) for v in losses.values()]
+    assert len(set(values)) == 3, losses  # same weights, noise and timesteps: only the weighting differs
+    for bad, match in ((lambda: BaseModelModule(objective=ObjectiveSettings(snr_gamma=0.0)), "snr_gamma"),
+                       (lambda: BaseModelModule(ema_decay=1.0), "ema_decay"),
+                       (lambda: BaseModelModule(caption_dropout=1.5), "caption_dropout")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            bad()
+
+
+def test_the_base_default_objective_is_min_snr_and_a_shift_draws_higher_noise():
+    from sg2img.train.core import noised
+
+    m = small_base()
+    assert (
+        m.objective.loss_weighting == "min_snr"
+        and m.objective.snr_gamma == 5.0
+        and m.objective.shift() is None
+    )
+    shifted = small_base(objective=ObjectiveSettings(timesteps="shifted", timestep_shift=3.0))
+    x0 = torch.zeros(512, 3, 4, 4)
+    t_plain = noised(m.noise_scheduler, x0, torch.Generator().manual_seed(0), m.objective.shift())[1]
+    t_shift = noised(
+        shifted.noise_scheduler, x0, torch.Generator().manual_seed(0), shifted.objective.shift()
+    )[1]
+    assert t_shift.float().mean() > t_plain.float().mean() + 150  # 3u / (1 + 2u): mean 0.65 of the range
 
 
 def test_an_adapter_trains_on_a_pixel_space_base(tmp_path):
@@ -281,3 +315,26 @@ def test_a_patch_adapter_on_a_base_file_gets_the_resampler_its_preset_records(tm
     m.configure_model()
     assert PRESETS["shapes"].resampler == {"heads": 2}
     assert m.model.adapter.config.image.resampler_config().heads == 2  # not SD1.5's 12 heads at width 48
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--model.snr_gamma", "5"], "model.snr_gamma is now model.objective.snr_gamma"),
+     (["--model.objective.loss_weighting", "max_snr"],
+      "model.objective.loss_weighting: expected one of 'none', 'min_snr', 'inv_snr'; got max_snr")],
+)  # fmt: skip
+def test_a_base_objective_mistake_is_one_line_and_writes_nothing(args, message, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "sg2img", "fit-base", "--config", "configs/experiments/shapes/base.yaml", *args,
+           "--trainer.default_root_dir", str(run_dir)]  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"}
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error: " in line]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout and not run_dir.exists()

@@ -36,8 +36,12 @@ from sg2img.base.components import (
 from sg2img.data.rows import TrainBatch
 from sg2img.graph import SceneGraph
 from sg2img.train.core import TrainingSteps, noised, snr_loss_weights, warmup_then_constant, weighted_mse
+from sg2img.train.settings import ObjectiveSettings, settings_value
 
 log = logging.getLogger(__name__)
+
+
+BASE_OBJECTIVE = ObjectiveSettings(loss_weighting="min_snr", snr_gamma=5.0)
 
 
 class BaseModelModule(TrainingSteps):
@@ -57,9 +61,10 @@ class BaseModelModule(TrainingSteps):
             SD's CLIP text encoder is). Its trained (EMA) weights go into the base file, which every later
             stage reads frozen; the image encoder stays the tiny CLIP's vision tower either way.
         ema_decay: the EMA's decay (0 turns it off: the raw weights are exported).
-        snr_gamma: Min-SNR loss weighting (Hang et al. 2023, diffusers' ``compute_snr``): each timestep's
-            loss is weighted by min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v-prediction), which
-            stops the easy low-noise steps from dominating; None: the plain MSE.
+        objective: which timesteps training draws and how their losses weigh (``ObjectiveSettings``, the
+            adapter trainer's own): by default Min-SNR (Hang et al. 2023) with gamma 5, min(SNR, 5) / SNR for
+            epsilon, which stops the easy low-noise steps from dominating; ``inv_snr`` weighs high noise,
+            where the number and places of the objects are decided, more; ``none`` is the plain MSE.
         seed: seeds the weights and every random draw of training (noise, timesteps, dropout).
     """
 
@@ -74,7 +79,7 @@ class BaseModelModule(TrainingSteps):
         weight_decay: float = 0.0,
         warmup_steps: int = 100,
         ema_decay: float = 0.999,
-        snr_gamma: float | None = 5.0,
+        objective: ObjectiveSettings = BASE_OBJECTIVE,
         text_lr: float | None = None,
         seed: int = 0,
     ):
@@ -91,14 +96,13 @@ class BaseModelModule(TrainingSteps):
                 raise ValueError(f"model.unet: unknown UNet2DConditionModel setting(s) {unknown}")
             self.preset = dataclasses.replace(self.preset, unet={**self.preset.unet, **unet})
         self.caption_dropout, self.lr, self.weight_decay = caption_dropout, lr, weight_decay
-        if snr_gamma is not None and snr_gamma <= 0:
-            raise ValueError(f"snr_gamma must be positive (or null), got {snr_gamma}")
         if text_lr is not None and text_lr <= 0:
             raise ValueError(
                 f"text_lr must be positive (or null: the text encoder stays frozen), got {text_lr}"
             )
         self.text_lr = text_lr
-        self.warmup_steps, self.ema_decay, self.snr_gamma = warmup_steps, ema_decay, snr_gamma
+        self.warmup_steps, self.ema_decay = warmup_steps, ema_decay
+        self.objective = settings_value(ObjectiveSettings, objective)
         self.unet = self.vae = self.text_encoder = self.image_encoder = None
         self.ema: EMAModel | None = None
 
@@ -222,15 +226,13 @@ class BaseModelModule(TrainingSteps):
 
     def diffusion_loss(self, batch: TrainBatch, generator: torch.Generator) -> torch.Tensor:
         x0 = self._clean(batch, generator)
-        noisy, t, target = noised(self.noise_scheduler, x0, generator)
+        o = self.objective
+        noisy, t, target = noised(self.noise_scheduler, x0, generator, o.shift())
         drop = torch.rand(x0.shape[0], generator=generator, device=self.device) < self.caption_dropout
         pred = self.unet(noisy, t, self._text(batch.input_ids, drop)).sample
-        weights = (
-            None
-            if self.snr_gamma is None
-            else snr_loss_weights(self.noise_scheduler, t, "min_snr", self.snr_gamma)
+        return weighted_mse(
+            pred, target, snr_loss_weights(self.noise_scheduler, t, o.loss_weighting, o.snr_gamma)
         )
-        return weighted_mse(pred, target, weights)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:

@@ -87,6 +87,7 @@ class _OneLineErrorParser(LightningArgumentParser):
     args: tuple[str, ...] = ()
 
     moved: ClassVar[dict[str, str]] = {}  # a model's settings that earlier configs set under another key
+    setting_groups: ClassVar[str] = ""  # the model's setting groups, named in the message for a moved key
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         parser = getattr(ex, "subcommand_parser", None) or self
@@ -97,8 +98,8 @@ class _OneLineErrorParser(LightningArgumentParser):
             if found := re.search(rf"(?<![.\w])model\.{old}{tail}", message):
                 rest = found.group(1) or "" if found.groups() else ""
                 raise ConfigurationError(
-                    f"model.{old}{rest} is now model.{new}{rest}: the model's settings are grouped as base, "
-                    "image, graph and objective (`sg2img fit --print_config` shows them all)"
+                    f"model.{old}{rest} is now model.{new}{rest}: the model's settings are grouped "
+                    f"({type(self).setting_groups}; `--print_config` shows them all)"
                 ) from ex
         raise ConfigurationError(describe_parse_error(message, parser, type(self).args)) from ex
 
@@ -108,6 +109,7 @@ class SG2ImgCLI(LightningCLI):
 
     model_class: type = SG2ImgModule
     moved_settings: ClassVar[dict[str, str]] = MOVED_SETTINGS
+    setting_groups: ClassVar[str] = "base, image, graph, objective, dropout and optimizer"
     base_setting = "model.base.source"  # the setting that names the model to load, for its errors
     export_callback = "sg2img.train.callbacks.AdapterExport"  # keeps DIR/<the trained file> current
 
@@ -118,7 +120,11 @@ class SG2ImgCLI(LightningCLI):
         parser_class = type(
             "OneLineErrorParser",
             (_OneLineErrorParser,),
-            {"args": tuple(args or sys.argv[1:]), "moved": self.moved_settings},
+            {
+                "args": tuple(args or sys.argv[1:]),
+                "moved": self.moved_settings,
+                "setting_groups": self.setting_groups,
+            },
         )
         kwargs.setdefault("parser_class", parser_class)
         super().__init__(
@@ -223,7 +229,8 @@ class BaseModelCLI(SG2ImgCLI):
 
     model_class = BaseModelModule
     base_setting = "model.init"
-    moved_settings: ClassVar[dict[str, str]] = {}
+    moved_settings: ClassVar[dict[str, str]] = {"snr_gamma": "objective.snr_gamma"}
+    setting_groups: ClassVar[str] = "objective"
     export_callback = "sg2img.train.callbacks.BaseExport"
 
 
