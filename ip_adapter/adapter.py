@@ -175,6 +175,7 @@ class Adapter(PretrainedMixin, nn.Module):
         positional: Sequence[str] = (),
         soft_regions: Sequence[str] = (),
         region_width: float = 0.1,
+        region_bias: Sequence[str] = (),
     ):
         super().__init__()
         if not branches:
@@ -193,6 +194,7 @@ class Adapter(PretrainedMixin, nn.Module):
                 positional=positional,
                 soft_regions=soft_regions,
                 region_width=region_width,
+                region_bias=region_bias,
             )
             if own_attention
             else None
@@ -345,7 +347,8 @@ def prefixed(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
 def attention_tensors(attention: DecoupledAttention) -> dict[str, torch.Tensor]:
     """``<stream>_adapter.{i}.to_{k,v}_<stream>.weight`` for every stream and cross-attention layer, and
     ``<stream>_adapter.{i}.pos_<stream>.{weight,bias}`` for a positional stream and
-    ``<stream>_adapter.{i}.region_width_<stream>`` (the log width) for a softly confined one."""
+    ``<stream>_adapter.{i}.region_width_<stream>`` (the log width) for a softly confined one, and
+    ``<stream>_adapter.{i}.region_bias_{in,out}_<stream>.{weight,bias}`` for one with a learned spatial bias."""
     out = {}
     for idx, proc in attention.layers.items():
         for s in attention.stream_names:
@@ -358,6 +361,11 @@ def attention_tensors(attention: DecoupledAttention) -> dict[str, torch.Tensor]:
                 out[f"{layer_prefix(s)}.{idx}.pos_{s}.bias"] = pos.bias
             if s in proc.soft_regions:
                 out[f"{layer_prefix(s)}.{idx}.region_width_{s}"] = getattr(proc, f"region_width_{s}")
+            if s in proc.region_bias:
+                for part in ("in", "out"):
+                    layer = getattr(proc, f"region_bias_{part}_{s}")
+                    out[f"{layer_prefix(s)}.{idx}.region_bias_{part}_{s}.weight"] = layer.weight
+                    out[f"{layer_prefix(s)}.{idx}.region_bias_{part}_{s}.bias"] = layer.bias
     return out
 
 

@@ -13,7 +13,10 @@ whole image, (0, 0, 1, 1), is seen everywhere). A query that sees no token of th
 it. This is how a scene graph's object tokens act where their object is. A stream may instead be confined
 *softly*: each layer learns a width w_s, and a query at distance d from a token's box (0 inside it) adds
 -(d / w_s)^2 to that token's score, so a token fades out around its box instead of vanishing at its edge (the
-hard mask is the limit w_s -> 0).
+hard mask is the limit w_s -> 0). A softly confined stream may also learn a *spatial bias*: a small MLP per
+layer of the query's place relative to each token's box (its offset from the box centre in half-widths and
+half-heights) adds to that score. Its last layer starts at zero, so training starts from the soft mask and
+learns where, in and around a box, a token should act.
 
 A stream may also be *positional*: its branch then adds a learned encoding of each query's place on the
 latent grid to Q (``Q + P_s(x, y)``, Fourier features through a zero-initialised linear layer), so its
@@ -113,6 +116,20 @@ def region_distance(regions: torch.Tensor, height: int, width: int) -> torch.Ten
     return d.masked_fill(region_mask(regions, height, width), 0.0)
 
 
+def region_offsets(regions: torch.Tensor, height: int, width: int, limit: float = 4.0) -> torch.Tensor:
+    """(B, height * width, N, 2): where each grid cell's centre (row-major) lies relative to each token's box,
+    as (x, y) offsets from the box centre in half-widths and half-heights (inside the box: both within
+    [-1, 1]), clipped to [-limit, limit]. ``regions`` as for ``region_mask``."""
+    xs = (torch.arange(width, device=regions.device, dtype=regions.dtype) + 0.5) / width
+    ys = (torch.arange(height, device=regions.device, dtype=regions.dtype) + 0.5) / height
+    x0, y0, x1, y1 = (regions[..., k, None] for k in range(4))  # (B, N, 1)
+    half_w, half_h = ((x1 - x0) / 2).clamp(min=1e-3), ((y1 - y0) / 2).clamp(min=1e-3)
+    u = ((xs - (x0 + x1) / 2) / half_w).clamp(-limit, limit)  # (B, N, w)
+    v = ((ys - (y0 + y1) / 2) / half_h).clamp(-limit, limit)  # (B, N, h)
+    grid = torch.stack(torch.broadcast_tensors(u[..., None, :], v[..., :, None]), dim=-1)  # (B, N, h, w, 2)
+    return grid.flatten(2, 3).transpose(1, 2)  # (B, S, N, 2)
+
+
 def layer_grid(latent: tuple[int, int], positions: int) -> tuple[int, int]:
     """The (h, w) of a layer with ``positions`` query positions in a UNet whose input is ``latent``: each
     level halves the grid, rounding up as a stride-2 convolution with padding 1 does."""
@@ -186,6 +203,8 @@ class DecoupledAttnProcessor(nn.Module):
         frequencies: int = 8,
         soft_regions: Sequence[str] = (),
         region_width: float = 0.1,
+        region_bias: Sequence[str] = (),
+        bias_hidden: int = 16,
     ):
         super().__init__()
         if streams and (hidden_size is None or cross_attention_dim is None):
@@ -195,6 +214,11 @@ class DecoupledAttnProcessor(nn.Module):
         if set(soft_regions) - set(streams):
             raise ValueError(
                 f"soft-region streams {sorted(set(soft_regions) - set(streams))} are not streams"
+            )
+        if set(region_bias) - set(soft_regions):
+            raise ValueError(
+                f"region-bias streams {sorted(set(region_bias) - set(soft_regions))} are not soft-region "
+                "streams (a learned spatial bias adds to the soft mask)"
             )
         if not region_width > 0:
             raise ValueError(f"region_width must be positive, got {region_width}")
@@ -226,6 +250,14 @@ class DecoupledAttnProcessor(nn.Module):
         self.soft_regions = tuple(soft_regions)
         for s in self.soft_regions:
             setattr(self, f"region_width_{s}", nn.Parameter(torch.full((1,), float(region_width)).log()))
+        # the learned spatial bias: (offset in the box) -> hidden -> one score term, the last layer zero
+        self.region_bias = tuple(region_bias)
+        for s in self.region_bias:
+            setattr(self, f"region_bias_in_{s}", nn.Linear(2, bias_hidden))
+            out = nn.Linear(bias_hidden, 1)
+            nn.init.zeros_(out.weight)
+            nn.init.zeros_(out.bias)
+            setattr(self, f"region_bias_out_{s}", out)
 
     def branch(self, stream: str) -> tuple[nn.Linear, nn.Linear]:
         return getattr(self, f"to_k_{stream}"), getattr(self, f"to_v_{stream}")
@@ -380,6 +412,8 @@ class DecoupledAttnProcessor(nn.Module):
             if name in self.soft_regions:
                 width = getattr(self, f"region_width_{name}").exp()
                 bias = -((region_distance(regions.float(), *grid) / width) ** 2)  # (B, S, N)
+                if name in self.region_bias:
+                    bias = bias + self._spatial_bias(name, regions.float(), grid)
                 real = (
                     mask[:, None, :] if mask is not None else torch.ones_like(bias[:, :1], dtype=torch.bool)
                 )
@@ -394,6 +428,13 @@ class DecoupledAttnProcessor(nn.Module):
         mask = mask if mask.ndim == 3 else mask[:, None, :]  # (B, S or 1, N)
         empty = ~mask.any(dim=-1, keepdim=True)  # (B, S or 1, 1)
         return mask | empty, empty
+
+    def _spatial_bias(self, name: str, regions: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, S, N): stream ``name``'s learned score term for each query cell and token box."""
+        hidden = getattr(self, f"region_bias_in_{name}")
+        out = getattr(self, f"region_bias_out_{name}")
+        offsets = region_offsets(regions, *grid).to(hidden.weight)
+        return out(F.gelu(hidden(offsets))).squeeze(-1).float()
 
     def _grid(self, name: str, positions: int) -> tuple[int, int]:
         """This layer's (h, w) query grid: from the UNet input's size, else a square."""
@@ -493,6 +534,7 @@ class DecoupledAttention(nn.Module):
         positional: Sequence[str] = (),
         soft_regions: Sequence[str] = (),
         region_width: float = 0.1,
+        region_bias: Sequence[str] = (),
     ):
         super().__init__()
         if not streams:
@@ -511,6 +553,7 @@ class DecoupledAttention(nn.Module):
                 positional=positional,
                 soft_regions=soft_regions,
                 region_width=region_width,
+                region_bias=region_bias,
             )
             if init_from_base:
                 with torch.no_grad():
@@ -522,6 +565,7 @@ class DecoupledAttention(nn.Module):
         self._all_processor_names = list(unet.attn_processors)
         self.positional = tuple(positional)
         self.soft_regions = tuple(soft_regions)
+        self.region_bias = tuple(region_bias)
 
     @property
     def cross_attention_dim(self) -> int:

@@ -7,7 +7,7 @@ from datafiles import write_manifest
 from diffusers.models.attention_processor import Attention
 from test_training import first_batch, graph, make_module
 
-from ip_adapter.attention import DecoupledAttnProcessor, Stream, region_distance, region_mask
+from ip_adapter.attention import DecoupledAttnProcessor, Stream, region_distance, region_mask, region_offsets
 from sg2img.graph import SceneGraph
 from sg2img.graph_batch import graphs_to_batch
 from sg2img.model.adapter import SGAdapterConfig
@@ -137,6 +137,42 @@ def test_a_softly_confined_token_fades_with_its_learned_width(attention_layer):
         DecoupledAttnProcessor(8, 6, streams=("sg",), soft_regions=("ip",))
 
 
+def test_region_offsets_place_each_cell_in_half_widths_of_the_box():
+    regions = torch.tensor([[LEFT, (0.25, 0.25, 0.75, 0.75)]])
+    off = region_offsets(regions, 4, 4).reshape(4, 4, 2, 2)  # (h, w, N, xy)
+    # the left half (centre x = 0.25, half-width 0.25): cell centres at x = 0.125 ... 0.875
+    torch.testing.assert_close(off[0, :, 0, 0], torch.tensor([-0.5, 0.5, 1.5, 2.5]))
+    torch.testing.assert_close(off[:, 0, 0, 1], torch.tensor([-0.75, -0.25, 0.25, 0.75]))  # its full height
+    inside = (off[..., 1, :].abs() <= 1).all(-1)  # the centre box holds the middle 2 x 2 cells
+    assert inside[1:3, 1:3].all() and inside.sum() == 4
+    speck = region_offsets(torch.tensor([[(0.5, 0.5, 0.5, 0.5)]]), 4, 4)
+    assert torch.isfinite(speck).all() and speck.abs().max() == 4.0  # no area: clipped, never inf
+
+
+def test_a_learned_spatial_bias_starts_as_the_soft_mask_and_learns(attention_layer):
+    attn, hidden, text, tokens = attention_layer
+    regions = torch.tensor([[FULL_IMAGE, LEFT]])
+    stream = {"sg": Stream(tokens, regions=regions)}
+    _, soft = soft_layer(attention_layer, 0.1)
+    with torch.no_grad():
+        soft_out = attn(hidden, encoder_hidden_states=text, streams=stream)
+    learned = DecoupledAttnProcessor(8, 6, streams=("sg",), soft_regions=("sg",), region_width=0.1,
+                                     region_bias=("sg",))  # fmt: skip
+    learned.load_state_dict(soft.state_dict(), strict=False)  # the same K/V and width, a fresh bias
+    attn.set_processor(learned)
+    torch.testing.assert_close(attn(hidden, encoder_hidden_states=text, streams=stream).detach(), soft_out)
+    attn(hidden, encoder_hidden_states=text, streams=stream).sum().backward()
+    grad = learned.region_bias_out_sg.weight.grad
+    assert grad is not None and grad.abs().sum() > 0  # the loss reaches the bias from the first step
+    with torch.no_grad():
+        learned.region_bias_out_sg.bias.fill_(-3.0)  # a bias that is the same everywhere changes nothing,
+        torch.testing.assert_close(attn(hidden, encoder_hidden_states=text, streams=stream), soft_out)
+        learned.region_bias_out_sg.weight.normal_()  # one that depends on the place does
+        assert not torch.allclose(attn(hidden, encoder_hidden_states=text, streams=stream), soft_out)
+    with pytest.raises(ValueError, match=r"region-bias streams \['sg'\] are not soft-region streams"):
+        DecoupledAttnProcessor(8, 6, streams=("sg",), region_bias=("sg",))
+
+
 def test_stream_regions_must_match_the_tokens():
     with pytest.raises(ValueError, match=r"regions shape \(1, 3, 4\) is not \(B, N, 4\)"):
         Stream(torch.zeros(1, 2, 6), regions=torch.zeros(1, 3, 4))
@@ -221,7 +257,7 @@ def test_confinement_config_errors():
         TokenConfig(object_identity=True, object_tokens=False)
     with pytest.raises(ValueError, match="confine_objects needs injection: decoupled"):
         SGAdapterConfig(injection="concat", tokens=TokenConfig(confine_objects=True))
-    with pytest.raises(ValueError, match="confinement must be 'hard' or 'soft', got 'fuzzy'"):
+    with pytest.raises(ValueError, match="confinement must be 'hard', 'soft' or 'learned', got 'fuzzy'"):
         TokenConfig(confine_objects=True, confinement="fuzzy")
     with pytest.raises(ValueError, match="region_width must be positive, got -1"):
         TokenConfig(confine_objects=True, confinement="soft", region_width=-1)
@@ -318,7 +354,7 @@ def layout_adapter(tiny, tiny_preset, confinement="hard"):
     return adapter
 
 
-@pytest.mark.parametrize("confinement", ["hard", "soft"])
+@pytest.mark.parametrize("confinement", ["hard", "soft", "learned"])
 def test_sg_scale_zero_with_confined_tokens_is_the_plain_unet(
     tiny, tiny_preset, unet_inputs, labels, confinement
 ):
@@ -356,21 +392,24 @@ def test_the_pipeline_returns_the_layout_it_used(tiny, tiny_preset, labels):
     assert all(torch.isfinite(m.maps).all() for m in out.attention_maps)
 
 
+@pytest.mark.parametrize("confinement", ["soft", "learned"])
 def test_soft_confinement_saves_its_widths_trains_them_and_loads_them_back(
-    tiny, tiny_preset, unet_inputs, labels, tmp_path
+    tiny, tiny_preset, unet_inputs, labels, tmp_path, confinement
 ):
     import copy
 
     from sg2img.model.adapter import SceneGraphAdapter
     from sg2img.train.adapter_module import branch_of
 
-    adapter = layout_adapter(tiny, tiny_preset, "soft")
+    adapter = layout_adapter(tiny, tiny_preset, confinement)
     path = adapter.save(tmp_path / "soft.safetensors")
-    widths = {k: v for k, v in adapter.state_dict().items() if k.endswith("region_width_sg")}
-    assert len(widths) == len(adapter.attention.processors())
+    own = ("region_width_sg", "region_bias_in_sg.weight", "region_bias_in_sg.bias", "region_bias_out_sg.weight",
+           "region_bias_out_sg.bias") if confinement == "learned" else ("region_width_sg",)  # fmt: skip
+    widths = {k: v for k, v in adapter.state_dict().items() if k.endswith(own)}
+    assert len(widths) == len(own) * len(adapter.attention.processors())
     fresh = copy.deepcopy(tiny.unet)
     loaded = SceneGraphAdapter.from_file(path, fresh)
-    assert loaded.config.tokens.confinement == "soft"
+    assert loaded.config.tokens.confinement == confinement
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in widths.items())
     loaded.attach(fresh)
     latents, t, text = unet_inputs

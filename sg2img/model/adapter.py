@@ -116,7 +116,9 @@ class SceneGraphAdapter(Adapter):
                 GraphBranch(SceneGraphEncoder(config.label_dim, cross, config.gnn, config.tokens))
             )
         strategy = injection(config.injection)
-        soft = config.graph_branch and config.tokens.confine_objects and config.tokens.confinement == "soft"
+        confined = config.graph_branch and config.tokens.confine_objects
+        soft = confined and config.tokens.confinement in ("soft", "learned")
+        learned = confined and config.tokens.confinement == "learned"
         super().__init__(
             unet,
             branches,
@@ -125,6 +127,7 @@ class SceneGraphAdapter(Adapter):
             positional=(SG_STREAM,) if config.positional_graph_query else (),
             soft_regions=(SG_STREAM,) if soft else (),
             region_width=config.tokens.region_width,
+            region_bias=(SG_STREAM,) if learned else (),
         )
         self.config = config
         self.injection: Injection = strategy

@@ -143,8 +143,9 @@ class TokenConfig:
     confine_objects: bool = False  # an object token is seen only by queries inside its box (the layout)
     # how, when confine_objects is on: "hard", a mask at the box's edge; "soft", a score penalty -(d / w)^2
     # at distance d from the box with a width w learned per layer, starting at ``region_width`` (a fraction
-    # of the image); an ablation file can then switch the kind alone
-    confinement: Literal["hard", "soft"] = "hard"
+    # of the image); "learned", the soft penalty plus a learned spatial bias, a small MLP per layer of the
+    # query's offset from the box centre (zero at the start); an ablation file can then switch the kind alone
+    confinement: Literal["hard", "soft", "learned"] = "hard"
     region_width: float = 0.1
     # an object token adds its label's own embedding (the text encoder's pooled state of "red circle", a
     # token of the base's text space when the widths match, else through a linear map): which object a
@@ -156,8 +157,10 @@ class TokenConfig:
             raise ValueError(
                 "tokens.confine_objects needs one token per object: it cannot go with resample_to"
             )
-        if self.confinement not in ("hard", "soft"):
-            raise ValueError(f"tokens.confinement must be 'hard' or 'soft', got {self.confinement!r}")
+        if self.confinement not in ("hard", "soft", "learned"):
+            raise ValueError(
+                f"tokens.confinement must be 'hard', 'soft' or 'learned', got {self.confinement!r}"
+            )
         if not self.region_width > 0:
             raise ValueError(f"tokens.region_width must be positive, got {self.region_width}")
         if self.confine_objects and not self.object_tokens:
