@@ -6,7 +6,11 @@ checkpoint of a ``sg2img fit-base`` run.
 For every ``checkpoints/epoch=*-step=*.ckpt`` of the run: the EMA base it holds is exported as a base file
 (``build/base-curve/step-N.safetensors``), then ``sg2img evaluate shapes --adapter none --prompt objects``
 scores it on the first ``--n`` test graphs (25 DDIM steps, guidance 5). Each record is written to
-``--out/step-N.json`` (totals, no per-image rows), and the curve to ``--out/curve.md``.
+``--out/step-N.json`` (totals, no per-image rows), and the curve to ``--out/curve.md``. ``--final`` scores
+the run's own ``base.safetensors`` (the EMA weights at the end of fit) as well, as the row ``final``:
+
+    python experiments/shapes/base_curve.py runs/shapes/base-inv-snr --steps none --final --n 500 \
+        --out experiments/results/shapes/base-inv-snr
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ def export_checkpoint(run: Path, ckpt: Path, out: Path) -> Path:
     from sg2img.train.base_module import BaseModelModule
 
     model_config = yaml.safe_load((run / "config.yaml").read_text())["model"]
+    if "snr_gamma" in model_config:  # a run fitted before the objective group: Min-SNR, or none for null
+        gamma = model_config.pop("snr_gamma")
+        model_config["objective"] = (
+            {"loss_weighting": "none"} if gamma is None else {"loss_weighting": "min_snr", "snr_gamma": gamma}
+        )
     module = BaseModelModule(**model_config)
     module.configure_model()
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -77,9 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", default="objects", choices=("objects", "relations"))
     ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "shapes" / "base-curve")
     ap.add_argument("--work", type=Path, default=Path("build/base-curve"))
-    ap.add_argument("--steps", default=None, help="comma-separated checkpoint steps (default: every one)")
+    ap.add_argument(
+        "--steps",
+        default=None,
+        help="comma-separated checkpoint steps (default: every one; none: no checkpoint)",
+    )
+    ap.add_argument("--final", action="store_true", help="also the run's base.safetensors (the end of fit)")
     args = ap.parse_args(argv)
-    wanted = {int(s) for s in args.steps.split(",")} if args.steps else None
+    wanted = None if args.steps is None else {int(s) for s in args.steps.split(",") if s != "none"}
     ckpts = sorted(
         (int(m.group(1)), p)
         for p in (args.run / "checkpoints").glob("epoch=*-step=*.ckpt")
@@ -94,6 +108,19 @@ def main(argv: list[str] | None = None) -> int:
             flags = ["--model", str(base), "--prompt", args.prompt, "--n", str(args.n)]
             evaluate_base(flags, args.work / f"step-{step}-{args.prompt}", record_path, step=step)
         rows.append(f"| {step} | {score_cells(json.loads(record_path.read_text())['scores'])} |")
+    if args.final:
+        record_path = args.out / f"final-{args.prompt}.json"
+        if not record_path.is_file():
+            flags = [
+                "--model",
+                str(args.run / "base.safetensors"),
+                "--prompt",
+                args.prompt,
+                "--n",
+                str(args.n),
+            ]
+            evaluate_base(flags, args.work / f"final-{args.prompt}", record_path, step="final")
+        rows.append(f"| final | {score_cells(json.loads(record_path.read_text())['scores'])} |")
     table = [
         f"Base `{args.run}`, EMA weights per checkpoint, `--prompt {args.prompt}`, first {args.n} test graphs:",
         "",
