@@ -298,3 +298,15 @@ def test_a_ten_step_smoke_fit_on_the_tiny_preset_shows_its_loss_speed_and_a_grid
     assert (
         graphs == [] and prompts == []
     )  # no trainer: no rows of a run (the example graphs are the fallback)
+
+
+@pytest.mark.parametrize("logger", ["false", "true"])
+def test_a_run_without_a_logger_leaves_out_the_callbacks_that_only_log(logger, tmp_path):
+    from sg2img.train.cli import BaseModelCLI
+
+    args = ["--config", str(ROOT / "configs" / "experiments" / "shapes" / "base.yaml"), "--trainer.logger", logger,
+            "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    cli = BaseModelCLI(args=args, run=False, instantiate=False)
+    names = [c.class_path.rsplit(".", 1)[-1] for c in cli.config.trainer.callbacks]
+    assert "ModelCheckpoint" in names and "SampleGrid" in names
+    assert ("LearningRateMonitor" in names) == (logger == "true")  # Lightning refuses it with no logger

@@ -44,6 +44,9 @@ from sg2img.train.callbacks import RUN_ID_FILE, SaveRunConfig
 from sg2img.train.settings import MOVED_SETTINGS
 
 SUBCOMMANDS = ("fit", "validate", "test")
+# callbacks whose only work is to write to the run's logger: left out of a run with trainer.logger: false
+LOGGER_ONLY_CALLBACKS = ("LearningRateMonitor",)
+log = logging.getLogger(__name__)
 
 
 def wandb_mode() -> str:
@@ -192,6 +195,12 @@ class SG2ImgCLI(LightningCLI):
         if t.precision is None:
             t.precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
         callbacks = t.callbacks if isinstance(t.callbacks, list) else [t.callbacks] if t.callbacks else []
+        if t.logger is False:  # nothing to log to: a callback that only logs is left out, not failed on
+            kept = [c for c in callbacks if c.class_path.rsplit(".", 1)[-1] not in LOGGER_ONLY_CALLBACKS]
+            for c in callbacks:
+                if c not in kept:
+                    log.info("trainer.logger: false, so the %s callback is left out", c.class_path)
+            callbacks = kept
         for c in callbacks:
             if c.class_path.endswith("ModelCheckpoint") and c.init_args.get("dirpath") is None:
                 c.init_args.dirpath = str(root / "checkpoints")
