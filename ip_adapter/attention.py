@@ -15,7 +15,7 @@ it. This is how a scene graph's object tokens act where their object is. A strea
 -(d / w_s)^2 to that token's score, so a token fades out around its box instead of vanishing at its edge (the
 hard mask is the limit w_s -> 0). A softly confined stream may also learn a *spatial bias*: a small MLP per
 layer of the query's place relative to each token's box (its offset from the box centre in half-widths and
-half-heights) adds to that score. Its last layer starts at zero, so training starts from the soft mask and
+half-heights) adds to that score, except for a token whose box is the whole image. Its last layer starts at zero, so training starts from the soft mask and
 learns where, in and around a box, a token should act.
 
 A stream may also be *positional*: its branch then adds a learned encoding of each query's place on the
@@ -189,7 +189,7 @@ class DecoupledAttnProcessor(nn.Module):
     A branch is four steps, each its own method: the stream's rows (``_batch_rows``), its query
     (``_stream_query``: plus a learned position term for a positional stream), its K/V (``_key_value``:
     through the generation's ``KVCache`` when one is set) and what each query may see (``_visibility``:
-    padding, and hard or soft confinement to the tokens' regions). A recorder, when set, observes the
+    padding, and hard or soft confinement to the tokens' regions, with a learned spatial bias). A recorder, when set, observes the
     result; none of the optional features costs anything when it is off.
     """
 
@@ -430,11 +430,14 @@ class DecoupledAttnProcessor(nn.Module):
         return mask | empty, empty
 
     def _spatial_bias(self, name: str, regions: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """(B, S, N): stream ``name``'s learned score term for each query cell and token box."""
+        """(B, S, N): stream ``name``'s learned score term for each query cell and token box; 0 for a token
+        whose box is the whole image, which stays seen everywhere alike."""
         hidden = getattr(self, f"region_bias_in_{name}")
         out = getattr(self, f"region_bias_out_{name}")
         offsets = region_offsets(regions, *grid).to(hidden.weight)
-        return out(F.gelu(hidden(offsets))).squeeze(-1).float()
+        bias = out(F.gelu(hidden(offsets))).squeeze(-1).float()
+        whole = (regions[..., :2] <= 0).all(-1) & (regions[..., 2:] >= 1).all(-1)  # (B, N)
+        return bias.masked_fill(whole[:, None, :], 0.0)
 
     def _grid(self, name: str, positions: int) -> tuple[int, int]:
         """This layer's (h, w) query grid: from the UNet input's size, else a square."""

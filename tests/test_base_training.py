@@ -246,15 +246,16 @@ def test_each_loss_weighting_changes_the_loss_and_bad_settings_fail():
     assert all(torch.isfinite(v) for v in losses.values())
     values = [float(v) for v in losses.values()]
     assert len(set(values)) == 3, losses  # same weights, noise and timesteps: only the weighting differs
-    for bad, match in ((lambda: BaseModelModule(objective=ObjectiveSettings(snr_gamma=0.0)), "snr_gamma"),
+    for bad, match in ((lambda: BaseModelModule(objective={"snr_gamma": 0.0}), "snr_gamma"),
                        (lambda: BaseModelModule(ema_decay=1.0), "ema_decay"),
                        (lambda: BaseModelModule(caption_dropout=1.5), "caption_dropout")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             bad()
 
 
-def test_the_base_default_objective_is_min_snr_and_a_shift_draws_higher_noise():
-    from sg2img.train.core import noised
+def test_the_base_default_objective_is_min_snr_and_a_shift_draws_higher_noise(monkeypatch):
+    import sg2img.train.base_module as base_module
+    from sg2img.data.rows import collate
 
     m = small_base()
     assert (
@@ -262,13 +263,25 @@ def test_the_base_default_objective_is_min_snr_and_a_shift_draws_higher_noise():
         and m.objective.snr_gamma == 5.0
         and m.objective.shift() is None
     )
-    shifted = small_base(objective=ObjectiveSettings(timesteps="shifted", timestep_shift=3.0))
-    x0 = torch.zeros(512, 3, 4, 4)
-    t_plain = noised(m.noise_scheduler, x0, torch.Generator().manual_seed(0), m.objective.shift())[1]
-    t_shift = noised(
-        shifted.noise_scheduler, x0, torch.Generator().manual_seed(0), shifted.objective.shift()
-    )[1]
-    assert t_shift.float().mean() > t_plain.float().mean() + 150  # 3u / (1 + 2u): mean 0.65 of the range
+    partial = small_base(objective={"snr_gamma": 3.0})  # a partial group keeps the base's own defaults
+    assert partial.objective.loss_weighting == "min_snr" and partial.objective.snr_gamma == 3.0
+    shifted = small_base(objective=ObjectiveSettings(loss_weighting="min_snr", timesteps="shifted"))
+    drawn: list[torch.Tensor] = []
+
+    def recording(*args, **kwargs):
+        out = base_module.noised.__wrapped__(*args, **kwargs)
+        drawn.append(out[1])
+        return out
+
+    recording.__wrapped__ = base_module.noised
+    monkeypatch.setattr(base_module, "noised", recording)
+    dm = shapes_data()
+    dm.resolution, dm.clip_size = 32, 32
+    rows = collate([dm.preprocess()(Shapes("train", num_rows=64).example(i)) for i in range(64)])
+    for module in (m, shifted):  # the same generator: only the shift differs
+        module.diffusion_loss(rows, module.step_generator(0))
+    plain, high = (t.float().mean() for t in drawn)
+    assert high > plain + 100  # t = 3u / (1 + 2u): mean 0.65 of the range against 0.5
 
 
 def test_an_adapter_trains_on_a_pixel_space_base(tmp_path):

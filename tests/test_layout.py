@@ -151,24 +151,34 @@ def test_region_offsets_place_each_cell_in_half_widths_of_the_box():
 
 def test_a_learned_spatial_bias_starts_as_the_soft_mask_and_learns(attention_layer):
     attn, hidden, text, tokens = attention_layer
-    regions = torch.tensor([[FULL_IMAGE, LEFT]])
-    stream = {"sg": Stream(tokens, regions=regions)}
+    streams = {name: {"sg": Stream(tokens, regions=torch.tensor([regions]))}
+               for name, regions in (("mixed", [FULL_IMAGE, LEFT]), ("boxed", [LEFT, RIGHT]),
+                                     ("whole", [FULL_IMAGE, FULL_IMAGE]))}  # fmt: skip
     _, soft = soft_layer(attention_layer, 0.1)
+
+    def outputs():
+        return {k: attn(hidden, encoder_hidden_states=text, streams=v) for k, v in streams.items()}
+
     with torch.no_grad():
-        soft_out = attn(hidden, encoder_hidden_states=text, streams=stream)
+        soft_out = outputs()
     learned = DecoupledAttnProcessor(8, 6, streams=("sg",), soft_regions=("sg",), region_width=0.1,
                                      region_bias=("sg",))  # fmt: skip
     learned.load_state_dict(soft.state_dict(), strict=False)  # the same K/V and width, a fresh bias
     attn.set_processor(learned)
-    torch.testing.assert_close(attn(hidden, encoder_hidden_states=text, streams=stream).detach(), soft_out)
-    attn(hidden, encoder_hidden_states=text, streams=stream).sum().backward()
+    for k, out in outputs().items():  # at the start it is the soft mask
+        torch.testing.assert_close(out.detach(), soft_out[k])
+    outputs()["mixed"].sum().backward()
     grad = learned.region_bias_out_sg.weight.grad
     assert grad is not None and grad.abs().sum() > 0  # the loss reaches the bias from the first step
     with torch.no_grad():
-        learned.region_bias_out_sg.bias.fill_(-3.0)  # a bias that is the same everywhere changes nothing,
-        torch.testing.assert_close(attn(hidden, encoder_hidden_states=text, streams=stream), soft_out)
+        learned.region_bias_out_sg.bias.fill_(-3.0)  # the same term for every boxed token changes nothing
+        torch.testing.assert_close(outputs()["boxed"], soft_out["boxed"])
         learned.region_bias_out_sg.weight.normal_()  # one that depends on the place does
-        assert not torch.allclose(attn(hidden, encoder_hidden_states=text, streams=stream), soft_out)
+        out = outputs()
+        assert not torch.allclose(out["boxed"], soft_out["boxed"])
+        assert not torch.allclose(out["mixed"], soft_out["mixed"])
+        # a token whose box is the whole image stays seen everywhere alike: no learned term for it
+        torch.testing.assert_close(out["whole"], soft_out["whole"])
     with pytest.raises(ValueError, match=r"region-bias streams \['sg'\] are not soft-region streams"):
         DecoupledAttnProcessor(8, 6, streams=("sg",), region_bias=("sg",))
 

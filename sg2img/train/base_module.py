@@ -36,7 +36,7 @@ from sg2img.base.components import (
 from sg2img.data.rows import TrainBatch
 from sg2img.graph import SceneGraph
 from sg2img.train.core import TrainingSteps, noised, snr_loss_weights, warmup_then_constant, weighted_mse
-from sg2img.train.settings import ObjectiveSettings, settings_value
+from sg2img.train.settings import ObjectiveSettings
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,10 @@ class BaseModelModule(TrainingSteps):
             )
         self.text_lr = text_lr
         self.warmup_steps, self.ema_decay = warmup_steps, ema_decay
-        self.objective = settings_value(ObjectiveSettings, objective)
+        # a partial group (a dict) fills in from the base's own defaults, not the adapter trainer's
+        self.objective = (
+            dataclasses.replace(BASE_OBJECTIVE, **objective) if isinstance(objective, dict) else objective
+        )
         self.unet = self.vae = self.text_encoder = self.image_encoder = None
         self.ema: EMAModel | None = None
 

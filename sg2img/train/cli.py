@@ -45,7 +45,7 @@ from sg2img.train.settings import MOVED_SETTINGS
 
 SUBCOMMANDS = ("fit", "validate", "test")
 # callbacks whose only work is to write to the run's logger: left out of a run with trainer.logger: false
-LOGGER_ONLY_CALLBACKS = ("LearningRateMonitor",)
+LOGGER_ONLY_CALLBACKS = ("LearningRateMonitor", "DeviceStatsMonitor")
 log = logging.getLogger(__name__)
 
 

@@ -3,7 +3,8 @@ graph branch, the diffusion objective, condition dropout and the optimiser.
 
 Each group is a frozen dataclass that checks its own values, so a config file reads as the model is built
 (``model.image.tokens: patch``, ``model.graph.gnn.layer: gine``) and a wrong value is named where it is
-set. ``SG2ImgModule`` takes one of each; ``MOVED_SETTINGS`` maps the flat keys of earlier configs to
+set. ``SG2ImgModule`` takes one of each (``BaseModelModule``, the base trainer, takes the objective);
+``MOVED_SETTINGS`` maps the flat keys of earlier configs to
 their place here, for the message a user with an old config gets.
 """
 
