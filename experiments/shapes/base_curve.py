@@ -57,6 +57,7 @@ def evaluate_base(flags: list[str], folder: Path, record_path: Path, **extra: ob
         "shapes",
         "--adapter",
         "none",
+        "--save-images",  # every image, for experiments/shapes/base_failures.py
         *flags,
         "--out",
         str(folder),
