@@ -1,6 +1,9 @@
 """The layout: the layout head, object tokens confined to their boxes, and the training options that
 reward layout (timestep sampling, loss weighting, teacher forcing)."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from datafiles import write_manifest
@@ -181,6 +184,32 @@ def test_a_learned_spatial_bias_starts_as_the_soft_mask_and_learns(attention_lay
         torch.testing.assert_close(out["whole"], soft_out["whole"])
     with pytest.raises(ValueError, match=r"region-bias streams \['sg'\] are not soft-region streams"):
         DecoupledAttnProcessor(8, 6, streams=("sg",), region_bias=("sg",))
+
+
+def test_the_region_widths_script_reads_the_score_term_the_processor_applies():
+    spec = importlib.util.spec_from_file_location(
+        "region_widths", Path(__file__).parents[1] / "experiments" / "shapes" / "region_widths.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    width, half = 0.05, script.BOX_HALF_WIDTH
+    soft = script.score_profile(width, None)  # inside the box nothing, outside -(d / w)^2
+    assert soft["0"] == soft["0.5"] == 0.0
+    assert soft["3"] == pytest.approx(-((2 * half / width) ** 2), rel=0.02)
+    torch.manual_seed(0)
+    proc = DecoupledAttnProcessor(8, 6, streams=("sg",), soft_regions=("sg",), region_width=width,
+                                  region_bias=("sg",))  # fmt: skip
+    torch.nn.init.normal_(proc.region_bias_out_sg.weight)
+    tensors = {f"{side}.{p}": getattr(getattr(proc, f"region_bias_{side}_sg"), p).detach()
+               for side in ("in", "out") for p in ("weight", "bias")}  # fmt: skip
+    learned = script.score_profile(width, tensors)
+    box = torch.tensor([[[0.5 - half, 0.5 - half, 0.5 + half, 0.5 + half]]])
+    with torch.no_grad():
+        applied = proc._spatial_bias("sg", box, (script.GRID, script.GRID))[0, :, 0].view(script.GRID, -1)
+    row = applied[script.GRID // 2]
+    for u, cell in zip(script.OFFSETS, script.offset_cells()):
+        assert abs(cell + 0.5 - (0.5 + u * half) * script.GRID) <= 0.5
+        assert learned[f"{u:g}"] == pytest.approx(soft[f"{u:g}"] + float(row[cell]), abs=2e-3)
 
 
 def test_stream_regions_must_match_the_tokens():
