@@ -332,7 +332,8 @@ def test_a_patch_adapter_on_a_base_file_gets_the_resampler_its_preset_records(tm
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["--model.snr_gamma", "5"], "model.snr_gamma is now model.objective.snr_gamma"),
+    [(["--model.snr_gamma", "5"], "model.snr_gamma is now model.objective.snr_gamma (a null gamma, the plain "
+                                  "MSE, is now model.objective.loss_weighting: none)"),
      (["--model.objective.loss_weighting", "max_snr"],
       "model.objective.loss_weighting: expected one of 'none', 'min_snr', 'inv_snr'; got max_snr")],
 )  # fmt: skip

@@ -90,6 +90,7 @@ class _OneLineErrorParser(LightningArgumentParser):
     args: tuple[str, ...] = ()
 
     moved: ClassVar[dict[str, str]] = {}  # a model's settings that earlier configs set under another key
+    moved_notes: ClassVar[dict[str, str]] = {}  # what a moved key's old values mean now, where not the same
     setting_groups: ClassVar[str] = ""  # the model's setting groups, named in the message for a moved key
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
@@ -100,9 +101,10 @@ class _OneLineErrorParser(LightningArgumentParser):
             tail = r"(?![.\w])" if new.startswith(f"{old}.") else r"((?:\.\w+)*)"
             if found := re.search(rf"(?<![.\w])model\.{old}{tail}", message):
                 rest = found.group(1) or "" if found.groups() else ""
+                note = type(self).moved_notes.get(old)
                 raise ConfigurationError(
-                    f"model.{old}{rest} is now model.{new}{rest}: the model's settings are grouped "
-                    f"({type(self).setting_groups}; `--print_config` shows them all)"
+                    f"model.{old}{rest} is now model.{new}{rest}{f' ({note})' if note else ''}: the model's "
+                    f"settings are grouped ({type(self).setting_groups}; `--print_config` shows them all)"
                 ) from ex
         raise ConfigurationError(describe_parse_error(message, parser, type(self).args)) from ex
 
@@ -112,6 +114,7 @@ class SG2ImgCLI(LightningCLI):
 
     model_class: type = SG2ImgModule
     moved_settings: ClassVar[dict[str, str]] = MOVED_SETTINGS
+    moved_notes: ClassVar[dict[str, str]] = {}
     setting_groups: ClassVar[str] = "base, image, graph, objective, dropout and optimizer"
     base_setting = "model.base.source"  # the setting that names the model to load, for its errors
     export_callback = "sg2img.train.callbacks.AdapterExport"  # keeps DIR/<the trained file> current
@@ -126,6 +129,7 @@ class SG2ImgCLI(LightningCLI):
             {
                 "args": tuple(args or sys.argv[1:]),
                 "moved": self.moved_settings,
+                "moved_notes": self.moved_notes,
                 "setting_groups": self.setting_groups,
             },
         )
@@ -239,6 +243,9 @@ class BaseModelCLI(SG2ImgCLI):
     model_class = BaseModelModule
     base_setting = "model.init"
     moved_settings: ClassVar[dict[str, str]] = {"snr_gamma": "objective.snr_gamma"}
+    moved_notes: ClassVar[dict[str, str]] = {
+        "snr_gamma": "a null gamma, the plain MSE, is now model.objective.loss_weighting: none"
+    }
     setting_groups: ClassVar[str] = "objective"
     export_callback = "sg2img.train.callbacks.BaseExport"
 
