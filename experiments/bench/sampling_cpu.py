@@ -10,7 +10,8 @@ The embedded model (base and graph adapter) draws one batch of test graphs (rela
   float32, 1 thread           one intra-op thread
   bfloat16, 1 thread
   float32, 2 processes x 1 thread   two one-thread processes at once, each drawing half the batch; the
-                              time is the wall clock until both are done
+                              time is the later one's drawing
+  bfloat16, 2 processes x 1 thread
 Before the timed variants, one call of 3 steps of the baseline runs under ``torch.profiler``: the share
 of the time of each kind of operator (convolutions, attention, linear layers, copies, the rest).
 Writes experiments/results/bench/sampling_cpu-<device>.json.
@@ -47,6 +48,7 @@ VARIANTS = {  # name -> (dtype, channels_last, threads, processes)
     "float32, 1 thread": ("float32", False, 1, 1),
     "bfloat16, 1 thread": ("bfloat16", False, 1, 1),
     "float32, 2 processes x 1 thread": ("float32", False, 1, 2),
+    "bfloat16, 2 processes x 1 thread": ("bfloat16", False, 1, 2),
 }
 
 
