@@ -94,7 +94,8 @@ def draw(n: int, offset: int, steps: int, dtype: str, channels_last: bool, profi
 
 
 def run_variant(name: str, n: int, steps: int, tmp: Path) -> dict:
-    """Each variant in fresh processes (this script in --worker mode); the wall clock until all are done."""
+    """Each variant in fresh processes (this script in --worker mode): the slowest worker's drawing time,
+    and the wall clock until all are done, model loading included."""
     dtype, channels_last, threads, processes = VARIANTS[name]
     env = dict(os.environ)
     if threads is not None:
