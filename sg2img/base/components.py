@@ -8,6 +8,7 @@ so the SD1.5 architecture can be inspected without allocating or downloading any
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -254,7 +255,7 @@ def build_components(
 def ddpm_scheduler(preset: str | Preset = "tiny") -> DDPMScheduler:
     """The training-time noise schedule of a preset."""
     p = get_preset(preset) if isinstance(preset, str) else preset
-    keys = set(SD15_SCHEDULE) | {"beta_schedule"}
+    keys = set(inspect.signature(DDPMScheduler.__init__).parameters) - {"self"}
     return DDPMScheduler(**{k: v for k, v in p.scheduler.items() if k in keys})
 
 

@@ -51,6 +51,9 @@ class BaseModelModule(TrainingSteps):
         preset: the architecture (``sg2img.base.components.PRESETS``, e.g. ``shapes``), built with random weights.
         unet: UNet config entries that replace the preset's (``block_out_channels``, ``down_block_types``,
             ...), to try another size; the base file records the config that was used.
+        scheduler: noise-schedule entries that replace the preset's (``prediction_type: v_prediction``,
+            ``timestep_spacing: trailing``, ``rescale_betas_zero_snr``, ...); training and every later
+            stage read them from the base file.
         clip: a tiny-CLIP file (``sg2img fit-clip``; ``embedded``: the shipped one) whose towers become the
             base's text encoder (frozen, read as SD reads CLIP) and image encoder, in place of the preset's
             random ones.
@@ -72,6 +75,7 @@ class BaseModelModule(TrainingSteps):
         self,
         preset: str = "shapes",
         unet: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
         clip: str | None = None,
         init: str | None = None,
         caption_dropout: float = 0.1,
@@ -95,6 +99,16 @@ class BaseModelModule(TrainingSteps):
             if unknown:
                 raise ValueError(f"model.unet: unknown UNet2DConditionModel setting(s) {unknown}")
             self.preset = dataclasses.replace(self.preset, unet={**self.preset.unet, **unet})
+        if scheduler:
+            unknown = sorted(set(scheduler) - set(inspect.signature(DDIMScheduler.__init__).parameters))
+            if unknown:
+                raise ValueError(f"model.scheduler: unknown DDIMScheduler setting(s) {unknown}")
+            kind = scheduler.get("prediction_type", "epsilon")
+            if kind not in ("epsilon", "v_prediction", "sample"):
+                raise ValueError(
+                    f"model.scheduler.prediction_type must be epsilon, v_prediction or sample, got {kind!r}"
+                )
+            self.preset = dataclasses.replace(self.preset, scheduler={**self.preset.scheduler, **scheduler})
         self.caption_dropout, self.lr, self.weight_decay = caption_dropout, lr, weight_decay
         if text_lr is not None and text_lr <= 0:
             raise ValueError(
