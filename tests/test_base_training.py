@@ -253,6 +253,26 @@ def test_each_loss_weighting_changes_the_loss_and_bad_settings_fail():
             bad()
 
 
+def test_a_scheduler_override_trains_v_prediction_and_the_base_file_keeps_it(tmp_path):
+    from sg2img.train.core import noised
+
+    m = small_base(scheduler={"prediction_type": "v_prediction", "timestep_spacing": "trailing"})
+    x0 = torch.rand(2, 3, 32, 32) * 2 - 1
+    _, t, target = noised(m.noise_scheduler, x0, torch.Generator().manual_seed(0))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(target, m.noise_scheduler.get_velocity(x0, noise, t))  # v, not the noise
+    parts = load_base(m.export_base(tmp_path / "base.safetensors"))
+    assert parts.scheduler.config.prediction_type == "v_prediction"
+    parts.scheduler.set_timesteps(25)
+    plain = small_base().parts().scheduler
+    plain.set_timesteps(25)
+    assert int(parts.scheduler.timesteps[0]) == 999 and int(plain.timesteps[0]) == 961  # trailing vs leading
+    for bad, match in (({"timestep_spacingg": "trailing"}, "unknown DDIMScheduler setting.*timestep_spacingg"),
+                       ({"prediction_type": "velocity"}, "prediction_type must be .*'velocity'")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            BaseModelModule(scheduler=bad)
+
+
 def test_the_base_default_objective_is_min_snr_and_a_shift_draws_higher_noise(monkeypatch):
     import sg2img.train.base_module as base_module
     from sg2img.data.rows import collate
@@ -335,7 +355,9 @@ def test_a_patch_adapter_on_a_base_file_gets_the_resampler_its_preset_records(tm
     [(["--model.snr_gamma", "5"], "model.snr_gamma is now model.objective.snr_gamma (a null gamma, the plain "
                                   "MSE, is now model.objective.loss_weighting: none)"),
      (["--model.objective.loss_weighting", "max_snr"],
-      "model.objective.loss_weighting: expected one of 'none', 'min_snr', 'inv_snr'; got max_snr")],
+      "model.objective.loss_weighting: expected one of 'none', 'min_snr', 'inv_snr'; got max_snr"),
+     (["--model.scheduler", '{"prediction_type": "velocity"}'],
+      "model.scheduler.prediction_type must be epsilon, v_prediction or sample, got 'velocity'")],
 )  # fmt: skip
 def test_a_base_objective_mistake_is_one_line_and_writes_nothing(args, message, tmp_path):
     import os
