@@ -163,7 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": "python experiments/kill_resume.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "settings": {  # paths inside the checkout as relative ones: the record names no machine
+            k: (str(v.resolve().relative_to(ROOT)) if v.resolve().is_relative_to(ROOT) else str(v))
+            if isinstance(v, Path)
+            else v
+            for k, v in vars(args).items()
+        },
         "uninterrupted_s": round(straight_s, 1),
         "uninterrupted_to_first_checkpoint_s": round(startup_s, 1),
         "kills": kills,

@@ -464,3 +464,12 @@ def test_the_shipped_protocol_file_reads_and_bad_ones_are_refused(tmp_path, caps
     captions.write_text('{"images": [], "annotations": [{"id": 1}]}')
     assert main(["evaluate", "coco", *common, "--captions", str(captions)]) == 2
     assert "annotations[0] needs image_id, id and caption" in capsys.readouterr().err
+
+
+def test_the_shipped_tiny_clip_is_recorded_by_name_and_a_file_by_its_path(tmp_path):
+    from sg2img.shapes.tiny_clip import EMBEDDED_CLIP, tiny_clip_path
+
+    assert metrics.load_clip("shapes").name == "tiny-clip:shapes"  # no path of this machine in a record
+    copy = tmp_path / "clip.safetensors"
+    copy.write_bytes(tiny_clip_path(EMBEDDED_CLIP).read_bytes())
+    assert metrics.load_clip(str(copy)).name == f"tiny-clip:{copy}"

@@ -139,7 +139,12 @@ def sg2img(*args: str) -> list[str]:
 
 
 def run(cmd: list[str], log: dict) -> float:
-    shown = shlex.join(["sg2img", *cmd[3:]] if cmd[:3] == sg2img() else cmd)
+    # as anyone would type it from the repository root: no interpreter or checkout path of this machine
+    shown = shlex.join(
+        ["sg2img", *cmd[3:]]
+        if cmd[:3] == sg2img()
+        else ["python" if c == sys.executable else c.replace(f"{ROOT}/", "") for c in cmd]
+    )
     print(f"\n$ {shown}", flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True)

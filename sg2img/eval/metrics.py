@@ -275,7 +275,7 @@ def _transformers_clip_model(source: str, device: torch.device) -> ClipModel:
     )
 
 
-def _tiny_clip_model(path: Path, device: torch.device) -> ClipModel:
+def _tiny_clip_model(path: Path, device: torch.device, name: str) -> ClipModel:
     from ip_adapter.checkpoint import CheckpointError
     from sg2img.base.tokenizer import clip_tokenizer
     from sg2img.shapes.tiny_clip import encode_text, load_tiny_clip
@@ -293,7 +293,7 @@ def _tiny_clip_model(path: Path, device: torch.device) -> ClipModel:
         return encode_text(model, ids.to(device))
 
     return ClipModel(
-        model.encode_image, text, config.image_size, OPENAI_MEAN, OPENAI_STD, device, f"tiny-clip:{path}"
+        model.encode_image, text, config.image_size, OPENAI_MEAN, OPENAI_STD, device, f"tiny-clip:{name}"
     )
 
 
@@ -301,14 +301,14 @@ def load_clip(spec: str, pretrained: str | None = None, device: str | torch.devi
     """``open_clip:NAME`` (+ ``pretrained``), ``hf:PATH_OR_ID``, a local transformers folder, a tiny-CLIP
     file (``sg2img fit-clip``), or ``shapes``: the shapes world's shipped tiny CLIP."""
     device = torch.device(device)
-    if spec == "shapes":
+    if spec == "shapes":  # recorded by name: a record says which model, not where this machine keeps it
         from sg2img.shapes.tiny_clip import EMBEDDED_CLIP, tiny_clip_path
 
-        spec = str(tiny_clip_path(EMBEDDED_CLIP))
+        return _tiny_clip_model(tiny_clip_path(EMBEDDED_CLIP), device, spec)
     if spec.endswith(".safetensors"):
         if not Path(spec).is_file():
             raise MetricError(f"--clip {spec}: no such tiny-CLIP file")
-        return _tiny_clip_model(Path(spec), device)
+        return _tiny_clip_model(Path(spec), device, spec)
     if spec.startswith("open_clip:"):
         return _open_clip_model(spec.split(":", 1)[1], pretrained, device)
     source = spec.split(":", 1)[1] if spec.startswith("hf:") else spec
