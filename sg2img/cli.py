@@ -254,6 +254,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50, the paper's)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument(
+        "--eta", type=float, default=0.0, help="DDIM's eta: 0 deterministic (default), 1 DDPM's noise"
+    )
     p.add_argument("--image-scale", type=float, default=1.0, help="image branch weight (lambda)")
     p.add_argument("--sg-scale", type=float, default=1.0, help="scene-graph branch weight")
     p.add_argument("--seed", type=int, default=0, help="image k of graph i uses seed + i * num_images + k")
@@ -296,6 +299,9 @@ def add_coco_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument(
+        "--eta", type=float, default=0.0, help="DDIM's eta: 0 deterministic (default), 1 DDPM's noise"
+    )
     p.add_argument("--image-scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--batch-size", type=int, default=8)
@@ -343,6 +349,9 @@ def add_shapes_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-scale", type=float, default=1.0)
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument(
+        "--eta", type=float, default=0.0, help="DDIM's eta: 0 deterministic (default), 1 DDPM's noise"
+    )
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--device", default="auto")

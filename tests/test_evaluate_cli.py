@@ -42,6 +42,19 @@ def test_the_base_alone_reads_the_caption_only(tmp_path):
     assert any(f" {w} " in prompt for w in ("left of", "right of", "above", "below")), prompt
 
 
+def test_eta_adds_noise_per_step_and_is_recorded(tmp_path):
+    runs = {}
+    for eta in ("0", "1"):
+        out = tmp_path / f"eta{eta}"
+        assert evaluate("--n", "1", "--adapter", "none", "--eta", eta, "--out", out) == 0
+        runs[eta] = ((out / "test-00000.png").read_bytes(), json.loads((out / "shapes-eval.json").read_text()))
+    assert runs["0"][1]["settings"]["eta"] == 0.0 and runs["1"][1]["settings"]["eta"] == 1.0
+    assert runs["0"][0] != runs["1"][0]  # the same seed, another image: eta reaches the sampler
+    default = tmp_path / "default"
+    assert evaluate("--n", "1", "--adapter", "none", "--out", default) == 0
+    assert (default / "test-00000.png").read_bytes() == runs["0"][0]  # eta 0 is the default sampler
+
+
 def test_graph_files_and_several_images_per_graph(tmp_path):
     out = tmp_path / "files"
     assert evaluate("--graphs", "data/examples/shapes-world.json", "--num-images", "2", "--out", out) == 0
@@ -56,8 +69,9 @@ def test_graph_files_and_several_images_per_graph(tmp_path):
 
 @pytest.mark.parametrize(
     ("flags", "message"),
-    [(["--n", "0"], "--n must be at least 1"), (["--num-images", "0"], "--num-images must be at least 1")],
-)
+    [(["--n", "0"], "--n must be at least 1"), (["--num-images", "0"], "--num-images must be at least 1"),
+     (["--eta", "1.5"], "--eta must be in [0, 1]")],
+)  # fmt: skip
 def test_bad_settings_exit_2_before_any_model_loads(flags, message, capsys, monkeypatch):
     def no_model(*a, **k):
         raise AssertionError("a model was loaded")

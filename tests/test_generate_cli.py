@@ -37,6 +37,7 @@ def test_embedded_default_writes_images_sheets_and_the_record(default_run):
     ]  # fmt: skip
     record = json.loads((default_run / "generate.json").read_text())
     assert record["settings"]["steps"] == 2 and record["settings"]["guidance"] == 7.5
+    assert record["settings"]["eta"] == 0.0  # deterministic DDIM unless asked
     assert record["model"].startswith("embedded default")
     assert record["adapter"].endswith("shapes-adapter.safetensors") and record["adapter_sha256"]
     assert [i["seed"] for o in record["outputs"] for i in o["images"]] == [0, 1, 2, 3]
@@ -119,6 +120,8 @@ def test_invalid_graph_exits_2_before_any_model_loads(tmp_path, capsys, monkeypa
     assert "none.png" in capsys.readouterr().err
     assert generate("--prompt", "a red circle", "--attention-maps", "--out", out) == 2
     assert "--attention-maps needs --graph" in capsys.readouterr().err
+    assert generate("--prompt", "a red circle", "--eta", "-0.5", "--out", out) == 2
+    assert "--eta must be in [0, 1]" in capsys.readouterr().err
     assert not out.exists()
 
 

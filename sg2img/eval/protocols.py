@@ -48,7 +48,8 @@ class ShapesEvaluation(ModelSource):
         image_prompt: the graph's rendering as image prompt (``auto``: when the adapter has an image branch).
         boxes: what the graph branch sees: ``none`` (the relations; a layout head places the objects) or
             ``given`` (the graphs' true boxes too: the oracle layout).
-        sg_scale / image_scale / steps / guidance / seed / batch_size / device / dtype: sampling.
+        sg_scale / image_scale / steps / guidance / eta / seed / batch_size / device / dtype: sampling (eta:
+            DDIM's, 0 the deterministic sampler).
         out / save_images: where the record, images and sheets go; every image or the first 16.
         config: the settings files the command read (recorded; flags after them won).
     """
@@ -65,6 +66,7 @@ class ShapesEvaluation(ModelSource):
     image_scale: float = 1.0
     steps: int = 25
     guidance: float = 5.0
+    eta: float = 0.0
     seed: int = 0
     batch_size: int = 50
     device: str = "auto"
@@ -83,7 +85,7 @@ class CocoEvaluation(ModelSource):
         clip / clip_pretrained: the scoring CLIP (``open_clip:NAME``, ``hf:ID`` or a transformers folder).
         num_images: images per image prompt (the paper: 4).
         prompt: the text prompt, ``empty`` (the paper's) or the ``caption``.
-        steps / guidance / image_scale / seed / batch_size / device / dtype / out: sampling and output.
+        steps / guidance / eta / image_scale / seed / batch_size / device / dtype / out: sampling and output.
     """
 
     images: Path | None = None
@@ -95,6 +97,7 @@ class CocoEvaluation(ModelSource):
     prompt: Literal["empty", "caption"] = "empty"
     steps: int = 50
     guidance: float = 7.5
+    eta: float = 0.0
     image_scale: float = 1.0
     seed: int = 0
     batch_size: int = 8
@@ -129,9 +132,9 @@ def prompt_for(graph: SceneGraph, mode: str) -> str:
 
 
 def check_args(settings: ShapesEvaluation) -> None:
-    for name in ("steps", "batch_size", "num_images"):
-        if getattr(settings, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
+    from sg2img.infer.generate import check_sampling
+
+    check_sampling(settings, ("steps", "batch_size", "num_images"))
     if settings.n is not None and settings.n < 1:
         raise ValueError(f"--n must be at least 1, got {settings.n}")
     if settings.out is not None and Path(settings.out).exists() and not Path(settings.out).is_dir():
@@ -187,6 +190,7 @@ def run_shapes(settings: ShapesEvaluation) -> dict[str, Any]:
             image_scale=settings.image_scale if use_image else 0.0,
             num_inference_steps=settings.steps,
             guidance_scale=settings.guidance,
+            eta=settings.eta,
             generator=[torch.Generator(device="cpu").manual_seed(settings.seed + i) for i in range(lo, hi)],
         )
         images.extend(out.images)
@@ -306,7 +310,7 @@ PAPER_TABLE_1 = {"clip_t": 0.588, "clip_i": 0.828}  # IP-Adapter (SD1.5, 22M), T
 COCO_RESULT = "coco-eval.json"
 COCO_KEYS = (
     "images", "captions", "n", "model", "adapter", "image_encoder", "single_file_config", "clip",
-    "clip_pretrained", "num_images", "prompt", "steps", "guidance", "image_scale", "seed", "batch_size",
+    "clip_pretrained", "num_images", "prompt", "steps", "guidance", "eta", "image_scale", "seed", "batch_size",
     "device", "dtype", "out",
 )  # fmt: skip
 
@@ -354,11 +358,9 @@ def run_coco(settings: CocoEvaluation) -> dict[str, Any]:
     """Generate from COCO images as image prompts, then CLIP-T against their captions and CLIP-I against
     the prompts themselves; the paper's figures go into the record beside ours."""
     from sg2img.eval.metrics import MetricSettings, evaluate_folder, load_clip, open_image
-    from sg2img.infer.generate import _device_and_dtype, build_pipeline, versions
+    from sg2img.infer.generate import _device_and_dtype, build_pipeline, check_sampling, versions
 
-    for name in ("steps", "batch_size", "num_images"):
-        if getattr(settings, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
+    check_sampling(settings, ("steps", "batch_size", "num_images"))
     if (
         settings.images is None
         or settings.captions is None
@@ -391,6 +393,7 @@ def run_coco(settings: CocoEvaluation) -> dict[str, Any]:
             image_scale=settings.image_scale if has_image else 0.0,
             num_inference_steps=settings.steps,
             guidance_scale=settings.guidance,
+            eta=settings.eta,
             generator=[
                 torch.Generator(device="cpu").manual_seed(settings.seed + i)
                 for i in range(lo, lo + len(batch))

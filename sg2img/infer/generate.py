@@ -65,7 +65,8 @@ class GenerateSettings(ModelSource):
         graph: a scene-graph JSON file (one graph or a list: one set of outputs per graph).
         prompt / negative_prompt: the text prompts (None: the empty prompt).
         image: an image prompt (needs an adapter with an image branch).
-        steps / guidance: DDIM steps and the classifier-free guidance scale.
+        steps / guidance / eta: DDIM steps, the classifier-free guidance scale, and DDIM's eta (0: the
+            deterministic sampler; 1: as much fresh noise per step as DDPM's ancestral sampler).
         image_scale / sg_scale: the image and scene-graph branches' weights.
         seed: image k of graph i uses seed + i * num_images + k.
         num_images: images per graph.
@@ -82,6 +83,7 @@ class GenerateSettings(ModelSource):
     image: Path | None = None
     steps: int = 50
     guidance: float = 7.5
+    eta: float = 0.0
     image_scale: float = 1.0
     sg_scale: float = 1.0
     seed: int = 0
@@ -104,11 +106,20 @@ class Inputs:
 MAX_SIDE = 2048  # the largest --height / --width generate accepts
 
 
-def read_inputs(settings: GenerateSettings) -> Inputs:
-    """Read and check the graph file and image prompt (raises SceneGraphError / ValueError)."""
-    for name in ("steps", "num_images"):
+def check_sampling(settings: Any, counts: tuple[str, ...] = ("steps", "num_images")) -> None:
+    """The sampling flags every drawing command shares: ``counts`` at least 1, eta in [0, 1]."""
+    for name in counts:
         if getattr(settings, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
+    if not 0.0 <= settings.eta <= 1.0:
+        raise ValueError(
+            f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's noise), got {settings.eta}"
+        )
+
+
+def read_inputs(settings: GenerateSettings) -> Inputs:
+    """Read and check the graph file and image prompt (raises SceneGraphError / ValueError)."""
+    check_sampling(settings)
     for name in ("height", "width"):
         v = getattr(settings, name)
         if v is not None and (v < 8 or v % 8):
@@ -272,6 +283,7 @@ def run_generate(settings: GenerateSettings) -> dict[str, Any]:
             "image": None if settings.image is None else str(settings.image),
             "steps": settings.steps,
             "guidance": settings.guidance,
+            "eta": settings.eta,
             "image_scale": settings.image_scale,
             "sg_scale": settings.sg_scale,
             "seed": settings.seed,
@@ -300,6 +312,7 @@ def run_generate(settings: GenerateSettings) -> dict[str, Any]:
             sg_scale=settings.sg_scale,
             num_inference_steps=settings.steps,
             guidance_scale=settings.guidance,
+            eta=settings.eta,
             generator=generators,
             num_images_per_prompt=settings.num_images,
             height=settings.height,
