@@ -257,6 +257,12 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--eta", type=float, default=0.0, help="DDIM's eta: 0 deterministic (default), 1 DDPM's noise"
     )
+    p.add_argument(
+        "--guidance-interval",
+        type=tuple[int, int] | None,
+        default=None,
+        help="guidance only at timesteps LO <= t <= HI, as [LO, HI] (default: at every step)",
+    )
     p.add_argument("--image-scale", type=float, default=1.0, help="image branch weight (lambda)")
     p.add_argument("--sg-scale", type=float, default=1.0, help="scene-graph branch weight")
     p.add_argument("--seed", type=int, default=0, help="image k of graph i uses seed + i * num_images + k")
@@ -301,6 +307,12 @@ def add_coco_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument(
         "--eta", type=float, default=0.0, help="DDIM's eta: 0 deterministic (default), 1 DDPM's noise"
+    )
+    p.add_argument(
+        "--guidance-interval",
+        type=tuple[int, int] | None,
+        default=None,
+        help="guidance only at timesteps LO <= t <= HI, as [LO, HI] (default: at every step)",
     )
     p.add_argument("--image-scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
@@ -351,6 +363,12 @@ def add_shapes_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     p.add_argument(
         "--eta", type=float, default=0.0, help="DDIM's eta: 0 deterministic (default), 1 DDPM's noise"
+    )
+    p.add_argument(
+        "--guidance-interval",
+        type=tuple[int, int] | None,
+        default=None,
+        help="guidance only at timesteps LO <= t <= HI, as [LO, HI] (default: at every step)",
     )
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--batch-size", type=int, default=50)

@@ -47,8 +47,12 @@ def test_eta_adds_noise_per_step_and_is_recorded(tmp_path):
     for eta in ("0", "1"):
         out = tmp_path / f"eta{eta}"
         assert evaluate("--n", "1", "--adapter", "none", "--eta", eta, "--out", out) == 0
-        runs[eta] = ((out / "test-00000.png").read_bytes(), json.loads((out / "shapes-eval.json").read_text()))
+        runs[eta] = (
+            (out / "test-00000.png").read_bytes(),
+            json.loads((out / "shapes-eval.json").read_text()),
+        )
     assert runs["0"][1]["settings"]["eta"] == 0.0 and runs["1"][1]["settings"]["eta"] == 1.0
+    assert runs["0"][1]["settings"]["guidance_interval"] is None
     assert runs["0"][0] != runs["1"][0]  # the same seed, another image: eta reaches the sampler
     default = tmp_path / "default"
     assert evaluate("--n", "1", "--adapter", "none", "--out", default) == 0
@@ -70,7 +74,8 @@ def test_graph_files_and_several_images_per_graph(tmp_path):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [(["--n", "0"], "--n must be at least 1"), (["--num-images", "0"], "--num-images must be at least 1"),
-     (["--eta", "1.5"], "--eta must be in [0, 1]")],
+     (["--eta", "1.5"], "--eta must be in [0, 1]"),
+     (["--guidance-interval", "[800, 200]"], "--guidance-interval must be [LO, HI] timesteps")],
 )  # fmt: skip
 def test_bad_settings_exit_2_before_any_model_loads(flags, message, capsys, monkeypatch):
     def no_model(*a, **k):

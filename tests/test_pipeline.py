@@ -130,6 +130,22 @@ def test_default_scheduler_is_ddim_and_steps_guidance_are_the_papers(files):
     assert params["num_inference_steps"].default == 50 and params["guidance_scale"].default == 7.5
 
 
+def test_a_guidance_interval_guides_only_the_steps_inside_it(files):
+    pipe = ours(files)
+    kw = dict(prompt="a sheep", scene_graph=GRAPH, guidance_scale=6.0)
+    pipe.scheduler.set_timesteps(STEPS)
+    first = int(pipe.scheduler.timesteps[0])  # the step at the highest noise
+    everywhere = call(pipe, **kw).images
+    assert np.array_equal(call(pipe, guidance_interval=(0, 999), **kw).images, everywhere)
+    unguided = call(pipe, **{**kw, "guidance_scale": 1.0}).images  # no unconditional pass at all
+    nowhere = call(pipe, guidance_interval=(first + 1, 999), **kw).images
+    np.testing.assert_allclose(nowhere, unguided, atol=1e-5)  # outside it: the conditional prediction
+    late = call(pipe, guidance_interval=(0, first - 1), **kw).images  # all but the first step guided
+    assert not np.allclose(late, everywhere) and not np.allclose(late, unguided)
+    with pytest.raises(ValueError, match="guidance_interval"):
+        call(pipe, guidance_interval=(0, 1000), **kw)
+
+
 # --- conditioning ------------------------------------------------------------------------------
 class Capture:
     """Records the keyword arguments of every UNet call."""

@@ -114,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         flags = ["--model", str(args.run / "base.safetensors"), "--prompt", args.prompt, "--n", str(args.n)]
         evaluate_base(flags, args.work / f"final-{args.prompt}", record_path, step="final")
         rows.append(f"| final | {score_cells(json.loads(record_path.read_text())['scores'])} |")
+    elif (args.out / f"final-{args.prompt}.json").is_file():  # scored before: it stays in the table
+        rows.append(
+            f"| final | {score_cells(json.loads((args.out / f'final-{args.prompt}.json').read_text())['scores'])} |"
+        )
     table = [
         f"Base `{args.run}`, EMA weights per checkpoint, `--prompt {args.prompt}`, first {args.n} test graphs:",
         "",

@@ -50,6 +50,7 @@ class ShapesEvaluation(ModelSource):
             ``given`` (the graphs' true boxes too: the oracle layout).
         sg_scale / image_scale / steps / guidance / eta / seed / batch_size / device / dtype: sampling (eta:
             DDIM's, 0 the deterministic sampler).
+        guidance_interval: guidance only at timesteps lo <= t <= hi (None: at every step).
         out / save_images: where the record, images and sheets go; every image or the first 16.
         config: the settings files the command read (recorded; flags after them won).
     """
@@ -67,6 +68,7 @@ class ShapesEvaluation(ModelSource):
     steps: int = 25
     guidance: float = 5.0
     eta: float = 0.0
+    guidance_interval: tuple[int, int] | None = None
     seed: int = 0
     batch_size: int = 50
     device: str = "auto"
@@ -85,7 +87,8 @@ class CocoEvaluation(ModelSource):
         clip / clip_pretrained: the scoring CLIP (``open_clip:NAME``, ``hf:ID`` or a transformers folder).
         num_images: images per image prompt (the paper: 4).
         prompt: the text prompt, ``empty`` (the paper's) or the ``caption``.
-        steps / guidance / eta / image_scale / seed / batch_size / device / dtype / out: sampling and output.
+        steps / guidance / eta / guidance_interval / image_scale / seed / batch_size / device / dtype / out:
+            sampling and output.
     """
 
     images: Path | None = None
@@ -98,6 +101,7 @@ class CocoEvaluation(ModelSource):
     steps: int = 50
     guidance: float = 7.5
     eta: float = 0.0
+    guidance_interval: tuple[int, int] | None = None
     image_scale: float = 1.0
     seed: int = 0
     batch_size: int = 8
@@ -191,6 +195,7 @@ def run_shapes(settings: ShapesEvaluation) -> dict[str, Any]:
             num_inference_steps=settings.steps,
             guidance_scale=settings.guidance,
             eta=settings.eta,
+            guidance_interval=settings.guidance_interval,
             generator=[torch.Generator(device="cpu").manual_seed(settings.seed + i) for i in range(lo, hi)],
         )
         images.extend(out.images)
@@ -310,8 +315,8 @@ PAPER_TABLE_1 = {"clip_t": 0.588, "clip_i": 0.828}  # IP-Adapter (SD1.5, 22M), T
 COCO_RESULT = "coco-eval.json"
 COCO_KEYS = (
     "images", "captions", "n", "model", "adapter", "image_encoder", "single_file_config", "clip",
-    "clip_pretrained", "num_images", "prompt", "steps", "guidance", "eta", "image_scale", "seed", "batch_size",
-    "device", "dtype", "out",
+    "clip_pretrained", "num_images", "prompt", "steps", "guidance", "eta", "guidance_interval", "image_scale",
+    "seed", "batch_size", "device", "dtype", "out",
 )  # fmt: skip
 
 
@@ -394,6 +399,7 @@ def run_coco(settings: CocoEvaluation) -> dict[str, Any]:
             num_inference_steps=settings.steps,
             guidance_scale=settings.guidance,
             eta=settings.eta,
+            guidance_interval=settings.guidance_interval,
             generator=[
                 torch.Generator(device="cpu").manual_seed(settings.seed + i)
                 for i in range(lo, lo + len(batch))

@@ -67,6 +67,7 @@ class GenerateSettings(ModelSource):
         image: an image prompt (needs an adapter with an image branch).
         steps / guidance / eta: DDIM steps, the classifier-free guidance scale, and DDIM's eta (0: the
             deterministic sampler; 1: as much fresh noise per step as DDPM's ancestral sampler).
+        guidance_interval: guidance only at timesteps lo <= t <= hi (None: at every step).
         image_scale / sg_scale: the image and scene-graph branches' weights.
         seed: image k of graph i uses seed + i * num_images + k.
         num_images: images per graph.
@@ -84,6 +85,7 @@ class GenerateSettings(ModelSource):
     steps: int = 50
     guidance: float = 7.5
     eta: float = 0.0
+    guidance_interval: tuple[int, int] | None = None
     image_scale: float = 1.0
     sg_scale: float = 1.0
     seed: int = 0
@@ -107,13 +109,19 @@ MAX_SIDE = 2048  # the largest --height / --width generate accepts
 
 
 def check_sampling(settings: Any, counts: tuple[str, ...] = ("steps", "num_images")) -> None:
-    """The sampling flags every drawing command shares: ``counts`` at least 1, eta in [0, 1]."""
+    """The sampling flags every drawing command shares: ``counts`` at least 1, eta in [0, 1], a guidance
+    interval that is one (its upper end is checked against the model's schedule when it is loaded)."""
     for name in counts:
         if getattr(settings, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
     if not 0.0 <= settings.eta <= 1.0:
         raise ValueError(
             f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's noise), got {settings.eta}"
+        )
+    interval = settings.guidance_interval
+    if interval is not None and not 0 <= interval[0] <= interval[1]:
+        raise ValueError(
+            f"--guidance-interval must be [LO, HI] timesteps with 0 <= LO <= HI, got {list(interval)}"
         )
 
 
@@ -284,6 +292,7 @@ def run_generate(settings: GenerateSettings) -> dict[str, Any]:
             "steps": settings.steps,
             "guidance": settings.guidance,
             "eta": settings.eta,
+            "guidance_interval": settings.guidance_interval,
             "image_scale": settings.image_scale,
             "sg_scale": settings.sg_scale,
             "seed": settings.seed,
@@ -313,6 +322,7 @@ def run_generate(settings: GenerateSettings) -> dict[str, Any]:
             num_inference_steps=settings.steps,
             guidance_scale=settings.guidance,
             eta=settings.eta,
+            guidance_interval=settings.guidance_interval,
             generator=generators,
             num_images_per_prompt=settings.num_images,
             height=settings.height,

@@ -123,6 +123,32 @@ def _padding_mask_hooks(
             h.remove()
 
 
+@contextmanager
+def _guidance_interval_hook(unet: torch.nn.Module, interval: tuple[int, int]):
+    """Classifier-free guidance only at timesteps in ``interval`` (Kynkaanniemi et al. 2024, "Applying
+    guidance in a limited interval"): outside it the UNet's unconditional rows are replaced by its
+    conditional ones, so the guided prediction is the conditional one, exactly."""
+    lo, hi = interval
+
+    def hook(module, args, kwargs, output):
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        if lo <= float(t) <= hi:
+            return output
+        sample = output[0] if isinstance(output, tuple) else output.sample
+        half = sample.shape[0] // 2
+        conditional = torch.cat([sample[half:], sample[half:]])
+        if isinstance(output, tuple):
+            return (conditional, *output[1:])
+        output.sample = conditional
+        return output
+
+    handle = unet.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 ADAPTER_FOLDER = "sg_adapter"  # where save_pretrained puts the adapter, inside the pipeline's folder
 
 
@@ -331,6 +357,7 @@ class SceneGraphPipelineMixin:
         sg_scale: Scale = 1.0,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
+        guidance_interval: tuple[int, int] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_images_per_prompt: int = 1,
         height: int | None = None,
@@ -342,7 +369,9 @@ class SceneGraphPipelineMixin:
         """diffusers' call, plus ``scene_graph`` (a SceneGraph, an sg2im dict or a list: one per prompt)
         and the branch scales ``image_scale``/``sg_scale`` (a float, one per cross-attention layer, or a
         per-block dict as in ``set_ip_adapter_scale``). ``attention_maps=True`` also returns, per image,
-        the graph branch's attention to each graph token. Other keyword arguments go to the parent call
+        the graph branch's attention to each graph token. ``guidance_interval=(lo, hi)``: guidance only at
+        timesteps lo <= t <= hi (of the schedule's training steps), the conditional prediction elsewhere.
+        Other keyword arguments go to the parent call
         (``eta``, ``latents``, ``guidance_rescale``, ``output_type``; ControlNet's ``image``, ...)."""
         if kwargs.pop("ip_adapter_image_embeds", None) is not None:
             raise ValueError("pass ip_adapter_image; precomputed ip_adapter_image_embeds are not supported")
@@ -377,6 +406,13 @@ class SceneGraphPipelineMixin:
 
         do_cfg = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
         n = num_images_per_prompt
+        if guidance_interval is not None:
+            lo, hi = guidance_interval
+            last = self.scheduler.config.num_train_timesteps - 1
+            if not 0 <= lo <= hi <= last:
+                raise ValueError(
+                    f"guidance_interval must be (lo, hi) with 0 <= lo <= hi <= {last}, got {guidance_interval}"
+                )
 
         def rows(uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
             """The UNet's rows: with guidance every prompt's negative images, then its positive ones."""
@@ -457,6 +493,8 @@ class SceneGraphPipelineMixin:
                 )
             if recorder is not None:
                 hooks.enter_context(adapter.attention.recording(recorder))
+            if guidance_interval is not None and do_cfg:
+                hooks.enter_context(_guidance_interval_hook(self.unet, guidance_interval))
             # the text and stream tokens are the same at every step: project them to K/V once per generation
             if adapter is not None and adapter.attention is not None:
                 hooks.enter_context(adapter.attention.caching())
