@@ -220,6 +220,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 # --- the inference commands' flags: each command's typed settings, one flag per field ---------------------
+def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
+    """The sampler flags every drawing command shares (checked by ``sg2img.infer.generate.check_sampling``)."""
+    p.add_argument(
+        "--eta", type=float, default=0.0, help="DDIM's eta: 0 deterministic (default), 1 DDPM's noise"
+    )
+    p.add_argument(
+        "--guidance-interval",
+        type=tuple[int, int] | None,
+        default=None,
+        help="guidance only at timesteps LO <= t <= HI, as [LO, HI] (default: at every step)",
+    )
+
+
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``sg2img generate`` (``GenerateSettings``, one field each)."""
     from sg2img.base.dtypes import DTYPES
@@ -254,15 +267,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50, the paper's)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument(
-        "--eta", type=float, default=0.0, help="DDIM's eta: 0 deterministic (default), 1 DDPM's noise"
-    )
-    p.add_argument(
-        "--guidance-interval",
-        type=tuple[int, int] | None,
-        default=None,
-        help="guidance only at timesteps LO <= t <= HI, as [LO, HI] (default: at every step)",
-    )
+    add_sampler_arguments(p)
     p.add_argument("--image-scale", type=float, default=1.0, help="image branch weight (lambda)")
     p.add_argument("--sg-scale", type=float, default=1.0, help="scene-graph branch weight")
     p.add_argument("--seed", type=int, default=0, help="image k of graph i uses seed + i * num_images + k")
@@ -305,15 +310,7 @@ def add_coco_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument(
-        "--eta", type=float, default=0.0, help="DDIM's eta: 0 deterministic (default), 1 DDPM's noise"
-    )
-    p.add_argument(
-        "--guidance-interval",
-        type=tuple[int, int] | None,
-        default=None,
-        help="guidance only at timesteps LO <= t <= HI, as [LO, HI] (default: at every step)",
-    )
+    add_sampler_arguments(p)
     p.add_argument("--image-scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--batch-size", type=int, default=8)
@@ -361,15 +358,7 @@ def add_shapes_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-scale", type=float, default=1.0)
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
-    p.add_argument(
-        "--eta", type=float, default=0.0, help="DDIM's eta: 0 deterministic (default), 1 DDPM's noise"
-    )
-    p.add_argument(
-        "--guidance-interval",
-        type=tuple[int, int] | None,
-        default=None,
-        help="guidance only at timesteps LO <= t <= HI, as [LO, HI] (default: at every step)",
-    )
+    add_sampler_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--device", default="auto")

@@ -109,15 +109,12 @@ def main(argv: list[str] | None = None) -> int:
             flags = ["--model", str(base), "--prompt", args.prompt, "--n", str(args.n)]
             evaluate_base(flags, args.work / f"step-{step}-{args.prompt}", record_path, step=step)
         rows.append(f"| {step} | {score_cells(json.loads(record_path.read_text())['scores'])} |")
-    if args.final:
-        record_path = args.out / f"final-{args.prompt}.json"  # scored each time: the file may be newer
+    record_path = args.out / f"final-{args.prompt}.json"
+    if args.final:  # scored each time: the file may be newer
         flags = ["--model", str(args.run / "base.safetensors"), "--prompt", args.prompt, "--n", str(args.n)]
         evaluate_base(flags, args.work / f"final-{args.prompt}", record_path, step="final")
+    if record_path.is_file():  # scored now or before: it stays in the table
         rows.append(f"| final | {score_cells(json.loads(record_path.read_text())['scores'])} |")
-    elif (args.out / f"final-{args.prompt}.json").is_file():  # scored before: it stays in the table
-        rows.append(
-            f"| final | {score_cells(json.loads((args.out / f'final-{args.prompt}.json').read_text())['scores'])} |"
-        )
     table = [
         f"Base `{args.run}`, EMA weights per checkpoint, `--prompt {args.prompt}`, first {args.n} test graphs:",
         "",
