@@ -223,7 +223,11 @@ class _Parser(argparse.ArgumentParser):
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     """The sampler flags every drawing command shares (checked by ``sg2img.infer.generate.check_sampling``)."""
     p.add_argument(
-        "--eta", type=float, default=0.0, help="DDIM's eta: 0 deterministic (default), 1 DDPM's noise"
+        "--eta",
+        type=float,
+        default=None,
+        help="DDIM's eta: 0 deterministic, 1 DDPM's noise (default: the base's own; 0 but for a base file "
+        "whose recipe set model.eta)",
     )
     p.add_argument(
         "--guidance-interval",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import lightning as L
@@ -14,10 +15,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ip_adapter import CheckpointError
 from sg2img.base.components import (
+    EMBEDDED_BASE_FILE,
     PRESETS,
+    base_file_preset,
     build_components,
     is_base_file,
     load_base,
+    preset_from_json,
+    preset_to_json,
     read_base_file,
     save_base_file,
 )
@@ -137,7 +142,8 @@ def test_the_embedded_base_is_a_shipped_trained_base_file():
     fresh = build_components("shapes", seed=0)
     assert not torch.equal(parts.unet.conv_in.weight, fresh.unet.conv_in.weight)  # trained, not the seed
     # only training gives this: on fixed probes (test rows, their captions, fixed noise at mid noise) the
-    # shipped UNet predicts the noise far better than the same architecture at its seed
+    # shipped UNet predicts its target (the noise, or v for a v-prediction base) far better than the same
+    # architecture at its seed
     source = Shapes("test", num_rows=8)
     rows = [source.example(i) for i in range(8)]
     x0 = torch.stack(
@@ -148,12 +154,14 @@ def test_the_embedded_base_is_a_shipped_trained_base_file():
     t = torch.full((8,), 500)
     from sg2img.base.components import ddpm_scheduler
 
-    noisy = ddpm_scheduler("shapes").add_noise(x0, noise, t)
+    schedule = ddpm_scheduler(base_file_preset(EMBEDDED_BASE_FILE))
+    noisy = schedule.add_noise(x0, noise, t)
+    target = noise if schedule.config.prediction_type == "epsilon" else schedule.get_velocity(x0, noise, t)
     with torch.no_grad():
         text = parts.text_encoder(input_ids=ids.input_ids)[0]
-        trained = (parts.unet(noisy, t, text).sample - noise).square().mean()
+        trained = (parts.unet(noisy, t, text).sample - target).square().mean()
         seed = (
-            (fresh.unet(noisy, t, fresh.text_encoder(input_ids=ids.input_ids)[0]).sample - noise)
+            (fresh.unet(noisy, t, fresh.text_encoder(input_ids=ids.input_ids)[0]).sample - target)
             .square()
             .mean()
         )
@@ -273,6 +281,27 @@ def test_a_scheduler_override_trains_v_prediction_and_the_base_file_keeps_it(tmp
             BaseModelModule(scheduler=bad)
 
 
+def test_a_base_file_carries_its_sampling_eta_and_a_call_can_override_it(tmp_path):
+    m = small_base(eta=1.0)
+    parts = load_base(m.export_base(tmp_path / "base.safetensors"))
+    assert parts.eta == 1.0 and small_base().parts().eta == 0.0  # the preset's default: deterministic DDIM
+    pipe = SG2ImgPipeline.from_components(parts)
+    pipe.set_progress_bar_config(disable=True)
+
+    def draw(**kw):
+        g = torch.Generator().manual_seed(0)
+        return pipe("a red circle", num_inference_steps=3, generator=g, output_type="np", **kw).images
+
+    own = draw()
+    assert np.array_equal(own, draw(eta=1.0)) and not np.array_equal(own, draw(eta=0.0))
+    # a base file written before the field existed (no "eta" in its preset) samples deterministically
+    legacy = json.loads(preset_to_json(PRESETS["shapes"]))
+    del legacy["eta"]
+    assert preset_from_json(json.dumps(legacy)).eta == 0.0
+    with pytest.raises(ValueError, match=r"model.eta must be in \[0, 1\].*got -0.5"):
+        BaseModelModule(eta=-0.5)
+
+
 def test_the_base_default_objective_is_min_snr_and_a_shift_draws_higher_noise(monkeypatch):
     import sg2img.train.base_module as base_module
     from sg2img.data.rows import collate
@@ -357,7 +386,8 @@ def test_a_patch_adapter_on_a_base_file_gets_the_resampler_its_preset_records(tm
      (["--model.objective.loss_weighting", "max_snr"],
       "model.objective.loss_weighting: expected one of 'none', 'min_snr', 'inv_snr'; got max_snr"),
      (["--model.scheduler", '{"prediction_type": "velocity"}'],
-      "model.scheduler.prediction_type must be epsilon, v_prediction or sample, got 'velocity'")],
+      "model.scheduler.prediction_type must be epsilon, v_prediction or sample, got 'velocity'"),
+     (["--model.eta", "1.5"], "model.eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's noise), got 1.5")],
 )  # fmt: skip
 def test_a_base_objective_mistake_is_one_line_and_writes_nothing(args, message, tmp_path):
     import os

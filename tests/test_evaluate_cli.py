@@ -6,7 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
+from sg2img.base.components import EMBEDDED_BASE_FILE, base_file_preset
 from sg2img.cli import main
+
+EMBEDDED_PRESET = base_file_preset(EMBEDDED_BASE_FILE)
 
 
 def evaluate(*args):
@@ -56,7 +59,10 @@ def test_eta_adds_noise_per_step_and_is_recorded(tmp_path):
     assert runs["0"][0] != runs["1"][0]  # the same seed, another image: eta reaches the sampler
     default = tmp_path / "default"
     assert evaluate("--n", "1", "--adapter", "none", "--out", default) == 0
-    assert (default / "test-00000.png").read_bytes() == runs["0"][0]  # eta 0 is the default sampler
+    record = json.loads((default / "shapes-eval.json").read_text())
+    own = float(EMBEDDED_PRESET.eta)  # without --eta the base's own eta is used, and recorded as a number
+    assert record["settings"]["eta"] == own
+    assert (default / "test-00000.png").read_bytes() == runs[f"{own:g}"][0]
 
 
 def test_graph_files_and_several_images_per_graph(tmp_path):

@@ -9,7 +9,8 @@ Stages (each prints the command it runs and records its wall-clock time):
   clip-eval  held-out retrieval of the tiny CLIP: image -> its caption vs one differing only in a binding
              or a relation (experiments/shapes/clip_retrieval.py)
   ship-clip  the tiny CLIP, stored fp16, becomes sg2img/assets/shapes-clip.safetensors (`clip: embedded`)
-  base       sg2img fit-base --config configs/experiments/shapes/base.yaml (reads the shipped tiny CLIP)
+  base       sg2img fit-base --config .../base.yaml --config .../base_vpred_steps.yaml (reads the shipped tiny
+             CLIP; v-prediction, bfloat16, 4,000 steps; sampled with eta 1)
   ship-base  the EMA base, stored fp16, becomes sg2img/assets/shapes-base.safetensors (`--model embedded`)
   image-cls  sg2img fit ... image_cls.yaml [quick]: IP-Adapter's image branch (4 tokens) on the new base
   image-patch sg2img fit ... image_patch.yaml [quick]: the Plus variant (Resampler over patch tokens)
@@ -71,7 +72,7 @@ STAGES = (
 )
 TRAINING = {  # stage -> (configs, run name, base model?); [quick] is added to the adapters
     "clip": (["clip"], "clip", "clip"),
-    "base": (["base"], "base", "base"),
+    "base": (["base", "base_vpred_steps"], "base", "base"),  # v-prediction, bfloat16, 4,000 steps, eta 1
     "image-cls": (["graph_decoupled", "image_cls"], "image_cls", None),
     "image-patch": (["graph_decoupled", "image_patch"], "image_patch", None),
     "image-cls-text-dropout": (

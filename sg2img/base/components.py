@@ -168,6 +168,8 @@ class Preset:
     image_encoder: VisionTowerSpec
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(SD15_DDIM))
     resampler: dict[str, Any] = field(default_factory=dict)  # IP-Adapter Plus overrides
+    # DDIM's eta this base is sampled with unless a call says otherwise (its recipe's; 0: deterministic)
+    eta: float = 0.0
 
     def adapter_config(self, image_tokens: str = "cls") -> IPAdapterConfig:
         return IPAdapterConfig(
@@ -205,6 +207,7 @@ class Components:
     tokenizer: Any
     scheduler: DDIMScheduler
     image_encoder: TransformersImageEncoder | OpenClipImageEncoder | None = None
+    eta: float = 0.0  # the sampler's default DDIM eta (a base file's ``Preset.eta``; 0 for every other model)
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """Arguments for ``diffusers.StableDiffusionPipeline(...)``."""
@@ -249,6 +252,7 @@ def build_components(
         tokenizer=clip_tokenizer(),
         scheduler=DDIMScheduler(**p.scheduler),
         image_encoder=image_encoder,
+        eta=p.eta,
     )
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,7 +49,7 @@ class ShapesEvaluation(ModelSource):
         boxes: what the graph branch sees: ``none`` (the relations; a layout head places the objects) or
             ``given`` (the graphs' true boxes too: the oracle layout).
         sg_scale / image_scale / steps / guidance / eta / seed / batch_size / device / dtype: sampling (eta:
-            DDIM's, 0 the deterministic sampler).
+            DDIM's, 0 the deterministic sampler; None: the base's own, see ``GenerateSettings``).
         guidance_interval: guidance only at timesteps lo <= t <= hi (None: at every step).
         out / save_images: where the record, images and sheets go; every image or the first 16.
         config: the settings files the command read (recorded; flags after them won).
@@ -67,7 +67,7 @@ class ShapesEvaluation(ModelSource):
     image_scale: float = 1.0
     steps: int = 25
     guidance: float = 5.0
-    eta: float = 0.0
+    eta: float | None = None
     guidance_interval: tuple[int, int] | None = None
     seed: int = 0
     batch_size: int = 50
@@ -100,7 +100,7 @@ class CocoEvaluation(ModelSource):
     prompt: Literal["empty", "caption"] = "empty"
     steps: int = 50
     guidance: float = 7.5
-    eta: float = 0.0
+    eta: float | None = None
     guidance_interval: tuple[int, int] | None = None
     image_scale: float = 1.0
     seed: int = 0
@@ -169,6 +169,7 @@ def run_shapes(settings: ShapesEvaluation) -> dict[str, Any]:
     refs, not_renderable = reference_images(graphs)
     device, dtype = _device_and_dtype(settings.device, settings.dtype)
     pipe, info = build_pipeline(settings, device, dtype)
+    settings = replace(settings, eta=pipe.eta_for(settings.eta))  # recorded as sampled
     pipe.set_progress_bar_config(disable=True)
     use_graph = pipe.sg_adapter is not None and pipe.sg_adapter.config.graph_branch
     has_image = pipe.sg_adapter is not None and pipe.sg_adapter.config.image_branch
@@ -381,6 +382,7 @@ def run_coco(settings: CocoEvaluation) -> dict[str, Any]:
     load_clip(settings.clip, settings.clip_pretrained)  # fail on a bad CLIP before hours of generation
     device, dtype = _device_and_dtype(settings.device, settings.dtype)
     pipe, info = build_pipeline(settings, device, dtype)
+    settings = replace(settings, eta=pipe.eta_for(settings.eta))  # recorded as sampled
     pipe.set_progress_bar_config(disable=True)
     has_image = pipe.sg_adapter is not None and pipe.sg_adapter.config.image_branch
     out = Path(settings.out)

@@ -12,7 +12,7 @@ import hashlib
 import json
 import platform
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,8 @@ class GenerateSettings(ModelSource):
         prompt / negative_prompt: the text prompts (None: the empty prompt).
         image: an image prompt (needs an adapter with an image branch).
         steps / guidance / eta: DDIM steps, the classifier-free guidance scale, and DDIM's eta (0: the
-            deterministic sampler; 1: as much fresh noise per step as DDPM's ancestral sampler).
+            deterministic sampler; 1: as much fresh noise per step as DDPM's ancestral sampler; None: the
+            base's own, which a base file records and is 0 for every other model).
         guidance_interval: guidance only at timesteps lo <= t <= hi (None: at every step).
         image_scale / sg_scale: the image and scene-graph branches' weights.
         seed: image k of graph i uses seed + i * num_images + k.
@@ -84,7 +85,7 @@ class GenerateSettings(ModelSource):
     image: Path | None = None
     steps: int = 50
     guidance: float = 7.5
-    eta: float = 0.0
+    eta: float | None = None
     guidance_interval: tuple[int, int] | None = None
     image_scale: float = 1.0
     sg_scale: float = 1.0
@@ -114,7 +115,7 @@ def check_sampling(settings: Any, counts: tuple[str, ...] = ("steps", "num_image
     for name in counts:
         if getattr(settings, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
-    if not 0.0 <= settings.eta <= 1.0:
+    if settings.eta is not None and not 0.0 <= settings.eta <= 1.0:
         raise ValueError(
             f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's noise), got {settings.eta}"
         )
@@ -259,6 +260,7 @@ def run_generate(settings: GenerateSettings) -> dict[str, Any]:
     device, dtype = _device_and_dtype(settings.device, settings.dtype)
     quiet_loading()
     pipe, model_info = build_pipeline(settings, device, dtype)
+    settings = replace(settings, eta=pipe.eta_for(settings.eta))  # recorded as sampled
     adapter = pipe.sg_adapter
     branches = (
         ("--graph", settings.graph, "graph_branch", "a graph"),

@@ -158,6 +158,7 @@ class SceneGraphPipelineMixin:
     sg_adapter: SceneGraphAdapter | None = None
     clip: ImageEncoder | None = None  # the CLIP vision tower with its preprocessing
     label_embedder: LabelEmbedder | None = None
+    default_eta: float = 0.0  # DDIM's eta when a call passes none (the base's own, see ``Components.eta``)
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
@@ -226,7 +227,12 @@ class SceneGraphPipelineMixin:
         pipe.scheduler = type(scheduler).from_config(scheduler.config)
         if parts.image_encoder is not None:
             pipe.clip = parts.image_encoder
+        pipe.default_eta = parts.eta
         return pipe
+
+    def eta_for(self, eta: float | None) -> float:
+        """The DDIM eta a call with ``eta`` samples with: its own, else the base's (``default_eta``)."""
+        return self.default_eta if eta is None else eta
 
     # --- the adapter ----------------------------------------------------------------------------
     def load_sg_adapter(self, path: str | Path, image_encoder: str | None = None) -> SceneGraphAdapter:
@@ -358,6 +364,7 @@ class SceneGraphPipelineMixin:
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
         guidance_interval: tuple[int, int] | None = None,
+        eta: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_images_per_prompt: int = 1,
         height: int | None = None,
@@ -371,8 +378,9 @@ class SceneGraphPipelineMixin:
         per-block dict as in ``set_ip_adapter_scale``). ``attention_maps=True`` also returns, per image,
         the graph branch's attention to each graph token. ``guidance_interval=(lo, hi)``: guidance only at
         timesteps lo <= t <= hi (of the schedule's training steps), the conditional prediction elsewhere.
+        ``eta``: DDIM's per-step noise (0 deterministic, 1 DDPM's); None: the base's own (``eta_for``).
         Other keyword arguments go to the parent call
-        (``eta``, ``latents``, ``guidance_rescale``, ``output_type``; ControlNet's ``image``, ...)."""
+        (``latents``, ``guidance_rescale``, ``output_type``; ControlNet's ``image``, ...)."""
         if kwargs.pop("ip_adapter_image_embeds", None) is not None:
             raise ValueError("pass ip_adapter_image; precomputed ip_adapter_image_embeds are not supported")
         if "prompt_embeds" in kwargs:
@@ -464,6 +472,7 @@ class SceneGraphPipelineMixin:
             negative_prompt_embeds=hidden[: batch * n][::n] if do_cfg else None,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
+            eta=self.eta_for(eta),
             generator=generator,
             num_images_per_prompt=n,
             height=height,

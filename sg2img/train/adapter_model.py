@@ -142,7 +142,7 @@ class AdapterModel(torch.nn.Module):
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.image_encoder, self.tokenizer = parts.image_encoder, parts.tokenizer
         self.noise_scheduler = DDPMScheduler.from_config(parts.scheduler.config)
-        self.sample_scheduler_config = parts.scheduler.config
+        self.sample_scheduler_config, self.sample_eta = parts.scheduler.config, parts.eta
         width = self.unet.config.cross_attention_dim
         spec = self.image_encoder.spec if self.image_encoder is not None else None
         image = IPAdapterConfig(  # without an image encoder (no image branch) the widths are placeholders
@@ -433,6 +433,7 @@ class AdapterModel(torch.nn.Module):
         )
         pipe.set_sg_adapter(self.adapter, image_encoder=encoder, labels=self.labels, cast=False)
         pipe.set_progress_bar_config(disable=True)
+        pipe.default_eta = self.sample_eta
         return pipe
 
     @torch.no_grad()

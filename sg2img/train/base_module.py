@@ -54,6 +54,8 @@ class BaseModelModule(TrainingSteps):
         scheduler: noise-schedule entries that replace the preset's (``prediction_type: v_prediction``,
             ``timestep_spacing: trailing``, ``rescale_betas_zero_snr``, ...); training and every later
             stage read them from the base file.
+        eta: DDIM's eta the base file records as its sampling default (``Preset.eta``): every drawing
+            command and the training sample grids use it unless told otherwise (None: the preset's, 0).
         clip: a tiny-CLIP file (``sg2img fit-clip``; ``embedded``: the shipped one) whose towers become the
             base's text encoder (frozen, read as SD reads CLIP) and image encoder, in place of the preset's
             random ones.
@@ -76,6 +78,7 @@ class BaseModelModule(TrainingSteps):
         preset: str = "shapes",
         unet: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
+        eta: float | None = None,
         clip: str | None = None,
         init: str | None = None,
         caption_dropout: float = 0.1,
@@ -109,6 +112,12 @@ class BaseModelModule(TrainingSteps):
                     f"model.scheduler.prediction_type must be epsilon, v_prediction or sample, got {kind!r}"
                 )
             self.preset = dataclasses.replace(self.preset, scheduler={**self.preset.scheduler, **scheduler})
+        if eta is not None:
+            if not 0.0 <= eta <= 1.0:
+                raise ValueError(
+                    f"model.eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's noise), got {eta}"
+                )
+            self.preset = dataclasses.replace(self.preset, eta=float(eta))
         self.caption_dropout, self.lr, self.weight_decay = caption_dropout, lr, weight_decay
         if text_lr is not None and text_lr <= 0:
             raise ValueError(
@@ -182,6 +191,7 @@ class BaseModelModule(TrainingSteps):
             tokenizer=self.tokenizer,
             scheduler=DDIMScheduler.from_config(self.sample_scheduler_config),
             image_encoder=self.image_encoder,
+            eta=self.preset.eta,
         )
 
     def export_base(self, path: str | Path) -> Path:
