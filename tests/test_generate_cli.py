@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors import safe_open
 
 import sg2img.infer.generate
-from sg2img.base.components import save_tiny_model
+from sg2img.base.components import EMBEDDED_BASE_FILE, base_file_preset, save_tiny_model
 from sg2img.base.single_file import export_single_file
 from sg2img.cli import main
 from sg2img.shapes.demo import reference_image
@@ -37,7 +37,8 @@ def test_embedded_default_writes_images_sheets_and_the_record(default_run):
     ]  # fmt: skip
     record = json.loads((default_run / "generate.json").read_text())
     assert record["settings"]["steps"] == 2 and record["settings"]["guidance"] == 7.5
-    assert record["settings"]["eta"] == 0.0  # deterministic DDIM unless asked
+    # without --eta the base's own is used and recorded: the embedded base records eta 1 in its file
+    assert record["settings"]["eta"] == base_file_preset(EMBEDDED_BASE_FILE).eta == 1.0
     assert record["model"].startswith("embedded default")
     assert record["adapter"].endswith("shapes-adapter.safetensors") and record["adapter_sha256"]
     assert [i["seed"] for o in record["outputs"] for i in o["images"]] == [0, 1, 2, 3]

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from sg2img.train.core import diffusion_target
+
 TIMESTEPS = (50, 200, 400, 600, 800, 950)
 CONDITIONS = ("true", "other", "none")
 
@@ -78,9 +80,10 @@ def graph_use(run: Path, batches: int) -> dict[int, dict[str, float]]:
         for t in TIMESTEPS:
             steps = torch.full((n,), t)
             noisy = module.model.noise_scheduler.add_noise(x0, noise, steps)
+            target = diffusion_target(module.model.noise_scheduler, x0, noise, steps)  # the noise, or v
             for name, b, d in (("true", batch, drops), ("other", swapped, drops), ("none", batch, no_graph)):
                 pred = module.model.unet(noisy, steps, **module.model.condition(b, d)).sample
-                sums[t][name] += F.mse_loss(pred.float(), noise.float()).item() / batches
+                sums[t][name] += F.mse_loss(pred.float(), target.float()).item() / batches
     return sums
 
 

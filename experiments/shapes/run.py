@@ -127,10 +127,20 @@ ROWS = (  # name, record, adapter run (None: the base alone), text prompt, image
      "relations", "none", INDEPENDENT),
 )  # fmt: skip
 # Rows whose model no longer ships: their records stay in the table (not re-evaluated), with what they were.
+# base-v2: the base shipped before the v-prediction one (base.yaml alone at commit c71465d: epsilon, float32,
+# 3,200 steps, sampled at eta 0), and the adapters trained on it; their records were renamed base-v2-<row>.
+BASE_V2 = "base v2 (epsilon, 3,200 steps, eta 0; shipped until commit c71465d)"
+BASE_V2_ROWS = (
+    "base-objects", "base-relations", "image_cls-none", "image_cls-objects", "image_cls_text_dropout-none",
+    "image_cls_text_dropout-objects", "graph_layout", "graph_layout-oracle", "graph_layout-independent",
+    "graph_identity", "graph_identity-oracle", "graph_identity-independent", "base-relations-independent",
+)  # fmt: skip
 ARCHIVED = (
-    ("previous base (frozen tiny-CLIP text tower, 8 heads, 4,500 steps; base.yaml at commit d2538dd), objects "
+    ("base v1 (frozen tiny-CLIP text tower, 8 heads, 4,500 steps; base.yaml at commit d2538dd), objects "
      "in the caption", "base-v1-objects", "objects", "none"),
-    ("previous base, relations in the caption", "base-v1-relations", "relations", "none"),
+    ("base v1, relations in the caption", "base-v1-relations", "relations", "none"),
+    *((f"{BASE_V2}: {label}", f"base-v2-{name}", prompt, image)
+      for label, name, _, prompt, image, _ in ROWS if name in BASE_V2_ROWS),
 )  # fmt: skip
 RECORDS = ROOT / "experiments" / "results" / "shapes"
 
