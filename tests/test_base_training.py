@@ -153,10 +153,11 @@ def test_the_embedded_base_is_a_shipped_trained_base_file():
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     t = torch.full((8,), 500)
     from sg2img.base.components import ddpm_scheduler
+    from sg2img.train.core import diffusion_target
 
     schedule = ddpm_scheduler(base_file_preset(EMBEDDED_BASE_FILE))
     noisy = schedule.add_noise(x0, noise, t)
-    target = noise if schedule.config.prediction_type == "epsilon" else schedule.get_velocity(x0, noise, t)
+    target = diffusion_target(schedule, x0, noise, t)
     with torch.no_grad():
         text = parts.text_encoder(input_ids=ids.input_ids)[0]
         trained = (parts.unet(noisy, t, text).sample - target).square().mean()
