@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from diffusers.training_utils import EMAModel
 from PIL import Image
 
@@ -42,6 +43,10 @@ log = logging.getLogger(__name__)
 
 
 BASE_OBJECTIVE = ObjectiveSettings(loss_weighting="min_snr", snr_gamma=5.0)
+# model.attention -> the diffusers attention processor the UNet trains with, and the transformers attention
+# implementation of a text encoder that trains with it
+ATTENTION_KERNELS = {"sdpa": AttnProcessor2_0, "matmul": AttnProcessor}
+TEXT_ATTENTION = {"sdpa": "sdpa", "matmul": "eager"}
 
 
 class BaseModelModule(TrainingSteps):
@@ -71,6 +76,13 @@ class BaseModelModule(TrainingSteps):
             epsilon, which stops the easy low-noise steps from dominating; ``inv_snr`` weighs high noise,
             where the number and places of the objects are decided, more; ``none`` is the plain MSE.
         seed: seeds the weights and every random draw of training (noise, timesteps, dropout).
+        attention: how the UNet's attention layers compute while training. ``sdpa``: diffusers' default
+            (``AttnProcessor2_0``, torch's scaled_dot_product_attention); ``matmul``: diffusers'
+            ``AttnProcessor`` (scores by ``baddbmm``, softmax, ``bmm``), and a text encoder trained with
+            it (``text_lr``) attends ``eager`` instead of ``sdpa``: the same function with other kernels,
+            whose backward pass runs the shapes UNet's bfloat16 training step 1.35x as fast on a CPU
+            (``experiments/bench/base_train_step.py``). Training only: the base file holds weights, and
+            every later stage attends with its own kernels.
     """
 
     def __init__(
@@ -89,8 +101,12 @@ class BaseModelModule(TrainingSteps):
         objective: ObjectiveSettings = BASE_OBJECTIVE,
         text_lr: float | None = None,
         seed: int = 0,
+        attention: str = "sdpa",
     ):
         super().__init__(seed)
+        if attention not in ATTENTION_KERNELS:
+            raise ValueError(f"model.attention must be one of {sorted(ATTENTION_KERNELS)}, got {attention!r}")
+        self.attention = attention
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
         if not 0.0 <= ema_decay < 1.0:
@@ -151,6 +167,9 @@ class BaseModelModule(TrainingSteps):
             text, vision = transformers_towers(self.clip)
             parts.text_encoder, parts.image_encoder = text, TransformersImageEncoder(vision)
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
+        self.unet.set_attn_processor(ATTENTION_KERNELS[self.attention]())
+        if self.text_lr is not None:
+            self.text_encoder.set_attn_implementation(TEXT_ATTENTION[self.attention])
         self.image_encoder, self.tokenizer = parts.image_encoder, parts.tokenizer
         self.noise_scheduler = ddpm_scheduler(self.preset)
         self.sample_scheduler_config = parts.scheduler.config

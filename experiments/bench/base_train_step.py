@@ -1,0 +1,87 @@
+"""The shapes base's training step under each attention kernel (``fit-base``'s ``model.attention``).
+
+    python experiments/bench/base_train_step.py          # batch 32, as configs/experiments/shapes/base.yaml
+
+The shapes preset's UNet (random weights, 32 px, cross-attention to 77 text tokens), one AdamW step on the
+same batch per call: forward under bfloat16 autocast (the shipped base's ``trainer.precision: bf16-mixed``)
+or in float32, the MSE's backward, the optimiser step. Variants:
+  sdpa, bfloat16      diffusers' AttnProcessor2_0 (torch's scaled_dot_product_attention): the baseline
+  matmul, bfloat16    diffusers' AttnProcessor (baddbmm, softmax, bmm)
+  sdpa, float32
+  matmul, float32
+Each variant has its own copy of the same weights and optimiser. Runs alternate, the order rotating, after
+a warm-up; medians, and ratios to the baseline. Writes experiments/results/bench/base_train_step-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import alternate, device_record, summarise, table, write
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    from sg2img.base.components import build_components
+    from sg2img.train.base_module import ATTENTION_KERNELS
+
+    device = torch.device("cpu")
+    unet = build_components("shapes", seed=0).unet.train().requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+    b, side = args.batch, unet.config.sample_size
+    x = torch.randn(b, unet.config.in_channels, side, side, generator=g)
+    t = torch.randint(0, 1000, (b,), generator=g)
+    text = torch.randn(b, 77, unet.config.cross_attention_dim, generator=g)
+
+    def variant(kernel: str, bf16: bool):
+        u = copy.deepcopy(unet)
+        u.set_attn_processor(ATTENTION_KERNELS[kernel]())
+        opt = torch.optim.AdamW(u.parameters(), lr=1e-4)
+
+        def step() -> None:
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+            with autocast:
+                out = u(x, t, text).sample
+            out.float().pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step
+
+    variants = {
+        "sdpa, bfloat16": variant("sdpa", True),
+        "matmul, bfloat16": variant("matmul", True),
+        "sdpa, float32": variant("sdpa", False),
+        "matmul, float32": variant("matmul", False),
+    }
+    times = alternate(variants, device, args.repeats, args.warmup)
+    stats = summarise(times, "sdpa, bfloat16")
+    rows = [
+        [name, f"{s['median_s']:.3f}", f"{b / s['median_s']:.1f}", f"{s['ratio']:.2f}"]
+        for name, s in stats.items()
+    ]
+    print(table(rows, ["variant", "s/step (median)", "samples/s", "ratio to sdpa, bfloat16"]))
+    record = {
+        "setting": {"preset": "shapes", "batch": b, "repeats": args.repeats, "warmup": args.warmup},
+        **device_record(device),
+        "results": stats,
+    }
+    print("wrote", write("base_train_step-cpu", record, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
