@@ -262,6 +262,36 @@ def test_each_loss_weighting_changes_the_loss_and_bad_settings_fail():
             bad()
 
 
+def test_the_matmul_attention_kernel_trains_the_same_function_as_sdpa():
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    from sg2img.data.rows import collate
+
+    ref, fast = small_base(text_lr=1e-3), small_base(text_lr=1e-3, attention="matmul")
+    fast.load_state_dict(ref.state_dict())  # the UNet and the text encoder: both train
+    assert {type(p) for p in ref.unet.attn_processors.values()} == {AttnProcessor2_0}
+    assert {type(p) for p in fast.unet.attn_processors.values()} == {AttnProcessor}
+    assert (ref.text_encoder.config._attn_implementation, fast.text_encoder.config._attn_implementation) == (
+        "sdpa",
+        "eager",
+    )
+    dm = shapes_data()
+    dm.resolution, dm.clip_size = 32, 32
+    batch = collate([dm.preprocess()(Shapes("train", num_rows=4).example(i)) for i in range(4)])
+    losses = [m.diffusion_loss(batch, m.step_generator(0)) for m in (ref, fast)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+    for loss in losses:
+        loss.backward()
+    for name in ("unet", "text_encoder"):
+        grads = [dict(getattr(m, name).named_parameters()) for m in (ref, fast)]
+        attention = [k for k in grads[0] if "attn" in k]
+        assert attention  # the kernels differ exactly where attention is computed
+        for k in attention:
+            torch.testing.assert_close(grads[1][k].grad, grads[0][k].grad, rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match=r"model\.attention must be one of"):
+        BaseModelModule(attention="flash")
+
+
 def test_a_scheduler_override_trains_v_prediction_and_the_base_file_keeps_it(tmp_path):
     from sg2img.train.core import noised
 
@@ -388,7 +418,8 @@ def test_a_patch_adapter_on_a_base_file_gets_the_resampler_its_preset_records(tm
       "model.objective.loss_weighting: expected one of 'none', 'min_snr', 'inv_snr'; got max_snr"),
      (["--model.scheduler", '{"prediction_type": "velocity"}'],
       "model.scheduler.prediction_type must be epsilon, v_prediction or sample, got 'velocity'"),
-     (["--model.eta", "1.5"], "model.eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's noise), got 1.5")],
+     (["--model.eta", "1.5"], "model.eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's noise), got 1.5"),
+     (["--model.attention", "flash"], "model.attention must be one of ['matmul', 'sdpa'], got 'flash'")],
 )  # fmt: skip
 def test_a_base_objective_mistake_is_one_line_and_writes_nothing(args, message, tmp_path):
     import os
