@@ -15,6 +15,7 @@ from sg2img.base.components import (
     save_tiny_model,
 )
 from sg2img.base.single_file import export_single_file
+from sg2img.errors import ConfigurationError
 from sg2img.graph import SceneGraph
 from sg2img.infer.pipeline import SG2ImgControlNetPipeline, SG2ImgPipeline
 from sg2img.model.adapter import SceneGraphAdapter, SGAdapterConfig
@@ -366,3 +367,22 @@ def test_the_pipeline_saves_its_adapter_beside_a_plain_diffusers_base_and_loads_
                      image_scale=0.7, sg_scale=0.9).images,
     )  # fmt: skip
     StableDiffusionPipeline.from_pretrained(tmp_path / "saved", safety_checker=None)
+
+
+def test_a_saved_folder_keeps_the_bases_sampler_eta_and_loads_with_it(files, tmp_path):
+    pipe = ours(files)
+    pipe.default_eta = 1.0  # as a base file recording its recipe's eta makes it
+    before = call(pipe, prompt="a sheep", scene_graph=GRAPH).images
+    assert not np.array_equal(before, call(pipe, prompt="a sheep", scene_graph=GRAPH, eta=0.0).images)
+    pipe.save_pretrained(tmp_path / "saved")
+    again = SG2ImgPipeline.from_pretrained(tmp_path / "saved", safety_checker=None)
+    again.set_progress_bar_config(disable=True)
+    assert again.default_eta == 1.0
+    np.testing.assert_array_equal(before, call(again, prompt="a sheep", scene_graph=GRAPH).images)
+    assert load_pipeline_parts(tmp_path / "saved").eta == 1.0  # the CLI's loader reads it too
+    assert SG2ImgPipeline.from_pretrained(files["base"], safety_checker=None).default_eta == 0.0  # no marker
+    (tmp_path / "saved" / "sg2img.json").write_text('{"eta": 2}')
+    with pytest.raises(
+        ConfigurationError, match=r"sg2img\.json: field 'eta' must be a number in \[0, 1\], got 2"
+    ):
+        load_pipeline_parts(tmp_path / "saved")

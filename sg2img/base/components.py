@@ -263,6 +263,33 @@ def ddpm_scheduler(preset: str | Preset = "tiny") -> DDPMScheduler:
     return DDPMScheduler(**{k: v for k, v in p.scheduler.items() if k in keys})
 
 
+FOLDER_MARKER = "sg2img.json"  # in a diffusers folder: what this package knows of it (origin preset, eta)
+
+
+def read_folder_marker(model_dir: str | Path) -> dict[str, Any]:
+    """The marker of a diffusers folder (``{}`` when it has none: a folder another tool wrote)."""
+    marker = Path(model_dir) / FOLDER_MARKER
+    if not marker.is_file():
+        return {}
+    try:
+        fields = json.loads(marker.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigurationError(f"{marker}: not JSON ({e})") from e
+    if not isinstance(fields, dict):
+        raise ConfigurationError(f"{marker}: expected a JSON object, got {type(fields).__name__}")
+    eta = fields.get("eta", 0.0)
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+        raise ConfigurationError(f"{marker}: field 'eta' must be a number in [0, 1], got {eta!r}")
+    return fields
+
+
+def write_folder_marker(model_dir: str | Path, **fields: Any) -> Path:
+    """Merge ``fields`` into the folder's marker (kept: what it already records)."""
+    marker = Path(model_dir) / FOLDER_MARKER
+    marker.write_text(json.dumps({**read_folder_marker(model_dir), **fields}, indent=2) + "\n")
+    return marker
+
+
 def save_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     """Write the tiny preset as a diffusers-format folder that ``StableDiffusionPipeline`` loads."""
     from diffusers import StableDiffusionPipeline
@@ -272,7 +299,7 @@ def save_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     pipe.save_pretrained(out, safe_serialization=True)
     # transformers 5 saves only tokenizer.json; SD folders also carry the BPE pair older readers need.
     write_clip_tokenizer_files(out / "tokenizer")
-    (out / "sg2img.json").write_text(json.dumps({"preset": "tiny", "seed": seed}, indent=2) + "\n")
+    write_folder_marker(out, preset="tiny", seed=seed)
     return out
 
 
@@ -421,8 +448,7 @@ def read_preset_from_folder(model_dir: str | Path) -> Preset:
         vision = VIT_H_14
     text_keys = set(CLIPTextConfig().to_dict())
     sched = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-    marker = root / "sg2img.json"  # written by save_tiny_model: which preset the folder came from
-    origin = json.loads(marker.read_text()).get("preset") if marker.is_file() else None
+    origin = read_folder_marker(root).get("preset")  # written by save_tiny_model: the folder's preset
     return Preset(
         name=str(root),
         unet=unet_cfg,
@@ -582,11 +608,13 @@ def load_pipeline_parts(
         tokenizer=pipe.tokenizer,
         scheduler=pipe.scheduler,
         image_encoder=encoder,
+        eta=float(read_folder_marker(path).get("eta", 0.0)) if path.is_dir() else 0.0,
     )
 
 
 __all__ = [
     "EMBEDDED",
+    "FOLDER_MARKER",
     "PRESETS",
     "Components",
     "ModelNotFoundError",
@@ -603,7 +631,9 @@ __all__ = [
     "load_image_encoder",
     "load_pipeline_parts",
     "read_base_file",
+    "read_folder_marker",
     "read_preset_from_folder",
     "save_base_file",
     "save_tiny_model",
+    "write_folder_marker",
 ]

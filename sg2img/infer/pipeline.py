@@ -37,7 +37,13 @@ from PIL import Image
 
 from ip_adapter import IMAGE_STREAM, ImageEncoder, ImageFeatures, Stream, TransformersImageEncoder
 from ip_adapter.attention import AttentionRecorder, Scale
-from sg2img.base.components import IP_ADAPTER_IMAGE_ENCODER, Components, load_image_encoder
+from sg2img.base.components import (
+    IP_ADAPTER_IMAGE_ENCODER,
+    Components,
+    load_image_encoder,
+    read_folder_marker,
+    write_folder_marker,
+)
 from sg2img.graph import SceneGraph
 from sg2img.graph_batch import graphs_to_batch
 from sg2img.model.adapter import SG_STREAM, SceneGraphAdapter
@@ -169,7 +175,10 @@ class SceneGraphPipelineMixin:
         if "scheduler" not in kwargs:
             pipe.use_ddim()
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-        saved = Path(str(source)) / ADAPTER_FOLDER / "adapter.safetensors" if source is not None else None
+        folder = Path(str(source)) if source is not None else None
+        if folder is not None and folder.is_dir():  # the sampler's eta its save_pretrained recorded
+            pipe.default_eta = float(read_folder_marker(folder).get("eta", 0.0))
+        saved = folder / ADAPTER_FOLDER / "adapter.safetensors" if folder is not None else None
         if saved is not None and saved.is_file():  # a folder this pipeline's save_pretrained wrote
             pipe.load_sg_adapter(saved)
         return pipe
@@ -177,7 +186,8 @@ class SceneGraphPipelineMixin:
     def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
         """diffusers' ``save_pretrained`` for the base, with the UNet saved as plain diffusers (the adapter's
         processors detached while it writes), and the adapter beside it as a ``save_pretrained`` folder,
-        ``sg_adapter/`` (not a pipeline component: stock diffusers reads the folder as a plain SD1.5)."""
+        ``sg_adapter/`` (not a pipeline component: stock diffusers reads the folder as a plain SD1.5). The
+        base's DDIM eta (``default_eta``) goes into the folder's ``sg2img.json``, where loading finds it."""
         adapter = self.sg_adapter
         if adapter is not None:
             adapter.detach(self.unet)
@@ -186,6 +196,7 @@ class SceneGraphPipelineMixin:
         finally:
             if adapter is not None:
                 adapter.attach(self.unet)
+        write_folder_marker(save_directory, eta=self.default_eta)
         if adapter is not None:
             adapter.save_pretrained(Path(save_directory) / ADAPTER_FOLDER, base=str(save_directory))
 
