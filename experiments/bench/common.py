@@ -29,7 +29,25 @@ def device_record(device: torch.device) -> dict[str, Any]:
     }
     if device.type == "cuda":
         rec["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        rec.update(cpu_features())
     return rec
+
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "avx_ne_convert")  # CPU instructions that compute in bfloat16
+
+
+def cpu_features() -> dict[str, Any]:
+    """The CPU's model name, torch's kernel level and its bfloat16 instructions (Linux ``/proc/cpuinfo``):
+    a bfloat16 figure depends on them, since without them oneDNN converts to float32 and back."""
+    out: dict[str, Any] = {"cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        lines = info.read_text().splitlines()
+        model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), None)
+        flags = next((set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith("flags")), set())
+        out.update(cpu_model=model, cpu_bf16_instructions=sorted(f for f in BF16_FLAGS if f in flags))
+    return out
 
 
 def sync(device: torch.device) -> None:
