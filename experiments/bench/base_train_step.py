@@ -9,6 +9,10 @@ or in float32, the MSE's backward, the optimiser step. Variants:
   matmul, bfloat16    diffusers' AttnProcessor (baddbmm, softmax, bmm)
   sdpa, float32
   matmul, float32
+  fit-base step, float32   the whole step of `fit-base`'s loss (BaseModelModule.diffusion_loss with the
+                           shipped recipe's settings: the tiny CLIP's text tower training with the UNet,
+                           v-prediction, Min-SNR weights, caption dropout), its backward and AdamW over
+                           both: what the UNet-only variants leave out
 Each variant has its own copy of the same weights and optimiser. Runs alternate, the order rotating, after
 a warm-up; medians, and ratios to the baseline. Writes experiments/results/bench/base_train_step-<device>.json.
 """
@@ -61,11 +65,36 @@ def main(argv: list[str] | None = None) -> int:
 
         return step
 
+    def fit_step():
+        from sg2img.data.rows import TrainBatch
+        from sg2img.train.base_module import BaseModelModule
+
+        module = BaseModelModule(
+            preset="shapes", clip="embedded", text_lr=3e-4, scheduler={"prediction_type": "v_prediction"}
+        )
+        module.configure_model()
+        module.train()
+        opt = torch.optim.AdamW(
+            [{"params": module.unet.parameters()}, {"params": module.text_encoder.parameters(), "lr": 3e-4}],
+            lr=1e-4,
+        )
+        ids = torch.randint(0, module.tokenizer.vocab_size, (b, 77), generator=g)
+        batch = TrainBatch(keys=[], captions=[], graphs=None, labels=[], pixels=x.clamp(-1, 1), input_ids=ids)
+        loss_generator = torch.Generator().manual_seed(0)
+
+        def step() -> None:
+            module.diffusion_loss(batch, loss_generator).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step
+
     variants = {
         "sdpa, bfloat16": variant("sdpa", True),
         "matmul, bfloat16": variant("matmul", True),
         "sdpa, float32": variant("sdpa", False),
         "matmul, float32": variant("matmul", False),
+        "fit-base step, float32": fit_step(),
     }
     times = alternate(variants, device, args.repeats, args.warmup)
     stats = summarise(times, "sdpa, bfloat16")
