@@ -74,10 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         module.configure_model()
         module.train()
-        opt = torch.optim.AdamW(
-            [{"params": module.unet.parameters()}, {"params": module.text_encoder.parameters(), "lr": 3e-4}],
-            lr=1e-4,
-        )
+        opt = module.configure_optimizers()["optimizer"]  # the trainer's own AdamW over UNet and text tower
         ids = torch.randint(0, module.tokenizer.vocab_size, (b, 77), generator=g)
         batch = TrainBatch(keys=[], captions=[], graphs=None, labels=[], pixels=x.clamp(-1, 1), input_ids=ids)
         loss_generator = torch.Generator().manual_seed(0)
