@@ -262,10 +262,21 @@ def test_each_loss_weighting_changes_the_loss_and_bad_settings_fail():
             bad()
 
 
+def same_loss_then_backward(ref: BaseModelModule, other: BaseModelModule) -> None:
+    """Both modules' loss on the same four rows, noise and timesteps: equal; then each one's backward."""
+    from sg2img.data.rows import collate
+
+    dm = shapes_data()
+    dm.resolution, dm.clip_size = 32, 32
+    batch = collate([dm.preprocess()(Shapes("train", num_rows=4).example(i)) for i in range(4)])
+    losses = [m.diffusion_loss(batch, m.step_generator(0)) for m in (ref, other)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+    for loss in losses:
+        loss.backward()
+
+
 def test_the_matmul_attention_kernel_trains_the_same_function_as_sdpa():
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-
-    from sg2img.data.rows import collate
 
     ref, fast = small_base(text_lr=1e-3), small_base(text_lr=1e-3, attention="matmul")
     fast.load_state_dict(ref.state_dict())  # the UNet and the text encoder: both train
@@ -275,13 +286,7 @@ def test_the_matmul_attention_kernel_trains_the_same_function_as_sdpa():
         "sdpa",
         "eager",
     )
-    dm = shapes_data()
-    dm.resolution, dm.clip_size = 32, 32
-    batch = collate([dm.preprocess()(Shapes("train", num_rows=4).example(i)) for i in range(4)])
-    losses = [m.diffusion_loss(batch, m.step_generator(0)) for m in (ref, fast)]
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
-    for loss in losses:
-        loss.backward()
+    same_loss_then_backward(ref, fast)
     for name in ("unet", "text_encoder"):
         grads = [dict(getattr(m, name).named_parameters()) for m in (ref, fast)]
         attention = [k for k in grads[0] if "attn" in k]
@@ -290,6 +295,31 @@ def test_the_matmul_attention_kernel_trains_the_same_function_as_sdpa():
             torch.testing.assert_close(grads[1][k].grad, grads[0][k].grad, rtol=1e-3, atol=1e-6)
     with pytest.raises(ValueError, match=r"model\.attention must be one of"):
         BaseModelModule(attention="flash")
+
+
+def test_channels_last_trains_the_same_function_and_exports_the_default_layout(tmp_path):
+    from safetensors.torch import load_file
+
+    ref, nhwc = small_base(), small_base(memory_format="channels_last")
+    nhwc.load_state_dict(ref.state_dict())
+    # 3x3 kernels (a 1x1 kernel's two layouts have the same strides)
+    convs = [n for n, w in nhwc.unet.named_parameters() if w.dim() == 4 and w.shape[-1] > 1]
+    assert convs and all(
+        dict(nhwc.unet.named_parameters())[n].is_contiguous(memory_format=torch.channels_last)
+        and not dict(ref.unet.named_parameters())[n].is_contiguous(memory_format=torch.channels_last)
+        for n in convs
+    )
+    same_loss_then_backward(ref, nhwc)
+    grads = [dict(m.unet.named_parameters()) for m in (ref, nhwc)]
+    for k in convs:
+        torch.testing.assert_close(grads[1][k].grad, grads[0][k].grad, rtol=1e-3, atol=1e-6)
+    # the base file holds plain (contiguous) weights, equal to the default layout's export
+    exported = [load_file(m.export_base(tmp_path / f"{i}.safetensors")) for i, m in enumerate((ref, nhwc))]
+    assert exported[0].keys() == exported[1].keys()
+    for k, v in exported[1].items():
+        assert v.is_contiguous() and torch.equal(v, exported[0][k]), k
+    with pytest.raises(ValueError, match=r"model\.memory_format must be one of"):
+        BaseModelModule(memory_format="nhwc")
 
 
 def test_a_scheduler_override_trains_v_prediction_and_the_base_file_keeps_it(tmp_path):
@@ -419,7 +449,9 @@ def test_a_patch_adapter_on_a_base_file_gets_the_resampler_its_preset_records(tm
      (["--model.scheduler", '{"prediction_type": "velocity"}'],
       "model.scheduler.prediction_type must be epsilon, v_prediction or sample, got 'velocity'"),
      (["--model.eta", "1.5"], "model.eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's noise), got 1.5"),
-     (["--model.attention", "flash"], "model.attention must be one of ['matmul', 'sdpa'], got 'flash'")],
+     (["--model.attention", "flash"], "model.attention must be one of ['matmul', 'sdpa'], got 'flash'"),
+     (["--model.memory_format", "nhwc"],
+      "model.memory_format must be one of ['channels_last', 'contiguous'], got 'nhwc'")],
 )  # fmt: skip
 def test_a_base_objective_mistake_is_one_line_and_writes_nothing(args, message, tmp_path):
     import os

@@ -47,6 +47,8 @@ BASE_OBJECTIVE = ObjectiveSettings(loss_weighting="min_snr", snr_gamma=5.0)
 # implementation of a text encoder that trains with it
 ATTENTION_KERNELS = {"sdpa": AttnProcessor2_0, "matmul": AttnProcessor}
 TEXT_ATTENTION = {"sdpa": "sdpa", "matmul": "eager"}
+# model.memory_format -> how the UNet's weights and inputs are laid out while training
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 class BaseModelModule(TrainingSteps):
@@ -83,6 +85,10 @@ class BaseModelModule(TrainingSteps):
             whose backward pass runs the shapes UNet's bfloat16 training step 1.35x as fast on a CPU
             (``experiments/bench/base_train_step.py``). Training only: the base file holds weights, and
             every later stage attends with its own kernels.
+        memory_format: how the UNet's weights and noisy inputs are laid out while training.
+            ``contiguous``: torch's default (NCHW); ``channels_last``: NHWC, the layout oneDNN's CPU
+            convolutions prefer (``experiments/bench/base_train_step.py`` measures the step both ways). The
+            same function; training only: the base file's weights are stored in the default layout.
     """
 
     def __init__(
@@ -102,11 +108,16 @@ class BaseModelModule(TrainingSteps):
         text_lr: float | None = None,
         seed: int = 0,
         attention: str = "sdpa",
+        memory_format: str = "contiguous",
     ):
         super().__init__(seed)
         if attention not in ATTENTION_KERNELS:
             raise ValueError(f"model.attention must be one of {sorted(ATTENTION_KERNELS)}, got {attention!r}")
-        self.attention = attention
+        if memory_format not in MEMORY_FORMATS:
+            raise ValueError(
+                f"model.memory_format must be one of {sorted(MEMORY_FORMATS)}, got {memory_format!r}"
+            )
+        self.attention, self.memory_format = attention, MEMORY_FORMATS[memory_format]
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
         if not 0.0 <= ema_decay < 1.0:
@@ -168,6 +179,7 @@ class BaseModelModule(TrainingSteps):
             parts.text_encoder, parts.image_encoder = text, TransformersImageEncoder(vision)
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.unet.set_attn_processor(ATTENTION_KERNELS[self.attention]())
+        self.unet.to(memory_format=self.memory_format)
         if self.text_lr is not None:
             self.text_encoder.set_attn_implementation(TEXT_ATTENTION[self.attention])
         self.image_encoder, self.tokenizer = parts.image_encoder, parts.tokenizer
@@ -200,7 +212,10 @@ class BaseModelModule(TrainingSteps):
         import copy
 
         self.configure_model()
-        copies = {k: copy.deepcopy(m).eval().requires_grad_(False) for k, m in self.trained_modules().items()}
+        copies = {
+            k: copy.deepcopy(m).eval().requires_grad_(False).to(memory_format=torch.contiguous_format)
+            for k, m in self.trained_modules().items()
+        }
         if ema and self.ema is not None:
             self.ema.copy_to(self._trained_parameters(copies))
         return Components(
@@ -275,6 +290,7 @@ class BaseModelModule(TrainingSteps):
         o = self.objective
         noisy, t, target = noised(self.noise_scheduler, x0, generator, o.shift())
         drop = torch.rand(x0.shape[0], generator=generator, device=self.device) < self.caption_dropout
+        noisy = noisy.contiguous(memory_format=self.memory_format)
         pred = self.unet(noisy, t, self._text(batch.input_ids, drop)).sample
         return weighted_mse(
             pred, target, snr_loss_weights(self.noise_scheduler, t, o.loss_weighting, o.snr_gamma)
