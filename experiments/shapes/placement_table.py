@@ -30,10 +30,15 @@ ROWS = (  # label, evaluation record, layout record (both under RECORDS)
      "base-v2-graph_identity-oracle-layout"),
     ("layout + identity, 1,000 steps, independent graphs (base v2)", "base-v2-graph_identity-independent",
      "base-v2-graph_identity-independent-layout"),
-    ("layout + identity, 1,000 steps (base v3, shipped)", "graph_identity", "graph_identity-layout"),
-    ("layout + identity, 1,000 steps, boxes given (base v3)", "graph_identity-oracle",
+    ("layout + identity, 1,000 steps (base v3)", "base-v3-graph_identity", "base-v3-graph_identity-layout"),
+    ("layout + identity, 1,000 steps, boxes given (base v3)", "base-v3-graph_identity-oracle",
+     "base-v3-graph_identity-oracle-layout"),
+    ("layout + identity, 1,000 steps, independent graphs (base v3)", "base-v3-graph_identity-independent",
+     "base-v3-graph_identity-independent-layout"),
+    ("layout + identity, 1,000 steps (base v4, shipped)", "graph_identity", "graph_identity-layout"),
+    ("layout + identity, 1,000 steps, boxes given (base v4)", "graph_identity-oracle",
      "graph_identity-oracle-layout"),
-    ("layout + identity, 1,000 steps, independent graphs (base v3)", "graph_identity-independent",
+    ("layout + identity, 1,000 steps, independent graphs (base v4)", "graph_identity-independent",
      "graph_identity-independent-layout"),
 )  # fmt: skip
 

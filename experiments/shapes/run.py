@@ -9,8 +9,9 @@ Stages (each prints the command it runs and records its wall-clock time):
   clip-eval  held-out retrieval of the tiny CLIP: image -> its caption vs one differing only in a binding
              or a relation (experiments/shapes/clip_retrieval.py)
   ship-clip  the tiny CLIP, stored fp16, becomes sg2img/assets/shapes-clip.safetensors (`clip: embedded`)
-  base       sg2img fit-base --config .../base.yaml --config .../base_vpred_steps.yaml (reads the shipped tiny
-             CLIP; v-prediction, bfloat16, 4,000 steps; sampled with eta 1)
+  base       sg2img fit-base --config .../base.yaml --config .../base_vpred_steps.yaml --config .../base_matmul.yaml
+             --config .../base_fp32.yaml (reads the shipped tiny CLIP; v-prediction, float32, 4,500 steps;
+             sampled with eta 1)
   ship-base  the EMA base, stored fp16, becomes sg2img/assets/shapes-base.safetensors (`--model embedded`)
   image-cls  sg2img fit ... image_cls.yaml [quick]: IP-Adapter's image branch (4 tokens) on the new base
   image-patch sg2img fit ... image_patch.yaml [quick]: the Plus variant (Resampler over patch tokens)
@@ -72,7 +73,8 @@ STAGES = (
 )
 TRAINING = {  # stage -> (configs, run name, base model?); [quick] is added to the adapters
     "clip": (["clip"], "clip", "clip"),
-    "base": (["base", "base_vpred_steps"], "base", "base"),  # v-prediction, bfloat16, 4,000 steps, eta 1
+    # base v4: v-prediction, float32, 4,500 steps, eta 1 (base_fp32.yaml's section of experiments/results/shapes.md)
+    "base": (["base", "base_vpred_steps", "base_matmul", "base_fp32"], "base", "base"),
     "image-cls": (["graph_decoupled", "image_cls"], "image_cls", None),
     "image-patch": (["graph_decoupled", "image_patch"], "image_patch", None),
     "image-cls-text-dropout": (
@@ -135,12 +137,21 @@ BASE_V2_ROWS = (
     "image_cls_text_dropout-objects", "graph_layout", "graph_layout-oracle", "graph_layout-independent",
     "graph_identity", "graph_identity-oracle", "graph_identity-independent", "base-relations-independent",
 )  # fmt: skip
+# base-v3: v-prediction, bfloat16, 4,000 steps (base.yaml + base_vpred_steps.yaml), eta 1, and the adapter
+# trained on it; shipped until base v4 (the same recipe in float32 for 4,500 steps) replaced it.
+BASE_V3 = "base v3 (v-prediction, bfloat16, 4,000 steps, eta 1; shipped until base v4)"
+BASE_V3_ROWS = (
+    "base-objects", "base-relations", "graph_identity", "graph_identity-oracle", "graph_identity-independent",
+    "base-relations-independent",
+)  # fmt: skip
 ARCHIVED = (
     ("base v1 (frozen tiny-CLIP text tower, 8 heads, 4,500 steps; base.yaml at commit d2538dd), objects "
      "in the caption", "base-v1-objects", "objects", "none"),
     ("base v1, relations in the caption", "base-v1-relations", "relations", "none"),
     *((f"{BASE_V2}: {label}", f"base-v2-{name}", prompt, image)
       for label, name, _, prompt, image, _ in ROWS if name in BASE_V2_ROWS),
+    *((f"{BASE_V3}: {label}", f"base-v3-{name}", prompt, image)
+      for label, name, _, prompt, image, _ in ROWS if name in BASE_V3_ROWS),
 )  # fmt: skip
 RECORDS = ROOT / "experiments" / "results" / "shapes"
 
