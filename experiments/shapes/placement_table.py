@@ -14,32 +14,29 @@ import json
 from pathlib import Path
 
 RECORDS = Path(__file__).resolve().parents[2] / "experiments" / "results" / "shapes"
+
+
+def evaluated(adapter: str, steps: str, run: str, base: str, shipped: bool = False) -> tuple:
+    """The three 500-graph rows of one adapter run (test split, boxes given, independent graphs). A base no
+    longer shipped has its records renamed ``base-<version>-<row>``; the shipped one's keep the row's name."""
+    prefix = "" if shipped else f"base-{base}-"
+    return tuple(
+        (f"{adapter}, {steps} steps{kind} (base {base}{', shipped' if shipped and not kind else ''})",
+         f"{prefix}{run}{suffix}", f"{prefix}{run}{suffix}-layout")
+        for kind, suffix in (("", ""), (", boxes given", "-oracle"), (", independent graphs", "-independent"))
+    )  # fmt: skip
+
+
 ROWS = (  # label, evaluation record, layout record (both under RECORDS)
     ("layout adapter, 1,000 steps (200 test graphs)", "screen/layout", "screen/layout-layout"),
     ("layout + identity, 1,000 steps (200 test graphs)", "screen/identity", "screen/identity-layout"),
     ("identity, object tokens not confined, 1,000 steps (200)", "screen/no-confine", "screen/no-confine-layout"),
     ("identity, uniform timesteps, 1,000 steps (200)", "screen/uniform-t", "screen/uniform-t-layout"),
     ("identity, concat injection, 1,000 steps (200)", "screen/concat", "screen/concat-layout"),
-    ("layout adapter, 3,000 steps (base v2)", "base-v2-graph_layout", "base-v2-graph_layout-layout"),
-    ("layout adapter, 3,000 steps, boxes given (base v2)", "base-v2-graph_layout-oracle",
-     "base-v2-graph_layout-oracle-layout"),
-    ("layout adapter, 3,000 steps, independent graphs (base v2)", "base-v2-graph_layout-independent",
-     "base-v2-graph_layout-independent-layout"),
-    ("layout + identity, 1,000 steps (base v2)", "base-v2-graph_identity", "base-v2-graph_identity-layout"),
-    ("layout + identity, 1,000 steps, boxes given (base v2)", "base-v2-graph_identity-oracle",
-     "base-v2-graph_identity-oracle-layout"),
-    ("layout + identity, 1,000 steps, independent graphs (base v2)", "base-v2-graph_identity-independent",
-     "base-v2-graph_identity-independent-layout"),
-    ("layout + identity, 1,000 steps (base v3)", "base-v3-graph_identity", "base-v3-graph_identity-layout"),
-    ("layout + identity, 1,000 steps, boxes given (base v3)", "base-v3-graph_identity-oracle",
-     "base-v3-graph_identity-oracle-layout"),
-    ("layout + identity, 1,000 steps, independent graphs (base v3)", "base-v3-graph_identity-independent",
-     "base-v3-graph_identity-independent-layout"),
-    ("layout + identity, 1,000 steps (base v4, shipped)", "graph_identity", "graph_identity-layout"),
-    ("layout + identity, 1,000 steps, boxes given (base v4)", "graph_identity-oracle",
-     "graph_identity-oracle-layout"),
-    ("layout + identity, 1,000 steps, independent graphs (base v4)", "graph_identity-independent",
-     "graph_identity-independent-layout"),
+    *evaluated("layout adapter", "3,000", "graph_layout", "v2"),
+    *evaluated("layout + identity", "1,000", "graph_identity", "v2"),
+    *evaluated("layout + identity", "1,000", "graph_identity", "v3"),
+    *evaluated("layout + identity", "1,000", "graph_identity", "v4", shipped=True),
 )  # fmt: skip
 
 
