@@ -10,8 +10,8 @@ Stages (each prints the command it runs and records its wall-clock time):
              or a relation (experiments/shapes/clip_retrieval.py)
   ship-clip  the tiny CLIP, stored fp16, becomes sg2img/assets/shapes-clip.safetensors (`clip: embedded`)
   base       sg2img fit-base --config .../base.yaml --config .../base_vpred_steps.yaml --config .../base_matmul.yaml
-             --config .../base_fp32.yaml (reads the shipped tiny CLIP; v-prediction, float32, 4,500 steps;
-             sampled with eta 1)
+             --config .../base_fp32.yaml --config .../base_channels_last.yaml (reads the shipped tiny CLIP;
+             v-prediction, float32, NHWC, 4,500 steps; sampled with eta 1)
   ship-base  the EMA base, stored fp16, becomes sg2img/assets/shapes-base.safetensors (`--model embedded`)
   image-cls  sg2img fit ... image_cls.yaml [quick]: IP-Adapter's image branch (4 tokens) on the new base
   image-patch sg2img fit ... image_patch.yaml [quick]: the Plus variant (Resampler over patch tokens)
@@ -73,8 +73,9 @@ STAGES = (
 )
 TRAINING = {  # stage -> (configs, run name, base model?); [quick] is added to the adapters
     "clip": (["clip"], "clip", "clip"),
-    # base v4: v-prediction, float32, 4,500 steps, eta 1 (base_fp32.yaml's section of experiments/results/shapes.md)
-    "base": (["base", "base_vpred_steps", "base_matmul", "base_fp32"], "base", "base"),
+    # v-prediction, float32 in NHWC layout, 4,500 steps, eta 1 (the seventh and eighth tries of
+    # experiments/results/shapes.md section 1.3; base v4 is the same recipe in the default layout)
+    "base": (["base", "base_vpred_steps", "base_matmul", "base_fp32", "base_channels_last"], "base", "base"),
     "image-cls": (["graph_decoupled", "image_cls"], "image_cls", None),
     "image-patch": (["graph_decoupled", "image_patch"], "image_patch", None),
     "image-cls-text-dropout": (
