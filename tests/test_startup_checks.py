@@ -20,6 +20,7 @@ from sg2img.data.datamodule import check_source
 from sg2img.errors import ConfigurationError
 from sg2img.model.adapter import SceneGraphAdapter, SGAdapterConfig
 from sg2img.model.gnn import GNNConfig
+from sg2img.shapes.embedded import embedded_base
 from sg2img.train.adapter_module import SG2ImgModule
 from sg2img.train.settings import BaseSettings, GraphBranchSettings, ImageBranchSettings
 
@@ -273,6 +274,8 @@ def test_a_fit_mistake_ends_in_one_line_exit_2_and_nothing_written(mistake, tmp_
 
 
 SHIPPED_ADAPTER = "sg2img/assets/shapes-adapter.safetensors"
+# the shipped base's cross-attention layers, which the shipped adapter has one key projection each for
+SHIPPED_LAYERS = sum(n.endswith("attn2") for n, _ in embedded_base().unet.named_modules())
 INFERENCE_MISTAKES = {  # name -> (command, the one-line message's expected text)
     "evaluate on graphs outside the shapes world": (
         ["evaluate", "shapes", "--graphs", "data/examples/sheep.json", "--out", "{out}"],
@@ -303,7 +306,7 @@ INFERENCE_MISTAKES = {  # name -> (command, the one-line message's expected text
     "generate --graph a folder": (["generate", "--graph", "data", "--out", "{out}"], "--graph data: is a folder"),
     "generate with an adapter of another base": (
         ["generate", "--model", "tiny", "--adapter", SHIPPED_ADAPTER, "--graph", "data/examples/shapes.json", "--out", "{out}"],
-        f"--adapter {SHIPPED_ADAPTER} does not fit --model tiny: the adapter was trained on a base with 7 cross-attention layers",
+        f"--adapter {SHIPPED_ADAPTER} does not fit --model tiny: the adapter was trained on a base with {SHIPPED_LAYERS} cross-attention layers",
     ),
     "generate --image with a graph-only adapter": (
         ["generate", "--graph", "data/examples/shapes.json", "--image", "{image}", "--out", "{out}"],

@@ -10,8 +10,9 @@ Stages (each prints the command it runs and records its wall-clock time):
              or a relation (experiments/shapes/clip_retrieval.py)
   ship-clip  the tiny CLIP, stored fp16, becomes sg2img/assets/shapes-clip.safetensors (`clip: embedded`)
   base       sg2img fit-base --config .../base.yaml --config .../base_vpred_steps.yaml --config .../base_matmul.yaml
-             --config .../base_fp32.yaml --config .../base_channels_last.yaml (reads the shipped tiny CLIP;
-             v-prediction, float32, NHWC, 4,500 steps; sampled with eta 1)
+             --config .../base_fp32.yaml --config .../base_channels_last.yaml --config .../base_attention_8px.yaml
+             (reads the shipped tiny CLIP; v-prediction, float32, NHWC, attention at 8 px only, 4,500 steps;
+             sampled with eta 1)
   ship-base  the EMA base, stored fp16, becomes sg2img/assets/shapes-base.safetensors (`--model embedded`)
   image-cls  sg2img fit ... image_cls.yaml [quick]: IP-Adapter's image branch (4 tokens) on the new base
   image-patch sg2img fit ... image_patch.yaml [quick]: the Plus variant (Resampler over patch tokens)
@@ -73,9 +74,13 @@ STAGES = (
 )
 TRAINING = {  # stage -> (configs, run name, base model?); [quick] is added to the adapters
     "clip": (["clip"], "clip", "clip"),
-    # v-prediction, float32 in NHWC layout, 4,500 steps, eta 1 (the seventh and eighth tries of
-    # experiments/results/shapes.md section 1.3; base v4 is the same recipe in the default layout)
-    "base": (["base", "base_vpred_steps", "base_matmul", "base_fp32", "base_channels_last"], "base", "base"),
+    # base v5: v-prediction, float32 in NHWC layout, attention at 8 px only, 4,500 steps, eta 1 (the ninth
+    # try of experiments/results/shapes.md section 1.3)
+    "base": (
+        ["base", "base_vpred_steps", "base_matmul", "base_fp32", "base_channels_last", "base_attention_8px"],
+        "base",
+        "base",
+    ),
     "image-cls": (["graph_decoupled", "image_cls"], "image_cls", None),
     "image-patch": (["graph_decoupled", "image_patch"], "image_patch", None),
     "image-cls-text-dropout": (
@@ -145,6 +150,10 @@ BASE_V3_ROWS = (
     "base-objects", "base-relations", "graph_identity", "graph_identity-oracle", "graph_identity-independent",
     "base-relations-independent",
 )  # fmt: skip
+# base-v4: v-prediction, float32, 4,500 steps (base.yaml + base_vpred_steps.yaml + base_matmul.yaml +
+# base_fp32.yaml: transformers at 16 and 8 px), eta 1, and the adapter trained on it; shipped until base v5.
+BASE_V4 = "base v4 (v-prediction, float32, attention at 16 and 8 px, 4,500 steps, eta 1; shipped until base v5)"
+BASE_V4_ROWS = BASE_V3_ROWS
 ARCHIVED = (
     ("base v1 (frozen tiny-CLIP text tower, 8 heads, 4,500 steps; base.yaml at commit d2538dd), objects "
      "in the caption", "base-v1-objects", "objects", "none"),
@@ -153,6 +162,8 @@ ARCHIVED = (
       for label, name, _, prompt, image, _ in ROWS if name in BASE_V2_ROWS),
     *((f"{BASE_V3}: {label}", f"base-v3-{name}", prompt, image)
       for label, name, _, prompt, image, _ in ROWS if name in BASE_V3_ROWS),
+    *((f"{BASE_V4}: {label}", f"base-v4-{name}", prompt, image)
+      for label, name, _, prompt, image, _ in ROWS if name in BASE_V4_ROWS),
 )  # fmt: skip
 RECORDS = ROOT / "experiments" / "results" / "shapes"
 

@@ -116,7 +116,8 @@ TINY_TEXT = {
 
 
 # The shapes world's base (sg2img.shapes.world): a pixel-space model at 32 px (no VAE: the UNet denoises
-# RGB directly), cross-attention at 16 and 8 px (and the mid block). Its text and image encoders have the
+# RGB directly), cross-attention at 16 and 8 px (and the mid block; the shipped base, v5, has it at 8 px only,
+# configs/experiments/shapes/base_attention_8px.yaml). Its text and image encoders have the
 # sizes of the world's tiny CLIP (sg2img.shapes.tiny_clip.TinyClipConfig, whose trained towers a shapes base
 # reads): a causal text tower of width 48 with exact GELU, and a ViT on 32 px with 4 px patches. A cosine
 # schedule suits pixels.
