@@ -221,7 +221,8 @@ class _Parser(argparse.ArgumentParser):
 
 # --- the inference commands' flags: each command's typed settings, one flag per field ---------------------
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
-    """The sampler flags every drawing command shares (checked by ``sg2img.infer.generate.check_sampling``)."""
+    """The sampler flags every drawing command shares (checked by ``sg2img.infer.generate.check_sampling``),
+    and the UNet's layout."""
     p.add_argument(
         "--eta",
         type=float,
@@ -235,6 +236,10 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="guidance only at timesteps LO <= t <= HI, as [LO, HI] (default: at every step)",
     )
+    p.add_argument(
+        "--channels-last", action="store_true",
+        help="the UNet's weights in NHWC layout (faster convolutions on CPUs; images differ by rounding)",
+    )  # fmt: skip
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -63,6 +64,26 @@ def test_eta_adds_noise_per_step_and_is_recorded(tmp_path):
     own = float(EMBEDDED_PRESET.eta)  # without --eta the base's own eta is used, and recorded as a number
     assert record["settings"]["eta"] == own
     assert (default / "test-00000.png").read_bytes() == runs[f"{own:g}"][0]
+
+
+def test_channels_last_lays_out_the_unet_in_nhwc_draws_the_same_images_and_is_recorded(tmp_path):
+    from sg2img.eval.protocols import ShapesEvaluation
+    from sg2img.infer.generate import build_pipeline
+
+    pipe, _ = build_pipeline(ShapesEvaluation(channels_last=True), torch.device("cpu"), torch.float32)
+    conv = pipe.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    drawn = {}
+    for flags in ([], ["--channels-last"]):
+        out = tmp_path / ("nhwc" if flags else "default")
+        assert evaluate("--n", "2", *flags, "--out", out) == 0
+        assert json.loads((out / "shapes-eval.json").read_text())["settings"]["channels_last"] == bool(flags)
+        drawn[bool(flags)] = [
+            torch.from_numpy(np.asarray(Image.open(out / f"test-0000{i}.png"), dtype=np.int16))
+            for i in (0, 1)
+        ]
+    for nchw, nhwc in zip(drawn[False], drawn[True]):  # the same function: only the order of sums changes
+        assert (nchw - nhwc).abs().max() <= 2
 
 
 def test_graph_files_and_several_images_per_graph(tmp_path):

@@ -6,9 +6,10 @@
 Each variant is one whole command in a fresh process (model loading, generation, scoring), timed on the
 wall clock, with the embedded model (base and graph adapter). Variants: the frozen model's dtype
 (``float32``, the command's default, is the baseline; ``bfloat16`` runs the UNet in bfloat16, which CPUs
-with AVX-512 BF16 or AMX do natively) and the batch size. The scores of each variant are recorded beside
-its time: a faster setting that draws differently shows it here.
-Writes experiments/results/bench/evaluate_shapes-<device>.json.
+with AVX-512 BF16 or AMX do natively), the UNet's layout (``--layouts contiguous,channels_last``: the
+command's ``--channels-last``) and the batch size. The scores of each variant are recorded beside its time:
+a faster setting that draws differently shows it here.
+Writes experiments/results/bench/evaluate_shapes-<device>.json, or --out.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from common import ROOT, device_record, write
 TARGET_S = 90.0  # the issue's goal for 500 graphs at 25 steps on a 2-core CPU
 
 
-def run_variant(n: int, steps: int, dtype: str, batch: int, adapter: str, out: Path) -> dict:
+def run_variant(n: int, steps: int, dtype: str, layout: str, batch: int, adapter: str, out: Path) -> dict:
     cmd = [sys.executable, "-m", "sg2img", "evaluate", "shapes", "--n", str(n), "--steps", str(steps)]
     cmd += ["--dtype", dtype, "--batch-size", str(batch), "--out", str(out)]
+    cmd += ["--channels-last"] if layout == "channels_last" else []
     cmd += [] if adapter == "embedded" else ["--adapter", adapter]
     start = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
@@ -54,18 +56,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--layouts", default="contiguous", help="the UNet's layouts: contiguous, channels_last")
     ap.add_argument("--batch-sizes", default="50")
     ap.add_argument("--adapter", default="embedded", help="adapter file, `embedded` or `none`")
+    ap.add_argument("--out", type=Path, default=None, help="the record's path")
     args = ap.parse_args(argv)
+    if unknown := set(args.layouts.split(",")) - {"contiguous", "channels_last"}:
+        ap.error(f"--layouts: unknown layout(s) {sorted(unknown)}; give contiguous and/or channels_last")
     variants = {}
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in args.dtypes.split(","):
-            for batch in (int(b) for b in args.batch_sizes.split(",")):
-                name = f"{dtype}-batch{batch}"
-                print(f"{name} ...", flush=True)
-                variants[name] = run_variant(args.n, args.steps, dtype, batch, args.adapter, Path(tmp) / name)
-                v = variants[name]
-                print(f"  {v['median_s']} s, recall {v['object_recall']}, relations {v['relation_accuracy']}")
+            for layout in args.layouts.split(","):
+                for batch in (int(b) for b in args.batch_sizes.split(",")):
+                    name = f"{dtype}-batch{batch}" + ("-channels-last" if layout == "channels_last" else "")
+                    print(f"{name} ...", flush=True)
+                    out = Path(tmp) / name
+                    variants[name] = run_variant(args.n, args.steps, dtype, layout, batch, args.adapter, out)
+                    v = variants[name]
+                    print(f"  {v['median_s']} s, recall {v['object_recall']}, relations {v['relation_accuracy']}")
     baseline = next(iter(variants))
     for v in variants.values():
         v["ratio"] = round(v["median_s"] / variants[baseline]["median_s"], 3)
@@ -75,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": variants,
         "target_s": TARGET_S,
     }
-    path = write("evaluate_shapes-cpu", result)
+    path = write("evaluate_shapes-cpu", result, args.out)
     print(f"wrote {path}")
     return 0
 

@@ -48,12 +48,16 @@ class ModelSource:
         image_encoder: the CLIP vision tower for image prompts (folder, ``hub_id[:subfolder]`` or
             ``open_clip:MODEL[:FILE]``); None: the base's or the adapter's own.
         single_file_config: the folder or hub id describing a single-file ``model``.
+        channels_last: the UNet's weights in NHWC layout, which oneDNN's CPU convolutions prefer (the
+            same function; the order of sums changes, so images differ from the default layout's by
+            rounding). ``experiments/bench/evaluate_shapes.py`` times it.
     """
 
     model: str | None = None
     adapter: str | None = None
     image_encoder: str | None = None
     single_file_config: str | None = None
+    channels_last: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -233,6 +237,8 @@ def build_pipeline(settings: ModelSource, device: torch.device, dtype: torch.dty
         info["adapter"] = None
     if device.type != "cpu" or dtype != torch.float32:  # parts are built and loaded as float32 on CPU
         pipe.to(device=device, dtype=dtype)
+    if settings.channels_last:  # the convolutions' outputs follow their weights' layout
+        pipe.unet.to(memory_format=torch.channels_last)
     if pipe.sg_adapter is not None:
         info["adapter_config"] = pipe.sg_adapter.config.to_dict()
     info["scheduler"] = {"class": type(pipe.scheduler).__name__, **dict(pipe.scheduler.config)}
@@ -295,6 +301,7 @@ def run_generate(settings: GenerateSettings) -> dict[str, Any]:
             "guidance": settings.guidance,
             "eta": settings.eta,
             "guidance_interval": settings.guidance_interval,
+            "channels_last": settings.channels_last,
             "image_scale": settings.image_scale,
             "sg_scale": settings.sg_scale,
             "seed": settings.seed,
