@@ -135,35 +135,32 @@ ROWS = (  # name, record, adapter run (None: the base alone), text prompt, image
      "relations", "none", INDEPENDENT),
 )  # fmt: skip
 # Rows whose model no longer ships: their records stay in the table (not re-evaluated), with what they were.
-# base-v2: the base shipped before the v-prediction one (base.yaml alone at commit c71465d: epsilon, float32,
-# 3,200 steps, sampled at eta 0), and the adapters trained on it; their records were renamed base-v2-<row>.
-BASE_V2 = "base v2 (epsilon, 3,200 steps, eta 0; shipped until commit c71465d)"
-BASE_V2_ROWS = (
-    "base-objects", "base-relations", "image_cls-none", "image_cls-objects", "image_cls_text_dropout-none",
-    "image_cls_text_dropout-objects", "graph_layout", "graph_layout-oracle", "graph_layout-independent",
-    "graph_identity", "graph_identity-oracle", "graph_identity-independent", "base-relations-independent",
-)  # fmt: skip
-# base-v3: v-prediction, bfloat16, 4,000 steps (base.yaml + base_vpred_steps.yaml), eta 1, and the adapter
-# trained on it; shipped until base v4 (the same recipe in float32 for 4,500 steps) replaced it.
-BASE_V3 = "base v3 (v-prediction, bfloat16, 4,000 steps, eta 1; shipped until base v4)"
-BASE_V3_ROWS = (
+# When a base is replaced, the rows evaluated on it have their records renamed base-<version>-<row>.
+SHIPPED_ROWS = (  # the rows evaluated again on each base since v3: the base alone and the shipped adapter
     "base-objects", "base-relations", "graph_identity", "graph_identity-oracle", "graph_identity-independent",
     "base-relations-independent",
 )  # fmt: skip
-# base-v4: v-prediction, float32, 4,500 steps (base.yaml + base_vpred_steps.yaml + base_matmul.yaml +
-# base_fp32.yaml: transformers at 16 and 8 px), eta 1, and the adapter trained on it; shipped until base v5.
-BASE_V4 = "base v4 (v-prediction, float32, attention at 16 and 8 px, 4,500 steps, eta 1; shipped until base v5)"
-BASE_V4_ROWS = BASE_V3_ROWS
+RETIRED_BASES = (  # version, what it was, its rows
+    # v2: the base shipped before the v-prediction one (base.yaml alone at commit c71465d: epsilon, float32,
+    # 3,200 steps, sampled at eta 0), and the adapters trained on it
+    ("v2", "base v2 (epsilon, 3,200 steps, eta 0; shipped until commit c71465d)", (
+        "base-objects", "base-relations", "image_cls-none", "image_cls-objects", "image_cls_text_dropout-none",
+        "image_cls_text_dropout-objects", "graph_layout", "graph_layout-oracle", "graph_layout-independent",
+        "graph_identity", "graph_identity-oracle", "graph_identity-independent", "base-relations-independent",
+    )),
+    # v3: v-prediction, bfloat16, 4,000 steps (base.yaml + base_vpred_steps.yaml), eta 1
+    ("v3", "base v3 (v-prediction, bfloat16, 4,000 steps, eta 1; shipped until base v4)", SHIPPED_ROWS),
+    # v4: the same in float32 for 4,500 steps (+ base_matmul.yaml + base_fp32.yaml: transformers at 16 and 8 px)
+    ("v4", "base v4 (v-prediction, float32, attention at 16 and 8 px, 4,500 steps, eta 1; shipped until base v5)",
+     SHIPPED_ROWS),
+)  # fmt: skip
 ARCHIVED = (
     ("base v1 (frozen tiny-CLIP text tower, 8 heads, 4,500 steps; base.yaml at commit d2538dd), objects "
      "in the caption", "base-v1-objects", "objects", "none"),
     ("base v1, relations in the caption", "base-v1-relations", "relations", "none"),
-    *((f"{BASE_V2}: {label}", f"base-v2-{name}", prompt, image)
-      for label, name, _, prompt, image, _ in ROWS if name in BASE_V2_ROWS),
-    *((f"{BASE_V3}: {label}", f"base-v3-{name}", prompt, image)
-      for label, name, _, prompt, image, _ in ROWS if name in BASE_V3_ROWS),
-    *((f"{BASE_V4}: {label}", f"base-v4-{name}", prompt, image)
-      for label, name, _, prompt, image, _ in ROWS if name in BASE_V4_ROWS),
+    *((f"{what}: {label}", f"base-{version}-{name}", prompt, image)
+      for version, what, rows in RETIRED_BASES
+      for label, name, _, prompt, image, _ in ROWS if name in rows),
 )  # fmt: skip
 RECORDS = ROOT / "experiments" / "results" / "shapes"
 
