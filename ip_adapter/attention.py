@@ -342,8 +342,11 @@ class DecoupledAttnProcessor(nn.Module):
         tokens: torch.Tensor,
         project: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V of a token sequence: projected now, or once per generation while a cache is set."""
-        return project(tokens) if self.kv_cache is None else self.kv_cache.key_value(tag, tokens, project)
+        """K/V of a token sequence: projected now, or once per generation while a cache is set. A compiled
+        UNet projects inside its graph: the cache keys on storage addresses, which a trace cannot see."""
+        if self.kv_cache is None or torch.compiler.is_compiling():
+            return project(tokens)
+        return self.kv_cache.key_value(tag, tokens, project)
 
     def _branch_attention(
         self, name: str, stream: Stream, query: torch.Tensor, batch_size: int, heads: int

@@ -240,6 +240,11 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
         "--channels-last", action="store_true",
         help="the UNet's weights in NHWC layout (faster convolutions on CPUs; images differ by rounding)",
     )  # fmt: skip
+    p.add_argument(
+        "--compile", action="store_true",
+        help="torch.compile the UNet (the first run on a machine compiles for about a minute; later runs "
+        "read inductor's cache; images differ by rounding)",
+    )  # fmt: skip
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:

@@ -139,9 +139,15 @@ def test_a_guidance_interval_guides_only_the_steps_inside_it(files):
     everywhere = call(pipe, **kw).images
     assert np.array_equal(call(pipe, guidance_interval=(0, 999), **kw).images, everywhere)
     unguided = call(pipe, **{**kw, "guidance_scale": 1.0}).images  # no unconditional pass at all
+    rows: list[int] = []  # the rows of each UNet call: an unguided step runs the conditional ones only
+    handle = pipe.unet.conv_in.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
     nowhere = call(pipe, guidance_interval=(first + 1, 999), **kw).images
     np.testing.assert_allclose(nowhere, unguided, atol=1e-5)  # outside it: the conditional prediction
+    assert rows == [1] * STEPS
+    rows.clear()
     late = call(pipe, guidance_interval=(0, first - 1), **kw).images  # all but the first step guided
+    assert rows == [1] + [2] * (STEPS - 1)
+    handle.remove()
     assert not np.allclose(late, everywhere) and not np.allclose(late, unguided)
     with pytest.raises(ValueError, match="guidance_interval"):
         call(pipe, guidance_interval=(0, 1000), **kw)
@@ -298,6 +304,42 @@ def test_controlnet_composes_with_the_adapter(files):
     on = call(cn, image=control, **kw).images
     assert not np.array_equal(on, off)
     assert not np.array_equal(on, call(cn, image=control, prompt="x", scene_graph=OTHER).images)
+
+
+def test_outside_the_guidance_interval_each_injection_gets_the_conditional_rows_alone(files):
+    """Unguided steps slice every per-row UNet input: the concat padding mask, the ControlNet's residuals
+    and the recorded attention's rows all follow the conditional half."""
+    pipe = ours(files, "concat")
+    pipe.scheduler.set_timesteps(STEPS)
+    nowhere = (int(pipe.scheduler.timesteps[0]) + 1, 999)
+    kw = dict(prompt="x", scene_graph=GRAPH, guidance_scale=6.0)
+    unguided = {**kw, "guidance_scale": 1.0}
+    np.testing.assert_allclose(
+        call(pipe, guidance_interval=nowhere, **kw).images, call(pipe, **unguided).images, atol=1e-5
+    )
+
+    pipe = ours(files)
+    a = call(pipe, guidance_interval=nowhere, attention_maps=True, **kw).attention_maps[0]
+    b = call(pipe, attention_maps=True, **unguided).attention_maps[0]
+    assert a.labels == b.labels
+    torch.testing.assert_close(a.maps, b.maps, atol=1e-5, rtol=0)
+
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(
+        build_components("tiny").unet, conditioning_embedding_out_channels=(8, 16)
+    )
+    with torch.no_grad():
+        for p in controlnet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    cn = SG2ImgControlNetPipeline(**pipe.components, controlnet=controlnet)
+    cn.set_sg_adapter(pipe.sg_adapter)
+    cn.set_progress_bar_config(disable=True)
+    control = reference_image(32)
+    np.testing.assert_allclose(
+        call(cn, image=control, guidance_interval=nowhere, **kw).images,
+        call(cn, image=control, **unguided).images,
+        atol=1e-5,
+    )
 
 
 # --- attention maps ----------------------------------------------------------------------------

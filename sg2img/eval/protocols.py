@@ -317,7 +317,7 @@ COCO_RESULT = "coco-eval.json"
 COCO_KEYS = (
     "images", "captions", "n", "model", "adapter", "image_encoder", "single_file_config", "clip",
     "clip_pretrained", "num_images", "prompt", "steps", "guidance", "eta", "guidance_interval", "image_scale",
-    "seed", "batch_size", "device", "dtype", "channels_last", "out",
+    "seed", "batch_size", "device", "dtype", "channels_last", "compile", "out",
 )  # fmt: skip
 
 

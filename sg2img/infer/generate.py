@@ -51,6 +51,10 @@ class ModelSource:
         channels_last: the UNet's weights in NHWC layout, which oneDNN's CPU convolutions prefer (the
             same function; the order of sums changes, so images differ from the default layout's by
             rounding). ``experiments/bench/evaluate_shapes.py`` times it.
+        compile: ``torch.compile`` the UNet's forward, with the adapter's processors attached (inductor).
+            The first run on a machine compiles (about a minute for the shapes UNet on two cores); later
+            runs read the compiled code from inductor's cache (``TORCHINDUCTOR_CACHE_DIR``) in seconds.
+            The kernels fuse and reorder sums, so images differ from eager ones by rounding.
     """
 
     model: str | None = None
@@ -58,6 +62,7 @@ class ModelSource:
     image_encoder: str | None = None
     single_file_config: str | None = None
     channels_last: bool = False
+    compile: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -239,6 +244,9 @@ def build_pipeline(settings: ModelSource, device: torch.device, dtype: torch.dty
         pipe.to(device=device, dtype=dtype)
     if settings.channels_last:  # the convolutions' outputs follow their weights' layout
         pipe.unet.to(memory_format=torch.channels_last)
+    if settings.compile:  # after the adapter's processors, which are traced with it; the pipeline's hooks
+        # stay eager (they slice rows per step), and each batch size gets its own static graph
+        pipe.unet.forward = torch.compile(pipe.unet.forward, dynamic=False)
     if pipe.sg_adapter is not None:
         info["adapter_config"] = pipe.sg_adapter.config.to_dict()
     info["scheduler"] = {"class": type(pipe.scheduler).__name__, **dict(pipe.scheduler.config)}
@@ -302,6 +310,7 @@ def run_generate(settings: GenerateSettings) -> dict[str, Any]:
             "eta": settings.eta,
             "guidance_interval": settings.guidance_interval,
             "channels_last": settings.channels_last,
+            "compile": settings.compile,
             "image_scale": settings.image_scale,
             "sg_scale": settings.sg_scale,
             "seed": settings.seed,

@@ -129,30 +129,61 @@ def _padding_mask_hooks(
             h.remove()
 
 
+def _conditional_rows(value: Any, rows: int) -> Any:
+    """The conditional half of a UNet argument whose leading dimension is the ``rows`` of a guided batch
+    (negatives first, then positives): tensors and streams sliced, containers walked, the rest as is."""
+    if isinstance(value, torch.Tensor):
+        return value[rows // 2 :] if value.ndim and value.shape[0] == rows else value
+    if isinstance(value, Stream):
+        if value.tokens.shape[0] != rows:
+            return value
+        return Stream(
+            *(None if t is None else t[rows // 2 :] for t in (value.tokens, value.mask, value.regions))
+        )
+    if isinstance(value, Mapping):
+        return {k: _conditional_rows(v, rows) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_conditional_rows(v, rows) for v in value)
+    return value
+
+
 @contextmanager
 def _guidance_interval_hook(unet: torch.nn.Module, interval: tuple[int, int]):
     """Classifier-free guidance only at timesteps in ``interval`` (Kynkaanniemi et al. 2024, "Applying
-    guidance in a limited interval"): outside it the UNet's unconditional rows are replaced by its
-    conditional ones, so the guided prediction is the conditional one, exactly."""
+    guidance in a limited interval"). Outside it the UNet runs on the conditional rows alone and returns
+    them twice, as negatives and positives, so the guided prediction is the conditional one and the step
+    costs half a guided one."""
     lo, hi = interval
+    skipped: list[int] = []  # the guided batch's rows while a step runs unguided
 
-    def hook(module, args, kwargs, output):
+    def before(module, args, kwargs):
         t = args[1] if len(args) > 1 else kwargs["timestep"]
         if lo <= float(t) <= hi:
+            return None
+        rows = (args[0] if args else kwargs["sample"]).shape[0]
+        skipped.append(rows)
+        return _conditional_rows(args, rows), _conditional_rows(kwargs, rows)
+
+    def after(module, args, kwargs, output):
+        if not skipped:
             return output
+        skipped.pop()
         sample = output[0] if isinstance(output, tuple) else output.sample
-        half = sample.shape[0] // 2
-        conditional = torch.cat([sample[half:], sample[half:]])
+        both = torch.cat([sample, sample])
         if isinstance(output, tuple):
-            return (conditional, *output[1:])
-        output.sample = conditional
+            return (both, *output[1:])
+        output.sample = both
         return output
 
-    handle = unet.register_forward_hook(hook, with_kwargs=True)
+    handles = [
+        unet.register_forward_pre_hook(before, with_kwargs=True),
+        unet.register_forward_hook(after, with_kwargs=True),
+    ]
     try:
         yield
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
 
 
 ADAPTER_FOLDER = "sg_adapter"  # where save_pretrained puts the adapter, inside the pipeline's folder
@@ -502,7 +533,8 @@ class SceneGraphPipelineMixin:
                 )
             h = (height or self.unet.config.sample_size * self.vae_scale_factor) // self.vae_scale_factor
             w = (width or self.unet.config.sample_size * self.vae_scale_factor) // self.vae_scale_factor
-            recorder = AttentionRecorder(SG_STREAM, (h, w), rows=slice(batch * n if do_cfg else 0, None))
+            # the conditional rows: the last batch * n, guided or not (a step outside the guidance interval)
+            recorder = AttentionRecorder(SG_STREAM, (h, w), rows=slice(-batch * n, None))
         output_type = call.get("output_type", "pil")
         if self.vae is None:  # pixel space: the denoised sample is the image
             call["output_type"] = "latent"
