@@ -2,13 +2,13 @@
 
     python experiments/bench/evaluate_shapes.py                   # 500 test graphs, 25 DDIM steps
     python experiments/bench/evaluate_shapes.py --n 100 --dtypes float32
-    python experiments/bench/evaluate_shapes.py --variant "" --variant "--compile --batch-size 25"
+    python experiments/bench/evaluate_shapes.py --variant= --variant="--compile --batch-size 25"
 
 Each variant is one whole command in a fresh process (model loading, generation, scoring), timed on the
 wall clock, with the embedded model (base and graph adapter). Variants: the frozen model's dtype
 (``float32``, the command's default, is the baseline; ``bfloat16`` runs the UNet in bfloat16, which CPUs
 with AVX-512 BF16 or AMX do natively), the UNet's layout (``--layouts contiguous,channels_last``: the
-command's ``--channels-last``) and the batch size; or, with ``--variant FLAGS`` (repeatable), any list of
+command's ``--channels-last``) and the batch size; or, with ``--variant=FLAGS`` (repeatable; the ``=`` keeps flags from being read as the bench's own), any list of
 flag sets for the command (``--compile``, ``--guidance-interval``, ...). The first variant is the baseline.
 A variant with ``--compile`` runs twice, each variant with its own empty inductor cache: ``first_run_s`` is
 the run that compiles, ``median_s`` the one that reads the cache. The scores of each variant are recorded
