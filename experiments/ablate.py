@@ -359,8 +359,10 @@ def generate_command(
     if kind == "coco" and "image_encoder" not in flags and "image_encoder" in fitted:
         cmd += ["--image-encoder", fitted["image_encoder"]]
     for k, v in flags.items():
-        if k not in ("kind", "config"):
-            cmd += [f"--{k.replace('_', '-')}", str(v)]
+        if k in ("kind", "config") or v is False:
+            continue
+        flag = f"--{k.replace('_', '-')}"
+        cmd += [flag] if v is True else [flag, str(v)]  # true: a switch such as --channels-last
     if kind == "shapes":
         cmd.append("--save-images")
     suffix = evaluation.suffix if evaluation else ""
@@ -483,11 +485,12 @@ def run_one(run_: Run, results: Path, extra_fit: list[str], wandb_log: bool) -> 
     for evaluation in evaluations:
         samples = samples_record(grid, run_dir, evaluation)
         gen = generate_command(grid, run_dir, evaluation, variant)
+        stage_seconds = {}  # each command's wall time, when this call ran it (a resumed stage has none)
         if not samples.is_file():
-            run(gen)
+            stage_seconds["generate_wall_seconds"] = round(run(gen), 1)
         score, path = score_command(grid, run_dir, evaluation), scores_path(run_dir, evaluation)
         if not path.is_file():
-            run(score)
+            stage_seconds["score_seconds"] = round(run(score), 1)
         scores = json.loads(path.read_text())["scores"]
         if wandb_log:
             log_eval_run(grid, variant, run_dir, scores, seed, evaluation.name)
@@ -495,6 +498,7 @@ def run_one(run_: Run, results: Path, extra_fit: list[str], wandb_log: bool) -> 
             "generate_command": shown(gen),
             "score_command": shown(score),
             "generate_seconds": json.loads(samples.read_text())["generation_seconds"],
+            **stage_seconds,
             "scores": scores,
         }
         write_json(record_path, record)
@@ -628,6 +632,8 @@ def write_results(grid: Grid, records: dict[str, list[dict]], out: Path, command
         "",
         "Mean over the training seeds ± standard error (seed spread and image errors in quadrature; "
         "`experiments/ablate.py`'s docstring).",
+        "",
+        grid_time(records),
     ]
     for e in grid.evaluations:
         rows = table[e.name]
@@ -672,6 +678,22 @@ def write_results(grid: Grid, records: dict[str, list[dict]], out: Path, command
     if plot:
         paths["png"] = bar_plot(grid, table, plot, stem.with_suffix(".png"))
     return paths
+
+
+def grid_time(records: dict[str, list[dict]]) -> str:
+    """The grid's wall time: the sum of every stage's command (fit, generation, scoring) over its runs, so
+    a grid that stopped and resumed is timed by what it ran, not by the calendar."""
+    runs = [r for rs in records.values() for r in rs]
+    fits = sum(r.get("fit_seconds", 0.0) for r in runs)
+    evals = [e for r in runs for e in r.get("evaluations", {}).values()]
+    gen = sum(e.get("generate_wall_seconds", 0.0) for e in evals)
+    score = sum(e.get("score_seconds", 0.0) for e in evals)
+    untimed = sum("generate_wall_seconds" not in e or "score_seconds" not in e for e in evals)
+    line = (
+        f"Wall time, summed over the stages' commands: fits {fits:.0f} s, generation {gen:.0f} s, scoring "
+        f"{score:.0f} s; {(fits + gen + score) / 3600:.2f} h in all"
+    )
+    return line + (f" ({untimed} evaluations ran before their commands were timed)." if untimed else ".")
 
 
 def bar_plot(grid: Grid, table: dict[str, dict[str, dict]], metrics: list[str], out: Path) -> Path:

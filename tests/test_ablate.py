@@ -262,6 +262,18 @@ def test_evaluations_are_logged_to_wandb_in_the_grids_group(tmp_path, monkeypatc
     assert read_offline_run(run)["run"]["name"] == "concat-injection-seed-1-image-only"
 
 
+def test_the_grids_time_is_the_sum_of_its_stages_and_says_what_was_not_timed():
+    timed = {"generate_wall_seconds": 30.0, "score_seconds": 6.0}
+    records = {
+        "a": [{"fit_seconds": 600.0, "evaluations": {"x": timed, "y": timed}}],
+        "b": [{"fit_seconds": 1200.0, "evaluations": {"x": {"generate_seconds": 20.0}}}],  # an older record
+        "base": [{"evaluations": {"x": timed}}],
+    }
+    line = ablate.grid_time(records)
+    assert "fits 1800 s, generation 90 s, scoring 18 s; 0.53 h in all" in line
+    assert "(1 evaluations ran before their commands were timed)" in line
+
+
 @pytest.mark.slow
 def test_a_tiny_grid_end_to_end(tmp_path):
     """Fit 2 steps, generate 2 images and score, for two variants, through the real subprocesses."""
@@ -276,6 +288,10 @@ def test_a_tiny_grid_end_to_end(tmp_path):
     for v in ("reference", "concat-injection"):
         assert (runs / v / "adapter.safetensors").is_file() and (runs / v / "scores.json").is_file()
     assert len((results / "g.csv").read_text().splitlines()) == 3
+    timed = [json.loads(p.read_text()) for p in results.rglob("*.json")]
+    evaluations = [e for r in timed for e in r.get("evaluations", {}).values()]
+    assert evaluations and all(e["generate_wall_seconds"] > 0 and e["score_seconds"] > 0 for e in evaluations)
+    assert "Wall time, summed over the stages' commands: fits" in (results / "g.md").read_text()
 
 
 def test_a_coco_grid_generates_with_the_protocol_and_scores_against_its_images(tmp_path):
@@ -291,6 +307,13 @@ def test_a_coco_grid_generates_with_the_protocol_and_scores_against_its_images(t
     assert ablate.samples_record(grid, run) == run / "coco" / "coco-eval.json"
     with pytest.raises(ablate.GridError, match="needs images or a protocol config"):
         ablate.load_grid(write_grid(tmp_path / "g.yaml", generate={"kind": "coco"}))
+
+
+def test_a_switch_in_the_grids_generate_settings_is_a_bare_flag(tmp_path):
+    grid = ablate.load_grid(write_grid(tmp_path / "g.yaml", generate={"channels_last": True, "compile": False}))
+    cmd = ablate.generate_command(grid, tmp_path / "reference")
+    assert "--channels-last" in cmd and cmd[cmd.index("--channels-last") + 1].startswith("--")
+    assert "--compile" not in cmd and "True" not in cmd and "False" not in cmd
 
 
 def test_generation_uses_the_base_the_variant_was_fitted_on(tmp_path):

@@ -86,6 +86,42 @@ def test_channels_last_lays_out_the_unet_in_nhwc_draws_the_same_images_and_is_re
         assert (nchw - nhwc).abs().max() <= 2
 
 
+def test_compile_wraps_the_unets_forward_and_is_recorded(tmp_path):
+    from sg2img.eval.protocols import ShapesEvaluation
+    from sg2img.infer.generate import build_pipeline
+
+    pipe, _ = build_pipeline(ShapesEvaluation(compile=True), torch.device("cpu"), torch.float32)
+    assert getattr(pipe.unet.forward, "_torchdynamo_orig_callable", None) is not None
+    eager, _ = build_pipeline(ShapesEvaluation(), torch.device("cpu"), torch.float32)
+    assert getattr(eager.unet.forward, "_torchdynamo_orig_callable", None) is None
+
+
+@pytest.mark.slow
+def test_a_compiled_unet_traces_the_adapter_whole_and_draws_the_eager_images(tmp_path):
+    """The adapter's processors (K/V cache, confinement masks) trace into one graph, and the compiled
+    model draws what the eager one does but for rounding."""
+    from sg2img.eval.protocols import ShapesEvaluation, shapes_rows
+    from sg2img.infer.generate import build_pipeline
+
+    pipe, _ = build_pipeline(ShapesEvaluation(), torch.device("cpu"), torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet.forward = torch.compile(pipe.unet.forward, fullgraph=True)  # a graph break raises
+    graphs, _ = shapes_rows(ShapesEvaluation(n=1))
+    out = pipe(prompt=["x"], scene_graph=[graphs[0].without_boxes()], num_inference_steps=2, output_type="np")
+    assert out.images.shape[0] == 1
+    drawn = {}
+    for flags in ([], ["--compile"]):
+        folder = tmp_path / ("compiled" if flags else "eager")
+        assert evaluate("--n", "2", *flags, "--out", folder) == 0
+        assert json.loads((folder / "shapes-eval.json").read_text())["settings"]["compile"] == bool(flags)
+        drawn[bool(flags)] = [
+            torch.from_numpy(np.asarray(Image.open(folder / f"test-0000{i}.png"), dtype=np.int16))
+            for i in (0, 1)
+        ]
+    for eager, compiled in zip(drawn[False], drawn[True]):
+        assert (eager - compiled).abs().max() <= 2
+
+
 def test_graph_files_and_several_images_per_graph(tmp_path):
     out = tmp_path / "files"
     assert evaluate("--graphs", "data/examples/shapes-world.json", "--num-images", "2", "--out", out) == 0
