@@ -310,7 +310,9 @@ def test_a_coco_grid_generates_with_the_protocol_and_scores_against_its_images(t
 
 
 def test_a_switch_in_the_grids_generate_settings_is_a_bare_flag(tmp_path):
-    grid = ablate.load_grid(write_grid(tmp_path / "g.yaml", generate={"channels_last": True, "compile": False}))
+    grid = ablate.load_grid(
+        write_grid(tmp_path / "g.yaml", generate={"channels_last": True, "compile": False})
+    )
     cmd = ablate.generate_command(grid, tmp_path / "reference")
     assert "--channels-last" in cmd and cmd[cmd.index("--channels-last") + 1].startswith("--")
     assert "--compile" not in cmd and "True" not in cmd and "False" not in cmd
