@@ -66,6 +66,17 @@ def test_eta_adds_noise_per_step_and_is_recorded(tmp_path):
     assert (default / "test-00000.png").read_bytes() == runs[f"{own:g}"][0]
 
 
+def drawn_with(tmp_path, flag: str, on: bool) -> list[torch.Tensor]:
+    """The first two test images drawn with or without a switch, which the record's settings hold."""
+    out = tmp_path / (flag.strip("-") if on else "default")
+    assert evaluate("--n", "2", *([flag] if on else []), "--out", out) == 0
+    setting = flag.strip("-").replace("-", "_")
+    assert json.loads((out / "shapes-eval.json").read_text())["settings"][setting] == on
+    return [
+        torch.from_numpy(np.asarray(Image.open(out / f"test-0000{i}.png"), dtype=np.int16)) for i in (0, 1)
+    ]
+
+
 def test_channels_last_lays_out_the_unet_in_nhwc_draws_the_same_images_and_is_recorded(tmp_path):
     from sg2img.eval.protocols import ShapesEvaluation
     from sg2img.infer.generate import build_pipeline
@@ -73,15 +84,7 @@ def test_channels_last_lays_out_the_unet_in_nhwc_draws_the_same_images_and_is_re
     pipe, _ = build_pipeline(ShapesEvaluation(channels_last=True), torch.device("cpu"), torch.float32)
     conv = pipe.unet.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    drawn = {}
-    for flags in ([], ["--channels-last"]):
-        out = tmp_path / ("nhwc" if flags else "default")
-        assert evaluate("--n", "2", *flags, "--out", out) == 0
-        assert json.loads((out / "shapes-eval.json").read_text())["settings"]["channels_last"] == bool(flags)
-        drawn[bool(flags)] = [
-            torch.from_numpy(np.asarray(Image.open(out / f"test-0000{i}.png"), dtype=np.int16))
-            for i in (0, 1)
-        ]
+    drawn = {on: drawn_with(tmp_path, "--channels-last", on) for on in (False, True)}
     for nchw, nhwc in zip(drawn[False], drawn[True]):  # the same function: only the order of sums changes
         assert (nchw - nhwc).abs().max() <= 2
 
@@ -109,15 +112,7 @@ def test_a_compiled_unet_traces_the_adapter_whole_and_draws_the_eager_images(tmp
     graphs, _ = shapes_rows(ShapesEvaluation(n=1))
     out = pipe(prompt=["x"], scene_graph=[graphs[0].without_boxes()], num_inference_steps=2, output_type="np")
     assert out.images.shape[0] == 1
-    drawn = {}
-    for flags in ([], ["--compile"]):
-        folder = tmp_path / ("compiled" if flags else "eager")
-        assert evaluate("--n", "2", *flags, "--out", folder) == 0
-        assert json.loads((folder / "shapes-eval.json").read_text())["settings"]["compile"] == bool(flags)
-        drawn[bool(flags)] = [
-            torch.from_numpy(np.asarray(Image.open(folder / f"test-0000{i}.png"), dtype=np.int16))
-            for i in (0, 1)
-        ]
+    drawn = {on: drawn_with(tmp_path, "--compile", on) for on in (False, True)}
     for eager, compiled in zip(drawn[False], drawn[True]):
         assert (eager - compiled).abs().max() <= 2
 
