@@ -83,11 +83,29 @@ def device_text(d: dict) -> str:
     return d.get("gpu") or f"{d['cpu']} CPU, {d['cpu_threads']} threads"
 
 
+def timed_rows(results: dict) -> list[tuple[str, dict]]:
+    """(variant, figures) rows; a record that groups its variants ({group: {variant: figures}}) gives
+    "group: variant" rows."""
+    rows = []
+    for name, s in results.items():
+        grouped = "median_s" not in s and s and all(isinstance(v, dict) for v in s.values())
+        rows += [(f"{name}: {sub}", t) for sub, t in s.items()] if grouped else [(name, s)]
+    return rows
+
+
+def figure(format_, s: dict) -> str:
+    try:
+        return format_(s)
+    except KeyError:
+        return MISSING
+
+
 def section(rec: dict) -> list[str]:
     kind = rec["benchmark"].split("-")[0]
     res = rec["results"]
     lines = [f"### `{rec['benchmark']}`", "", f"`{rec['command']}`", ""]
-    lines.append(f"Device: {device_text(rec['device'])} (torch {rec['device']['torch']}). Setting: "
+    device = rec["device"] if isinstance(rec["device"], dict) else rec  # older records: at the top level
+    lines.append(f"Device: {device_text(device)} (torch {device['torch']}). Setting: "
                  + ", ".join(f"{k} {v}" for k, v in rec["setting"].items()) + ".")  # fmt: skip
     lines.append("")
     extra = {
@@ -97,12 +115,15 @@ def section(rec: dict) -> list[str]:
                        ("peak memory", lambda s: f"{s['peak_memory_bytes'] / 2**30:.2f} GiB" if "peak_memory_bytes" in s else MISSING)],
         "evaluate_shapes": [("generation", lambda s: f"{s['generation_s']:.1f} s"), ("object recall", lambda s: f"{s['object_recall']:.3f}"),
                             ("relation accuracy", lambda s: f"{s['relation_accuracy']:.3f}")],
+        "unet_flops": [("GFLOP/s", lambda s: f"{s['gflop_per_s']:.1f}")],
     }.get(kind, [])  # fmt: skip
     lines.append("| variant | median | ratio |" + "".join(f" {h} |" for h, _ in extra))
     lines.append("|---|---:|---:|" + "---:|" * len(extra))
-    for name, s in res.items():
-        cells = "".join(f" {f(s)} |" for _, f in extra)
-        lines.append(f"| {name} | {s['median_s']:.3f} s | {s['ratio']:.3f} |{cells}")
+    for name, s in timed_rows(res):
+        cells = "".join(f" {figure(f, s)} |" for _, f in extra)
+        median = f"{s['median_s']:.3f} s" if "median_s" in s else MISSING
+        ratio = f"{s['ratio']:.3f}" if "ratio" in s else MISSING
+        lines.append(f"| {name} | {median} | {ratio} |{cells}")
     lines.append("")
     if kind == "unet_step":
         lines.append(f"Our image branch and diffusers' processor give the same output to "
@@ -112,6 +133,9 @@ def section(rec: dict) -> list[str]:
     if kind == "compiled_sampling":
         lines.append(f"Compiled against eager images: at most {rec['max_pixel_difference']} of 255 apart "
                      f"(mean {rec['mean_pixel_difference']:.1e}).")  # fmt: skip
+    if kind == "unet_int8":
+        lines.append(f"Relative RMS error of the predicted noise by timestep: {rec['relative_rms_error_by_timestep']}; "
+                     f"the call that compiles, in seconds: {rec['first_call_s']}.")  # fmt: skip
     if kind == "train_step":
         lines.append(f"Ours / official samples/s: {rec['speedup_ours_vs_official']:.2f}x; GNN and labels: "
                      f"{res['gnn+labels']['share_of_ours_pct']:.2f}% of our step.")  # fmt: skip
