@@ -126,12 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(exported.module(), quantizer)
     timesteps = torch.linspace(999, 0, args.calibration_batches).round().int().tolist()
-    for i, t in enumerate(timesteps):
-        prepared(*inputs(t, 100 + i), encoder_hidden_states=text, return_dict=False)
+    calibration = [inputs(t, 100 + i) for i, t in enumerate(timesteps)]  # the same inputs for both forms
+    for xt in calibration:
+        prepared(*xt, encoder_hidden_states=text, return_dict=False)
     quantised = convert_pt2e(prepared)
 
     blocks = copy.deepcopy(unet)
-    calibration = [inputs(t, 100 + i) for i, t in enumerate(timesteps)]
     quantize_blocks(
         blocks, lambda: [run(blocks, *xt) for xt in calibration], quantizer, prepare_pt2e, convert_pt2e
     )
